@@ -1,0 +1,301 @@
+//! The composition root: `serve | worker | migrate | token`, and the one
+//! shutdown order. Tests call [`serve`] directly with a listener bound to
+//! port 0 and their own shutdown token.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Jwt;
+use crate::config::{Config, ServerArgs, DEV_JWT_SECRET};
+use crate::domain::UserId;
+use crate::gateway::Gateway;
+use crate::http::{self, HttpContext};
+use crate::pglocal::{Cluster, ClusterOptions};
+use crate::queue::Enqueuer;
+use crate::rooms::Rooms;
+use crate::store::{self, Store};
+use crate::telemetry::{self, Metrics};
+use crate::worker::Worker;
+
+#[derive(Parser)]
+#[command(
+    name = "postline",
+    version,
+    about = "Real-time chat over WebSocket, made durable through a queue inside Postgres"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (HTTP + WebSocket) and, unless --no-worker, the persistence worker.
+    Serve {
+        #[command(flatten)]
+        args: ServerArgs,
+        /// Run the gateway alone; a `postline worker` elsewhere stores messages.
+        #[arg(long)]
+        no_worker: bool,
+        /// Do not apply the schema at start.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Run the persistence worker alone.
+    Worker {
+        #[command(flatten)]
+        args: ServerArgs,
+    },
+    /// Apply the schema (pgmq from its SQL, then migrations/) and exit.
+    Migrate {
+        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+        database_url: String,
+    },
+    /// Print a signed token for local use.
+    Token {
+        /// The user id (UUID) to put in `sub`.
+        #[arg(long)]
+        user: uuid::Uuid,
+        /// Lifetime, e.g. 30s, 15m, 1h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: Duration,
+        /// HS256 secret; without it, the --dev secret.
+        #[arg(long, env = "POSTLINE_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+    },
+}
+
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}: expected e.g. 30s, 15m, 1h, 7d"))?;
+    let secs = match unit {
+        "s" | "" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("bad duration unit in {s:?}: use s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err("ttl must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("postline: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("postline: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Token {
+            user,
+            ttl,
+            jwt_secret,
+        } => {
+            let secret = jwt_secret.unwrap_or_else(|| DEV_JWT_SECRET.to_owned());
+            println!("{}", Jwt::new(secret.as_bytes()).issue(UserId(user), ttl));
+            Ok(())
+        }
+        Command::Migrate { database_url } => {
+            let pool = store::connect(&database_url, 2).await?;
+            store::migrate(&pool).await?;
+            println!("schema is up to date");
+            Ok(())
+        }
+        Command::Serve {
+            args,
+            no_worker,
+            no_migrate,
+        } => {
+            let cfg = Config::from_args(&args, std::env::var("PORT").ok().as_deref())?;
+            let (pool, _cluster) = open_database(&args, cfg.db_max_connections).await?;
+            if !no_migrate {
+                store::migrate(&pool).await.context("applying the schema")?;
+            }
+            let listener = TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("binding {}", cfg.listen))?;
+            tracing::info!(addr = %listener.local_addr()?, worker = !no_worker, "postline serving");
+            tracing::debug!(config = ?cfg, "configuration");
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            serve(cfg, !no_worker, listener, pool, shutdown).await
+        }
+        Command::Worker { mut args } => {
+            // A worker verifies no tokens; do not demand a secret it never uses.
+            args.jwt_secret
+                .get_or_insert_with(|| DEV_JWT_SECRET.to_owned());
+            let cfg = Config::from_args(&args, None)?;
+            let (pool, _cluster) = open_database(&args, cfg.db_max_connections).await?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(cancel_on_signal(shutdown.clone()));
+            tracing::info!("postline worker running");
+            Worker::new(pool, cfg.worker, Arc::new(Notify::new()))
+                .run(shutdown)
+                .await;
+            Ok(())
+        }
+    }
+}
+
+/// The configured database, or with --dev and no DATABASE_URL, a throwaway
+/// local cluster (returned so it lives as long as the caller).
+async fn open_database(args: &ServerArgs, max: u32) -> anyhow::Result<(PgPool, Option<Cluster>)> {
+    match (&args.database_url, args.dev) {
+        (Some(url), _) => Ok((
+            store::connect(url, max)
+                .await
+                .context("connecting to DATABASE_URL")?,
+            None,
+        )),
+        (None, true) => {
+            let cluster =
+                tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await??;
+            let url = cluster.url("postgres");
+            tracing::info!(%url, "started a throwaway local Postgres (removed at exit)");
+            Ok((store::connect(&url, max).await?, Some(cluster)))
+        }
+        (None, false) => anyhow::bail!(
+            "DATABASE_URL is required (or run with --dev for a throwaway local Postgres)"
+        ),
+    }
+}
+
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}
+
+/// Run a server on `listener` until `shutdown`, then stop in order: stop
+/// accepting, close WebSockets (1001), flush the persist buffer, stop the
+/// worker and the listener. The whole is bounded by `cfg.shutdown_grace`.
+pub async fn serve(
+    cfg: Config,
+    run_worker: bool,
+    listener: TcpListener,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let store = Store::new(pool.clone());
+    let wake = Arc::new(Notify::new());
+
+    let flush = TaskTracker::new();
+    let enqueue_stop = CancellationToken::new();
+    let enqueuer = Enqueuer::spawn(
+        pool.clone(),
+        cfg.enqueue,
+        wake.clone(),
+        enqueue_stop.clone(),
+        &flush,
+    );
+    let gateway = Gateway::new(
+        Arc::new(Rooms::default()),
+        store.clone(),
+        enqueuer,
+        metrics.clone(),
+        cfg.gateway,
+        shutdown.clone(),
+    );
+
+    let background = TaskTracker::new();
+    let background_stop = CancellationToken::new();
+    let (mut persisted, listener_task) =
+        crate::notify::listen_persisted(&pool, background_stop.clone()).await?;
+    let gw = gateway.clone();
+    background.spawn(async move {
+        while let Some(entries) = persisted.recv().await {
+            gw.on_persisted(&entries);
+        }
+    });
+    let heartbeat = run_worker.then(|| {
+        let worker = Worker::new(pool.clone(), cfg.worker, wake);
+        let hb = worker.heartbeat();
+        background.spawn(worker.run(background_stop.clone()));
+        hb
+    });
+
+    let ctx = Arc::new(HttpContext {
+        store,
+        gateway: gateway.clone(),
+        jwt: Jwt::new(cfg.jwt_secret.as_bytes()),
+        metrics,
+        worker: heartbeat,
+    });
+    http::serve(listener, ctx, shutdown.clone()).await;
+
+    let deadline = tokio::time::Instant::now() + cfg.shutdown_grace;
+    gateway.drain().await;
+    enqueue_stop.cancel();
+    flush.close();
+    if tokio::time::timeout_at(deadline, flush.wait())
+        .await
+        .is_err()
+    {
+        tracing::error!("persist buffer not flushed before the shutdown deadline");
+    }
+    background_stop.cancel();
+    background.close();
+    let _ = tokio::time::timeout_at(deadline, background.wait()).await;
+    let _ = listener_task.await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_parses_units_and_refuses_junk() {
+        assert_eq!(parse_ttl("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_ttl("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_ttl("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_ttl("2d").unwrap(), Duration::from_secs(172_800));
+        assert_eq!(parse_ttl("45").unwrap(), Duration::from_secs(45));
+        assert!(parse_ttl("1w").is_err());
+        assert!(parse_ttl("h").is_err());
+        assert!(parse_ttl("0s").is_err());
+    }
+}

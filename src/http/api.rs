@@ -1,0 +1,201 @@
+//! `/v1`: conversations, members, history.
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::{authenticate, json, ApiError, Body, HttpContext};
+use crate::domain::{ConversationId, UserId};
+use crate::store::{HistoryPage, MAX_INITIAL_MEMBERS};
+
+/// Request bodies are small JSON documents.
+const MAX_BODY: usize = 64 * 1024;
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+const MAX_TITLE: usize = 200;
+
+pub(super) async fn handle(
+    ctx: &HttpContext,
+    req: Request<Incoming>,
+    path: &[&str],
+) -> Result<Response<Body>, ApiError> {
+    let user = authenticate(ctx, &req)?;
+    match (req.method().clone(), path) {
+        (Method::POST, ["conversations"]) => create_conversation(ctx, user, req).await,
+        (Method::GET, ["conversations"]) => {
+            let list = ctx.store.list_conversations(user).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "conversations": list }),
+            ))
+        }
+        (Method::POST, ["conversations", conv, "members"]) => {
+            let conv = parse_conversation(conv)?;
+            add_member(ctx, user, conv, req).await
+        }
+        (Method::DELETE, ["conversations", conv, "members", member]) => {
+            let conv = parse_conversation(conv)?;
+            let member =
+                UserId(Uuid::parse_str(member).map_err(|_| {
+                    ApiError::BadRequest("user id in the path must be a UUID".into())
+                })?);
+            ctx.store.remove_member(conv, user, member).await?;
+            ctx.gateway.on_membership(conv, member, false);
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "conversation_id": conv, "user_id": member, "removed": true }),
+            ))
+        }
+        (Method::GET, ["conversations", conv, "messages"]) => {
+            let conv = parse_conversation(conv)?;
+            let page = parse_page(req.uri().query().unwrap_or(""))?;
+            ctx.store.access(conv, user).await?.require_member()?;
+            let (messages, has_more) = ctx.store.history(conv, page).await?;
+            Ok(json(
+                StatusCode::OK,
+                &serde_json::json!({ "messages": messages, "has_more": has_more }),
+            ))
+        }
+        (_, ["conversations"])
+        | (_, ["conversations", _, "members"])
+        | (_, ["conversations", _, "members", _])
+        | (_, ["conversations", _, "messages"]) => Err(ApiError::MethodNotAllowed),
+        _ => Err(ApiError::NotFound("no such route".into())),
+    }
+}
+
+fn parse_conversation(s: &str) -> Result<ConversationId, ApiError> {
+    Uuid::parse_str(s)
+        .map(ConversationId)
+        .map_err(|_| ApiError::BadRequest("conversation id in the path must be a UUID".into()))
+}
+
+async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::TooLarge(MAX_BODY))?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),
+        _ => ApiError::BadRequest(format!("body is not valid JSON: {e}")),
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateConversation {
+    #[serde(default)]
+    title: Option<String>,
+    member_ids: Vec<Uuid>,
+}
+
+async fn create_conversation(
+    ctx: &HttpContext,
+    user: UserId,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body: CreateConversation = read_json(req).await?;
+    if let Some(t) = &body.title {
+        if t.chars().count() > MAX_TITLE {
+            return Err(ApiError::Invalid(format!(
+                "title is longer than {MAX_TITLE} characters"
+            )));
+        }
+    }
+    if body.member_ids.len() > MAX_INITIAL_MEMBERS {
+        return Err(ApiError::Invalid(format!(
+            "at most {MAX_INITIAL_MEMBERS} member_ids at creation; add more afterwards"
+        )));
+    }
+    let members: Vec<UserId> = body.member_ids.into_iter().map(UserId).collect();
+    let created = ctx
+        .store
+        .create_conversation(user, body.title, &members)
+        .await?;
+    Ok(json(StatusCode::CREATED, &created))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddMember {
+    user_id: Uuid,
+}
+
+async fn add_member(
+    ctx: &HttpContext,
+    user: UserId,
+    conv: ConversationId,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let body: AddMember = read_json(req).await?;
+    let member = UserId(body.user_id);
+    let added = ctx.store.add_member(conv, user, member).await?;
+    if added {
+        ctx.gateway.on_membership(conv, member, true);
+    }
+    Ok(json(
+        if added {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        },
+        &serde_json::json!({ "conversation_id": conv, "user_id": member, "added": added }),
+    ))
+}
+
+fn parse_page(query: &str) -> Result<HistoryPage, ApiError> {
+    let mut page = HistoryPage {
+        after_seq: None,
+        before_seq: None,
+        limit: DEFAULT_PAGE,
+    };
+    for (k, v) in query.split('&').filter_map(|kv| kv.split_once('=')) {
+        let n = || {
+            v.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
+                ApiError::Invalid(format!("{k} must be a non-negative integer, got {v:?}"))
+            })
+        };
+        match k {
+            "after_seq" => page.after_seq = Some(n()?),
+            "before_seq" => page.before_seq = Some(n()?),
+            "limit" => {
+                let l = n()?;
+                if !(1..=MAX_PAGE).contains(&l) {
+                    return Err(ApiError::Invalid(format!(
+                        "limit must be between 1 and {MAX_PAGE}"
+                    )));
+                }
+                page.limit = l;
+            }
+            _ => {}
+        }
+    }
+    Ok(page)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_parsing_checks_numbers_and_bounds() {
+        let p = parse_page("after_seq=5&limit=10").unwrap();
+        assert_eq!((p.after_seq, p.before_seq, p.limit), (Some(5), None, 10));
+        let p = parse_page("").unwrap();
+        assert_eq!(p.limit, DEFAULT_PAGE);
+        assert!(matches!(
+            parse_page("after_seq=x"),
+            Err(ApiError::Invalid(_))
+        ));
+        assert!(matches!(
+            parse_page("before_seq=-1"),
+            Err(ApiError::Invalid(_))
+        ));
+        assert!(matches!(parse_page("limit=0"), Err(ApiError::Invalid(_))));
+        assert!(matches!(parse_page("limit=201"), Err(ApiError::Invalid(_))));
+    }
+}

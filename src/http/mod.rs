@@ -1,0 +1,187 @@
+//! The hyper server: accept loop, routing, the `/v1` JSON API, health and
+//! metrics, and the hand-off of `/ws` upgrades to the gateway.
+
+mod api;
+mod error;
+
+pub use error::ApiError;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::{self, AuthError, Jwt};
+use crate::domain::UserId;
+use crate::gateway::Gateway;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use crate::worker::Heartbeat;
+
+pub type Body = Full<Bytes>;
+
+/// What the HTTP layer needs, and nothing more.
+pub struct HttpContext {
+    pub store: Store,
+    pub gateway: Arc<Gateway>,
+    pub jwt: Jwt,
+    pub metrics: Arc<Metrics>,
+    /// The in-process worker's heartbeat, when this process runs one.
+    pub worker: Option<Arc<Heartbeat>>,
+}
+
+/// A worker that has not looped for this long is reported stuck by /readyz.
+const WORKER_STUCK_AFTER: Duration = Duration::from_secs(30);
+
+/// Accept connections until `shutdown`, then let in-flight requests finish.
+pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: CancellationToken) {
+    let conns = TaskTracker::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        let (stream, _peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Usually EMFILE: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Without this an ack waits behind the previous frame for Nagle's delay.
+        let _ = stream.set_nodelay(true);
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        conns.spawn(async move {
+            let svc = service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(route(&ctx, req).await) }
+            });
+            let conn = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .with_upgrades();
+            tokio::pin!(conn);
+            let res = tokio::select! {
+                r = conn.as_mut() => r,
+                _ = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+        });
+    }
+    conns.close();
+    let _ = tokio::time::timeout(Duration::from_secs(5), conns.wait()).await;
+}
+
+async fn route(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let result = match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["healthz"]) => {
+            Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
+        }
+        (&Method::GET, ["readyz"]) => Ok(readyz(ctx).await),
+        (&Method::GET, ["metrics"]) => Ok(metrics(ctx).await),
+        (&Method::GET, ["ws"]) => upgrade(ctx, req),
+        (_, ["healthz"] | ["readyz"] | ["metrics"] | ["ws"]) => Err(ApiError::MethodNotAllowed),
+        (_, ["v1", ..]) => api::handle(ctx, req, &segments[1..]).await,
+        _ => Err(ApiError::NotFound("no such route".into())),
+    };
+    result.unwrap_or_else(|e| e.into_response())
+}
+
+/// Authenticate, then upgrade. Auth failures are plain HTTP 401s, sent
+/// before any upgrade, so browsers and tools see a normal error.
+fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let token = bearer_token(&req)
+        .or_else(|| req.uri().query().and_then(auth::query_token))
+        .unwrap_or("");
+    let user = ctx.jwt.verify(token)?;
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return Err(ApiError::BadRequest(
+            "expected a WebSocket upgrade request".into(),
+        ));
+    }
+    let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
+        .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
+    ctx.gateway.accept(user, fut);
+    Ok(response.map(|_| Full::new(Bytes::new())))
+}
+
+fn bearer_token<B>(req: &Request<B>) -> Option<&str> {
+    req.headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(auth::bearer)
+}
+
+/// The caller of an API request.
+pub(crate) fn authenticate<B>(ctx: &HttpContext, req: &Request<B>) -> Result<UserId, ApiError> {
+    let token = bearer_token(req).ok_or(AuthError::Missing)?;
+    Ok(ctx.jwt.verify(token)?)
+}
+
+async fn readyz(ctx: &HttpContext) -> Response<Body> {
+    let db = ctx.store.ping(Duration::from_secs(2)).await;
+    let worker = match &ctx.worker {
+        None => "not running here",
+        Some(h) => match h.age() {
+            Some(age) if age < WORKER_STUCK_AFTER => "ok",
+            _ => "stuck",
+        },
+    };
+    let ready = db && worker != "stuck";
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(
+        status,
+        &serde_json::json!({
+            "status": if ready { "ready" } else { "unavailable" },
+            "database": if db { "ok" } else { "unreachable" },
+            "worker": worker,
+        }),
+    )
+}
+
+async fn metrics(ctx: &HttpContext) -> Response<Body> {
+    let depth = tokio::time::timeout(
+        Duration::from_secs(1),
+        crate::queue::depth(ctx.store.pool(), crate::queue::PERSIST_QUEUE),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok);
+    Response::builder()
+        .status(StatusCode::OK)
+        .header("content-type", "text/plain; version=0.0.4")
+        .body(Full::new(Bytes::from(ctx.metrics.render(depth))))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+pub(crate) fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(bytes)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}

@@ -1,0 +1,9 @@
+use std::process::ExitCode;
+
+// jemalloc keeps fragmentation low under many small, short-lived frames.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+fn main() -> ExitCode {
+    postline::cli::main()
+}

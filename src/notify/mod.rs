@@ -1,0 +1,137 @@
+//! LISTEN/NOTIFY between workers and gateways: a hint, not a transport.
+//!
+//! A worker NOTIFYs once per committed batch (never once per message: a
+//! NOTIFY takes a cluster-wide lock at commit), packing many `Persisted`
+//! entries per payload. Notifications are at-most-once; the messages table
+//! is the truth and a client that missed one recovers by seq.
+
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{ConversationId, MessageId, Persisted, Seq};
+
+/// Channel on which workers announce persisted messages.
+pub const PERSISTED_CHANNEL: &str = "postline_persisted";
+
+/// NOTIFY payloads must be under 8000 bytes; leave room for the envelope.
+const MAX_PAYLOAD: usize = 7900;
+
+/// Encode entries as compact `[["conv","msg",seq],...]` payloads, each under
+/// the NOTIFY size limit.
+pub fn encode_persisted(entries: &[Persisted]) -> Vec<String> {
+    let mut payloads = Vec::new();
+    let mut cur = String::from("[");
+    for p in entries {
+        let item = format!(
+            "[\"{}\",\"{}\",{}]",
+            p.conversation_id, p.message_id, p.seq.0
+        );
+        if cur.len() + item.len() + 2 > MAX_PAYLOAD && cur.len() > 1 {
+            cur.push(']');
+            payloads.push(std::mem::replace(&mut cur, String::from("[")));
+        }
+        if cur.len() > 1 {
+            cur.push(',');
+        }
+        cur.push_str(&item);
+    }
+    if cur.len() > 1 {
+        cur.push(']');
+        payloads.push(cur);
+    }
+    payloads
+}
+
+pub fn decode_persisted(payload: &str) -> Result<Vec<Persisted>, serde_json::Error> {
+    let raw: Vec<(ConversationId, MessageId, i64)> = serde_json::from_str(payload)?;
+    Ok(raw
+        .into_iter()
+        .map(|(conversation_id, message_id, seq)| Persisted {
+            conversation_id,
+            message_id,
+            seq: Seq(seq),
+        })
+        .collect())
+}
+
+/// NOTIFY the persisted entries inside the caller's transaction, so listeners
+/// hear of them exactly when (and only if) they commit.
+pub async fn publish_persisted(
+    conn: &mut PgConnection,
+    entries: &[Persisted],
+) -> Result<(), sqlx::Error> {
+    for payload in encode_persisted(entries) {
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(PERSISTED_CHANNEL)
+            .bind(payload)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Listen for persisted hints on a dedicated connection and forward decoded
+/// batches into a bounded channel. The task only drains and forwards, so the
+/// listener connection never falls behind on the server side.
+pub async fn listen_persisted(
+    pool: &PgPool,
+    shutdown: CancellationToken,
+) -> Result<(mpsc::Receiver<Vec<Persisted>>, tokio::task::JoinHandle<()>), sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(PERSISTED_CHANNEL).await?;
+    let (tx, rx) = mpsc::channel(1024);
+    let handle = tokio::spawn(async move {
+        loop {
+            let next = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                n = listener.recv() => n,
+            };
+            match next {
+                Ok(n) => match decode_persisted(n.payload()) {
+                    Ok(entries) => {
+                        if tx.send(entries).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "ignoring malformed persisted hint"),
+                },
+                Err(e) => {
+                    // PgListener reconnects on the next recv; hints sent while it was
+                    // down are lost, which clients recover from by seq.
+                    tracing::warn!(error = %e, "persisted listener lost its connection; reconnecting");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+    Ok((rx, handle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: i64) -> Persisted {
+        Persisted {
+            conversation_id: ConversationId::new_v7(),
+            message_id: MessageId::new_v7(),
+            seq: Seq(seq),
+        }
+    }
+
+    #[test]
+    fn payloads_round_trip_and_stay_under_the_limit() {
+        let entries: Vec<Persisted> = (1..=500).map(entry).collect();
+        let payloads = encode_persisted(&entries);
+        assert!(payloads.len() > 1, "500 entries need several payloads");
+        let mut back = Vec::new();
+        for p in &payloads {
+            assert!(p.len() < 8000, "payload of {} bytes", p.len());
+            back.extend(decode_persisted(p).unwrap());
+        }
+        assert_eq!(back, entries);
+        assert!(encode_persisted(&[]).is_empty());
+    }
+}

@@ -1,0 +1,57 @@
+//! The wire format of `/ws`: client events in, server events out.
+//!
+//! `client::decode` turns one text frame into a validated [`client::Request`]
+//! or a [`client::DecodeError`] carrying the contract's error code; `server`
+//! encodes each server event once into `Bytes` that fan-out shares. Nothing
+//! here touches a socket.
+
+pub mod client;
+pub mod server;
+
+use serde::Serialize;
+
+/// Error codes of the contract (docs/PROTOCOL.md lists when each is sent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadRequest,
+    Invalid,
+    TooLarge,
+    NotFound,
+    Forbidden,
+    NotJoined,
+    RateLimited,
+    Unavailable,
+    Unauthorized,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Invalid => "invalid",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotJoined => "not_joined",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// WebSocket close codes the server uses, and whether a client should reconnect.
+pub mod close {
+    /// The server is shutting down or restarting: reconnect (after a pause).
+    pub const GOING_AWAY: u16 = 1001;
+    /// A frame was larger than the limit: do not resend it.
+    pub const TOO_BIG: u16 = 1009;
+    /// Protocol violation (bad framing, invalid UTF-8): fix the client.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// The connection could not keep up with its outbound traffic: reconnect
+    /// and resync by seq.
+    pub const SLOW_CONSUMER: u16 = 4008;
+}

@@ -1,0 +1,202 @@
+//! The durable queue: pgmq, called through its SQL functions so every call
+//! takes an executor (a pool, a connection, or the caller's transaction).
+//!
+//! pgmq gives at-least-once delivery with a visibility timeout; the worker
+//! turns that into exactly-once storage by deleting a job in the same
+//! transaction that stores its message.
+
+mod enqueuer;
+
+pub use enqueuer::{EnqueueConfig, EnqueueError, Enqueuer, Rejected};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgExecutor;
+use uuid::Uuid;
+
+use crate::domain::{
+    ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, UserId,
+};
+
+/// Chat messages waiting to be stored.
+pub const PERSIST_QUEUE: &str = "postline_persist";
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue database error: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// A job as read from pgmq.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RawJob {
+    pub msg_id: i64,
+    pub read_ct: i32,
+    pub enqueued_at: DateTime<Utc>,
+    pub message: serde_json::Value,
+}
+
+/// The payload of a persist job: the message exactly as the gateway accepted
+/// and broadcast it. Versioned so a worker can refuse a format it does not know.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PersistJob {
+    pub v: u8,
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub sender_id: Uuid,
+    pub client_message_id: String,
+    pub kind: String,
+    pub content: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+impl PersistJob {
+    pub const VERSION: u8 = 1;
+
+    pub fn from_message(m: &Message) -> Self {
+        PersistJob {
+            v: Self::VERSION,
+            id: m.id.0,
+            conversation_id: m.conversation_id.0,
+            sender_id: m.sender_id.0,
+            client_message_id: m.client_message_id.as_str().to_owned(),
+            kind: m.kind.as_str().to_owned(),
+            content: m.content.as_json().clone(),
+            created_at: m.created_at,
+        }
+    }
+
+    /// Read a job's payload back into a message; an error means the job is
+    /// malformed (written by something other than a gateway) and can never succeed.
+    pub fn decode(payload: &serde_json::Value) -> Result<Message, String> {
+        let job: PersistJob = serde_json::from_value(payload.clone())
+            .map_err(|e| format!("malformed persist job: {e}"))?;
+        if job.v != Self::VERSION {
+            return Err(format!("unknown persist job version {}", job.v));
+        }
+        Ok(Message {
+            id: MessageId(job.id),
+            conversation_id: ConversationId(job.conversation_id),
+            sender_id: UserId(job.sender_id),
+            client_message_id: ClientMessageId::parse(&job.client_message_id)
+                .map_err(|e| e.to_string())?,
+            kind: MessageKind::parse(&job.kind).map_err(|e| e.to_string())?,
+            content: Content::from_stored(job.content),
+            created_at: job.created_at,
+        })
+    }
+}
+
+/// `pgmq.send_batch`: one round trip, one transaction for many jobs.
+pub async fn send_batch<'e>(
+    ex: impl PgExecutor<'e>,
+    queue: &str,
+    payloads: &[serde_json::Value],
+) -> Result<Vec<i64>, QueueError> {
+    Ok(
+        sqlx::query_scalar("select * from pgmq.send_batch($1::text, $2::jsonb[])")
+            .bind(queue)
+            .bind(payloads)
+            .fetch_all(ex)
+            .await?,
+    )
+}
+
+/// `pgmq.read`: up to `qty` visible jobs, hidden from other readers for `vt_secs`.
+pub async fn read<'e>(
+    ex: impl PgExecutor<'e>,
+    queue: &str,
+    vt_secs: i32,
+    qty: i32,
+) -> Result<Vec<RawJob>, QueueError> {
+    Ok(sqlx::query_as::<_, RawJob>(
+        "select msg_id, read_ct, enqueued_at, message from pgmq.read($1::text, $2::integer, $3::integer)",
+    )
+    .bind(queue)
+    .bind(vt_secs)
+    .bind(qty)
+    .fetch_all(ex)
+    .await?)
+}
+
+/// `pgmq.delete` of several jobs; returns how many existed.
+pub async fn delete<'e>(
+    ex: impl PgExecutor<'e>,
+    queue: &str,
+    msg_ids: &[i64],
+) -> Result<usize, QueueError> {
+    let deleted: Vec<i64> = sqlx::query_scalar("select * from pgmq.delete($1::text, $2::bigint[])")
+        .bind(queue)
+        .bind(msg_ids)
+        .fetch_all(ex)
+        .await?;
+    Ok(deleted.len())
+}
+
+/// `pgmq.archive` of several jobs: out of the queue, kept in its archive table.
+pub async fn archive<'e>(
+    ex: impl PgExecutor<'e>,
+    queue: &str,
+    msg_ids: &[i64],
+) -> Result<usize, QueueError> {
+    let archived: Vec<i64> =
+        sqlx::query_scalar("select * from pgmq.archive($1::text, $2::bigint[])")
+            .bind(queue)
+            .bind(msg_ids)
+            .fetch_all(ex)
+            .await?;
+    Ok(archived.len())
+}
+
+/// Jobs in the queue, visible or not (for tests and /metrics).
+pub async fn depth<'e>(ex: impl PgExecutor<'e>, queue: &str) -> Result<i64, QueueError> {
+    Ok(
+        sqlx::query_scalar("select queue_length from pgmq.metrics($1::text)")
+            .bind(queue)
+            .fetch_one(ex)
+            .await?,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn job_round_trips_a_message() {
+        let m = Message {
+            id: MessageId::new_v7(),
+            conversation_id: ConversationId::new_v7(),
+            sender_id: UserId(Uuid::new_v4()),
+            client_message_id: ClientMessageId::parse("c-1").unwrap(),
+            kind: MessageKind::File,
+            content: Content::parse(MessageKind::File, json!({"url": "u"}), 100).unwrap(),
+            created_at: crate::domain::now_micros(),
+        };
+        let payload = serde_json::to_value(PersistJob::from_message(&m)).unwrap();
+        assert_eq!(PersistJob::decode(&payload).unwrap(), m);
+    }
+
+    #[test]
+    fn malformed_jobs_are_refused() {
+        assert!(PersistJob::decode(&json!({"hello": 1})).is_err());
+        let mut ok = serde_json::to_value(PersistJob {
+            v: 1,
+            id: Uuid::now_v7(),
+            conversation_id: Uuid::now_v7(),
+            sender_id: Uuid::new_v4(),
+            client_message_id: "c".into(),
+            kind: "text".into(),
+            content: json!("x"),
+            created_at: Utc::now(),
+        })
+        .unwrap();
+        assert!(PersistJob::decode(&ok).is_ok());
+        ok["v"] = json!(9);
+        assert!(PersistJob::decode(&ok).unwrap_err().contains("version"));
+        ok["v"] = json!(1);
+        ok["kind"] = json!("video");
+        assert!(PersistJob::decode(&ok).is_err());
+    }
+}

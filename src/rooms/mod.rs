@@ -1,0 +1,286 @@
+//! The in-memory registry: conversation -> connections joined to it on this
+//! process, and each connection's bounded outbox.
+//!
+//! Memory and channels only: no socket, no SQL. A broadcast receives a frame
+//! already encoded and hands every recipient a clone of the same `Bytes`.
+//! Shard locks are `std::sync::Mutex`, held only for non-blocking work
+//! (`try_send`), never across an `.await`.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::{ConversationId, UserId};
+
+/// A connection on this process; unique for the process lifetime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionId(pub u64);
+
+impl ConnectionId {
+    pub fn next() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        ConnectionId(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The sending side of a connection's bounded write queue.
+///
+/// A full queue means the client does not read as fast as the room talks:
+/// rather than let it slow everyone (or grow memory), the connection is
+/// flagged slow and its writer closes it with a reconnect-and-resync code.
+#[derive(Clone, Debug)]
+pub struct Outbox {
+    tx: mpsc::Sender<Bytes>,
+    slow: CancellationToken,
+}
+
+/// What happened to a frame pushed into an outbox.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Push {
+    Queued,
+    /// The queue was full; the connection is now being closed as slow.
+    Overflow,
+    /// The connection is gone.
+    Closed,
+}
+
+impl Outbox {
+    pub fn new(capacity: usize) -> (Outbox, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            Outbox {
+                tx,
+                slow: CancellationToken::new(),
+            },
+            rx,
+        )
+    }
+
+    pub fn push(&self, frame: Bytes) -> Push {
+        match self.tx.try_send(frame) {
+            Ok(()) => Push::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.slow.cancel();
+                Push::Overflow
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Push::Closed,
+        }
+    }
+
+    /// Cancelled once the outbox overflowed.
+    pub fn slow_signal(&self) -> &CancellationToken {
+        &self.slow
+    }
+}
+
+/// A connection's entry in a room.
+#[derive(Clone, Debug)]
+pub struct Member {
+    pub conn: ConnectionId,
+    pub user: UserId,
+    pub outbox: Outbox,
+}
+
+type Shard = Mutex<HashMap<ConversationId, Vec<Member>>>;
+
+/// Sharded so that busy conversations on different shards do not contend.
+pub struct Rooms {
+    shards: Box<[Shard]>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Default for Rooms {
+    fn default() -> Self {
+        Rooms::new(64)
+    }
+}
+
+impl Rooms {
+    pub fn new(shards: usize) -> Self {
+        let shards = shards.max(1);
+        Rooms {
+            shards: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: Default::default(),
+        }
+    }
+
+    fn shard(
+        &self,
+        conv: ConversationId,
+    ) -> std::sync::MutexGuard<'_, HashMap<ConversationId, Vec<Member>>> {
+        let idx = (self.hasher.hash_one(conv) as usize) % self.shards.len();
+        // A poisoned shard only means another thread panicked mid-update of a
+        // plain map of handles; the data is still usable.
+        self.shards[idx].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Add a connection to a room; false if it was already there.
+    pub fn join(&self, conv: ConversationId, member: Member) -> bool {
+        let mut shard = self.shard(conv);
+        let room = shard.entry(conv).or_default();
+        if room.iter().any(|m| m.conn == member.conn) {
+            return false;
+        }
+        room.push(member);
+        true
+    }
+
+    /// Remove a connection from a room; false if it was not there.
+    pub fn leave(&self, conv: ConversationId, conn: ConnectionId) -> bool {
+        let mut shard = self.shard(conv);
+        let Some(room) = shard.get_mut(&conv) else {
+            return false;
+        };
+        let before = room.len();
+        room.retain(|m| m.conn != conn);
+        let removed = room.len() != before;
+        if room.is_empty() {
+            shard.remove(&conv);
+        }
+        removed
+    }
+
+    pub fn is_joined(&self, conv: ConversationId, conn: ConnectionId) -> bool {
+        self.shard(conv)
+            .get(&conv)
+            .is_some_and(|room| room.iter().any(|m| m.conn == conn))
+    }
+
+    /// Remove every connection of `user` from a room (their membership ended).
+    /// Returns how many connections were removed.
+    pub fn evict_user(&self, conv: ConversationId, user: UserId) -> usize {
+        let mut shard = self.shard(conv);
+        let Some(room) = shard.get_mut(&conv) else {
+            return 0;
+        };
+        let before = room.len();
+        room.retain(|m| m.user != user);
+        let removed = before - room.len();
+        if room.is_empty() {
+            shard.remove(&conv);
+        }
+        removed
+    }
+
+    /// Queue `frame` on every connection in the room except `except`.
+    /// Returns the number of connections it was queued on.
+    pub fn broadcast(
+        &self,
+        conv: ConversationId,
+        frame: &Bytes,
+        except: Option<ConnectionId>,
+    ) -> usize {
+        let shard = self.shard(conv);
+        let Some(room) = shard.get(&conv) else {
+            return 0;
+        };
+        // try_send never waits, so holding the shard lock here costs no more than
+        // copying the handles out would, and saves an allocation per broadcast.
+        room.iter()
+            .filter(|m| Some(m.conn) != except)
+            .filter(|m| m.outbox.push(frame.clone()) == Push::Queued)
+            .count()
+    }
+
+    /// Number of connections joined to `conv` on this process.
+    pub fn room_size(&self, conv: ConversationId) -> usize {
+        self.shard(conv).get(&conv).map_or(0, Vec::len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(user: UserId, cap: usize) -> (Member, mpsc::Receiver<Bytes>) {
+        let (outbox, rx) = Outbox::new(cap);
+        (
+            Member {
+                conn: ConnectionId::next(),
+                user,
+                outbox,
+            },
+            rx,
+        )
+    }
+
+    fn uid() -> UserId {
+        UserId(uuid::Uuid::new_v4())
+    }
+
+    #[test]
+    fn broadcast_reaches_everyone_but_the_excluded_with_shared_bytes() {
+        let rooms = Rooms::new(4);
+        let conv = ConversationId::new_v7();
+        let (a, mut ra) = member(uid(), 8);
+        let (b, mut rb) = member(uid(), 8);
+        let a_conn = a.conn;
+        assert!(rooms.join(conv, a));
+        assert!(rooms.join(conv, b));
+        let frame = Bytes::from_static(b"{}");
+        assert_eq!(rooms.broadcast(conv, &frame, None), 2);
+        assert_eq!(rooms.broadcast(conv, &frame, Some(a_conn)), 1);
+        let got = ra.try_recv().unwrap();
+        assert_eq!(
+            got.as_ptr(),
+            frame.as_ptr(),
+            "the frame is shared, not copied"
+        );
+        assert!(ra.try_recv().is_err());
+        assert_eq!(rb.try_recv().unwrap(), frame);
+        assert_eq!(rb.try_recv().unwrap(), frame);
+    }
+
+    #[test]
+    fn join_is_idempotent_and_leave_cleans_up() {
+        let rooms = Rooms::new(1);
+        let conv = ConversationId::new_v7();
+        let (a, _ra) = member(uid(), 1);
+        let conn = a.conn;
+        assert!(rooms.join(conv, a.clone()));
+        assert!(!rooms.join(conv, a));
+        assert!(rooms.is_joined(conv, conn));
+        assert!(rooms.leave(conv, conn));
+        assert!(!rooms.leave(conv, conn));
+        assert!(!rooms.is_joined(conv, conn));
+        assert_eq!(rooms.room_size(conv), 0);
+    }
+
+    #[test]
+    fn overflow_flags_the_connection_slow_and_spares_the_others() {
+        let rooms = Rooms::new(2);
+        let conv = ConversationId::new_v7();
+        let (slow, _never_read) = member(uid(), 1);
+        let signal = slow.outbox.slow_signal().clone();
+        let (fast, mut rf) = member(uid(), 16);
+        rooms.join(conv, slow);
+        rooms.join(conv, fast);
+        let f = Bytes::from_static(b"x");
+        assert_eq!(rooms.broadcast(conv, &f, None), 2);
+        assert!(!signal.is_cancelled());
+        assert_eq!(rooms.broadcast(conv, &f, None), 1);
+        assert!(signal.is_cancelled());
+        assert_eq!(rf.try_recv().unwrap(), f);
+        assert_eq!(rf.try_recv().unwrap(), f);
+    }
+
+    #[test]
+    fn evict_user_removes_all_their_connections() {
+        let rooms = Rooms::new(2);
+        let conv = ConversationId::new_v7();
+        let u = uid();
+        let (d1, _r1) = member(u, 1);
+        let (d2, _r2) = member(u, 1);
+        let (other, _r3) = member(uid(), 1);
+        rooms.join(conv, d1);
+        rooms.join(conv, d2);
+        rooms.join(conv, other);
+        assert_eq!(rooms.evict_user(conv, u), 2);
+        assert_eq!(rooms.room_size(conv), 1);
+    }
+}

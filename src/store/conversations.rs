@@ -1,0 +1,177 @@
+//! Conversations and their members.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::domain::{ConversationId, Seq, UserId};
+
+/// Upper bound on members named at creation, so one request cannot insert
+/// an unbounded number of rows.
+pub const MAX_INITIAL_MEMBERS: usize = 1000;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NewConversation {
+    pub id: ConversationId,
+    pub title: Option<String>,
+    pub member_ids: Vec<UserId>,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ConversationSummary {
+    pub id: Uuid,
+    pub title: Option<String>,
+    pub member_ids: Vec<Uuid>,
+    pub created_at: DateTime<Utc>,
+    pub last_message_at: Option<DateTime<Utc>>,
+    pub last_seq: i64,
+}
+
+/// What a user may do with a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    NotFound,
+    NotMember,
+    Member { last_seq: Seq },
+}
+
+impl Access {
+    /// The member's view of the conversation, or the error to return.
+    pub fn require_member(self) -> Result<Seq, StoreError> {
+        match self {
+            Access::Member { last_seq } => Ok(last_seq),
+            Access::NotMember => Err(StoreError::Forbidden),
+            Access::NotFound => Err(StoreError::NotFound),
+        }
+    }
+}
+
+impl Store {
+    /// Create a conversation whose members are `creator` and `members`.
+    pub async fn create_conversation(
+        &self,
+        creator: UserId,
+        title: Option<String>,
+        members: &[UserId],
+    ) -> Result<NewConversation, StoreError> {
+        let id = ConversationId::new_v7();
+        let mut member_ids: Vec<UserId> = Vec::with_capacity(members.len() + 1);
+        member_ids.push(creator);
+        for m in members {
+            if !member_ids.contains(m) {
+                member_ids.push(*m);
+            }
+        }
+        let raw_ids: Vec<Uuid> = member_ids.iter().map(|u| u.0).collect();
+        let mut tx = self.pool.begin().await?;
+        let created_at: DateTime<Utc> = sqlx::query_scalar(
+            "insert into conversations (id, title, created_by) values ($1, $2, $3) returning created_at",
+        )
+        .bind(id.0)
+        .bind(&title)
+        .bind(creator.0)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "insert into conversation_members (conversation_id, user_id)
+             select $1, u from unnest($2::uuid[]) as u",
+        )
+        .bind(id.0)
+        .bind(&raw_ids)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(NewConversation {
+            id,
+            title,
+            member_ids,
+            created_at,
+        })
+    }
+
+    /// The conversations `user` is a member of, most recently active first.
+    pub async fn list_conversations(
+        &self,
+        user: UserId,
+    ) -> Result<Vec<ConversationSummary>, StoreError> {
+        let rows = sqlx::query_as::<_, ConversationSummary>(
+            "select c.id, c.title, c.created_at, c.last_message_at, c.last_seq,
+                    array(select m2.user_id from conversation_members m2
+                          where m2.conversation_id = c.id order by m2.joined_at, m2.user_id) as member_ids
+             from conversations c
+             join conversation_members m on m.conversation_id = c.id and m.user_id = $1
+             order by coalesce(c.last_message_at, c.created_at) desc, c.id
+             limit 1000",
+        )
+        .bind(user.0)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
+    /// Whether the conversation exists and `user` belongs to it; one indexed
+    /// lookup that also returns the last persisted seq.
+    pub async fn access(&self, conv: ConversationId, user: UserId) -> Result<Access, StoreError> {
+        let row: Option<(i64, bool)> = sqlx::query_as(
+            "select c.last_seq,
+                    exists(select 1 from conversation_members m
+                           where m.conversation_id = c.id and m.user_id = $2)
+             from conversations c where c.id = $1",
+        )
+        .bind(conv.0)
+        .bind(user.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => Access::NotFound,
+            Some((_, false)) => Access::NotMember,
+            Some((last_seq, true)) => Access::Member {
+                last_seq: Seq(last_seq),
+            },
+        })
+    }
+
+    /// `actor` (a member) adds `user`. Returns false if `user` already was one.
+    pub async fn add_member(
+        &self,
+        conv: ConversationId,
+        actor: UserId,
+        user: UserId,
+    ) -> Result<bool, StoreError> {
+        self.access(conv, actor).await?.require_member()?;
+        let inserted = sqlx::query(
+            "insert into conversation_members (conversation_id, user_id) values ($1, $2)
+             on conflict do nothing",
+        )
+        .bind(conv.0)
+        .bind(user.0)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(inserted == 1)
+    }
+
+    /// `actor` (a member) removes `user`. `NotFound` if `user` was not a member.
+    pub async fn remove_member(
+        &self,
+        conv: ConversationId,
+        actor: UserId,
+        user: UserId,
+    ) -> Result<(), StoreError> {
+        self.access(conv, actor).await?.require_member()?;
+        let deleted = sqlx::query(
+            "delete from conversation_members where conversation_id = $1 and user_id = $2",
+        )
+        .bind(conv.0)
+        .bind(user.0)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if deleted == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,246 @@
+//! The message log: history reads, and the worker's batch write that assigns
+//! gap-free per-conversation seqs.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, Postgres, Transaction};
+use uuid::Uuid;
+
+use super::{Store, StoreError};
+use crate::domain::{ConversationId, Message, MessageId, Persisted, Seq, UserId};
+
+/// A message as stored, with its seq.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
+pub struct StoredMessage {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub seq: i64,
+    pub sender_id: Uuid,
+    pub client_message_id: String,
+    pub kind: String,
+    pub content: serde_json::Value,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Which slice of a conversation's history to read.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryPage {
+    pub after_seq: Option<i64>,
+    pub before_seq: Option<i64>,
+    pub limit: i64,
+}
+
+/// What a batch write did with each message it was given.
+#[derive(Debug, Default)]
+pub struct PersistOutcome {
+    /// Newly stored, in the order their seqs were assigned.
+    pub persisted: Vec<Persisted>,
+    /// Already stored (same conversation, sender and client_message_id), or
+    /// repeated within the batch: stored once, not again.
+    pub duplicates: usize,
+    /// Their conversation no longer exists; nothing to store them in.
+    pub orphans: Vec<MessageId>,
+}
+
+impl Store {
+    /// A page of history in seq order. With `after_seq`, the oldest `limit`
+    /// messages after it; otherwise the newest `limit` before `before_seq`
+    /// (or the end). Returns the messages and whether more lie beyond the page
+    /// in the direction read.
+    pub async fn history(
+        &self,
+        conv: ConversationId,
+        page: HistoryPage,
+    ) -> Result<(Vec<StoredMessage>, bool), StoreError> {
+        let after = page.after_seq.unwrap_or(0);
+        let before = page.before_seq.unwrap_or(i64::MAX);
+        let fetch = page.limit + 1;
+        let mut rows = if page.after_seq.is_some() {
+            sqlx::query_as::<_, StoredMessage>(
+                "select id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at
+                 from messages where conversation_id = $1 and seq > $2 and seq < $3
+                 order by seq asc limit $4",
+            )
+        } else {
+            sqlx::query_as::<_, StoredMessage>(
+                "select id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at
+                 from messages where conversation_id = $1 and seq > $2 and seq < $3
+                 order by seq desc limit $4",
+            )
+        }
+        .bind(conv.0)
+        .bind(after)
+        .bind(before)
+        .bind(fetch)
+        .fetch_all(&self.pool)
+        .await?;
+        let has_more = rows.len() as i64 > page.limit;
+        rows.truncate(page.limit as usize);
+        if page.after_seq.is_none() {
+            rows.reverse();
+        }
+        Ok((rows, has_more))
+    }
+}
+
+/// Store `messages` in the caller's transaction, assigning each conversation's
+/// next seqs in the order given.
+///
+/// Conversation rows are locked (`for update`, in id order so two workers
+/// cannot deadlock) before anything is read, so concurrent workers serialise
+/// per conversation and seqs stay gap-free; the duplicate check runs under
+/// that lock, so it sees every earlier commit. The unique constraints remain
+/// the last line of defence: if one fires anyway the whole transaction fails
+/// and the batch is retried, rather than storing a gap.
+pub async fn persist_batch(
+    tx: &mut Transaction<'_, Postgres>,
+    messages: &[Message],
+) -> Result<PersistOutcome, StoreError> {
+    let mut outcome = PersistOutcome::default();
+
+    // The same job delivered twice within one batch counts once.
+    let mut seen: HashSet<(ConversationId, UserId, &str)> = HashSet::with_capacity(messages.len());
+    let mut unique: Vec<&Message> = Vec::with_capacity(messages.len());
+    for m in messages {
+        if seen.insert((m.conversation_id, m.sender_id, m.client_message_id.as_str())) {
+            unique.push(m);
+        } else {
+            outcome.duplicates += 1;
+        }
+    }
+    if unique.is_empty() {
+        return Ok(outcome);
+    }
+
+    let mut conv_ids: Vec<Uuid> = unique.iter().map(|m| m.conversation_id.0).collect();
+    conv_ids.sort_unstable();
+    conv_ids.dedup();
+    let conn: &mut PgConnection = tx;
+    let locked: Vec<(Uuid, i64)> = sqlx::query_as(
+        "select id, last_seq from conversations where id = any($1) order by id for update",
+    )
+    .bind(&conv_ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut last_seq: HashMap<Uuid, i64> = locked.into_iter().collect();
+
+    let existing: Vec<(Uuid, Uuid, String)> = sqlx::query_as(
+        "select m.conversation_id, m.sender_id, m.client_message_id
+         from messages m
+         join unnest($1::uuid[], $2::uuid[], $3::text[]) as k(c, s, cm)
+           on m.conversation_id = k.c and m.sender_id = k.s and m.client_message_id = k.cm",
+    )
+    .bind(
+        unique
+            .iter()
+            .map(|m| m.conversation_id.0)
+            .collect::<Vec<_>>(),
+    )
+    .bind(unique.iter().map(|m| m.sender_id.0).collect::<Vec<_>>())
+    .bind(
+        unique
+            .iter()
+            .map(|m| m.client_message_id.as_str().to_owned())
+            .collect::<Vec<_>>(),
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let existing: HashSet<(Uuid, Uuid, String)> = existing.into_iter().collect();
+
+    let mut rows: Vec<(&Message, i64)> = Vec::with_capacity(unique.len());
+    for m in unique {
+        let key = (
+            m.conversation_id.0,
+            m.sender_id.0,
+            m.client_message_id.as_str().to_owned(),
+        );
+        if existing.contains(&key) {
+            outcome.duplicates += 1;
+            continue;
+        }
+        match last_seq.get_mut(&m.conversation_id.0) {
+            None => outcome.orphans.push(m.id),
+            Some(seq) => {
+                *seq += 1;
+                rows.push((m, *seq));
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Ok(outcome);
+    }
+
+    let inserted = sqlx::query(
+        "insert into messages (id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at)
+         select * from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::jsonb[], $8::timestamptz[])
+         on conflict do nothing",
+    )
+    .bind(rows.iter().map(|(m, _)| m.id.0).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(m, _)| m.conversation_id.0).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(_, s)| *s).collect::<Vec<_>>())
+    .bind(rows.iter().map(|(m, _)| m.sender_id.0).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|(m, _)| m.client_message_id.as_str().to_owned())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|(m, _)| m.kind.as_str()).collect::<Vec<_>>())
+    .bind(
+        rows.iter()
+            .map(|(m, _)| m.content.as_json().clone())
+            .collect::<Vec<_>>(),
+    )
+    .bind(rows.iter().map(|(m, _)| m.created_at).collect::<Vec<_>>())
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if inserted as usize != rows.len() {
+        // Only possible if another writer bypassed the row lock; failing the
+        // transaction keeps seqs gap-free and the batch is retried.
+        return Err(StoreError::Db(sqlx::Error::Protocol(format!(
+            "inserted {inserted} of {} messages: a concurrent writer bypassed the conversation lock",
+            rows.len()
+        ))));
+    }
+
+    let mut newest: HashMap<Uuid, (i64, DateTime<Utc>)> = HashMap::new();
+    for (m, seq) in &rows {
+        let e = newest
+            .entry(m.conversation_id.0)
+            .or_insert((*seq, m.created_at));
+        e.0 = e.0.max(*seq);
+        e.1 = e.1.max(m.created_at);
+    }
+    let mut ids = Vec::with_capacity(newest.len());
+    let mut seqs = Vec::with_capacity(newest.len());
+    let mut ats = Vec::with_capacity(newest.len());
+    for (id, (seq, at)) in newest {
+        ids.push(id);
+        seqs.push(seq);
+        ats.push(at);
+    }
+    sqlx::query(
+        "update conversations c
+         set last_seq = u.seq,
+             last_message_at = greatest(coalesce(c.last_message_at, u.at), u.at)
+         from unnest($1::uuid[], $2::bigint[], $3::timestamptz[]) as u(id, seq, at)
+         where c.id = u.id",
+    )
+    .bind(&ids)
+    .bind(&seqs)
+    .bind(&ats)
+    .execute(&mut *conn)
+    .await?;
+
+    outcome.persisted = rows
+        .into_iter()
+        .map(|(m, seq)| Persisted {
+            conversation_id: m.conversation_id,
+            message_id: m.id,
+            seq: Seq(seq),
+        })
+        .collect();
+    Ok(outcome)
+}

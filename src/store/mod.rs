@@ -1,0 +1,94 @@
+//! Everything that reads or writes the chat tables: conversations, members,
+//! messages, and the schema itself.
+//!
+//! Only this module, `queue` and `notify` touch sqlx. Queries are checked at
+//! run time (no database is needed to build) and every value is bound.
+
+mod conversations;
+mod messages;
+
+pub use conversations::{Access, ConversationSummary, NewConversation, MAX_INITIAL_MEMBERS};
+pub use messages::{persist_batch, HistoryPage, PersistOutcome, StoredMessage};
+
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("conversation not found")]
+    NotFound,
+    #[error("not a member of this conversation")]
+    Forbidden,
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("schema migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("installing pgmq failed: {0}")]
+    Pgmq(String),
+}
+
+/// Handle to the chat tables. Cheap to clone (the pool is an `Arc`).
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: PgPool,
+}
+
+impl Store {
+    pub fn new(pool: PgPool) -> Self {
+        Store { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// `select 1`, bounded in time: the readiness probe.
+    pub async fn ping(&self, timeout: Duration) -> bool {
+        matches!(
+            tokio::time::timeout(timeout, sqlx::query("select 1").execute(&self.pool)).await,
+            Ok(Ok(_))
+        )
+    }
+}
+
+/// Open a bounded pool.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+    let options: PgConnectOptions = url.parse()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.application_name("postline"))
+        .await?;
+    Ok(pool)
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Install (or upgrade) pgmq from its embedded SQL, then apply our migrations.
+/// Idempotent, and safe when several processes start at once: an advisory
+/// lock serialises the pgmq install (sqlx's migrator takes its own).
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    // Any constant works; this one is "postline" in ASCII, to be recognisable in pg_locks.
+    const LOCK_KEY: i64 = 0x706f_7374_6c69_6e65;
+    let mut lock_conn = pool.acquire().await?;
+    sqlx::query("select pg_advisory_lock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *lock_conn)
+        .await?;
+    let installed = pgmq::PGMQueueExt::new_with_pool(pool.clone())
+        .await
+        .install_sql_from_embedded()
+        .await
+        .map_err(|e| StoreError::Pgmq(e.to_string()));
+    let migrated = match installed {
+        Ok(()) => MIGRATOR.run(pool).await.map_err(StoreError::from),
+        Err(e) => Err(e),
+    };
+    sqlx::query("select pg_advisory_unlock($1)")
+        .bind(LOCK_KEY)
+        .execute(&mut *lock_conn)
+        .await?;
+    migrated
+}

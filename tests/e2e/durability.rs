@@ -1,0 +1,232 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use postline::domain::{ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind};
+use postline::queue::{self, PersistJob, PERSIST_QUEUE};
+use postline::worker::{Outcome, Worker, WorkerConfig};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::harness::*;
+
+fn worker(app: &TestApp, batch: i32) -> Worker {
+    let cfg = WorkerConfig {
+        batch_size: batch,
+        visibility_timeout: Duration::from_secs(1),
+        poll_interval: Duration::from_millis(20),
+    };
+    Worker::new(app.pool.clone(), cfg, Arc::new(Notify::new()))
+}
+
+async fn gateway_only() -> TestApp {
+    TestApp::spawn_with(Options {
+        run_worker: false,
+        ..Options::default()
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_killed_between_enqueue_and_persist_loses_nothing() {
+    let app = gateway_only().await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    let mut alice = app.ws(a).await;
+    alice.join(conv).await;
+    let mut acked = Vec::new();
+    for i in 0..20 {
+        let ack = alice
+            .send_text(conv, &format!("k{i}"), &format!("m{i}"))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        acked.push(ack["message_id"].as_str().unwrap().to_owned());
+    }
+    // Acked means queued durably: all 20 jobs are in pgmq, none stored yet.
+    assert_eq!(queue::depth(&app.pool, PERSIST_QUEUE).await.unwrap(), 20);
+    assert!(stored(&app.pool, conv).await.is_empty());
+
+    // A worker reads a batch and dies before doing anything with it.
+    let taken = queue::read(&app.pool, PERSIST_QUEUE, 1, 8).await.unwrap();
+    assert_eq!(taken.len(), 8);
+    // Another dies mid-transaction, after inserting, before commit.
+    let mut batch = queue::read(&app.pool, PERSIST_QUEUE, 1, 100).await.unwrap();
+    assert_eq!(batch.len(), 12, "the first batch is invisible for now");
+    let messages: Vec<Message> = batch
+        .drain(..)
+        .map(|j| PersistJob::decode(&j.message).unwrap())
+        .collect();
+    let mut tx = app.pool.begin().await.unwrap();
+    let outcome = postline::store::persist_batch(&mut tx, &messages)
+        .await
+        .unwrap();
+    assert_eq!(outcome.persisted.len(), 12);
+    drop(tx); // the crash: rolled back
+    assert!(stored(&app.pool, conv).await.is_empty());
+
+    // A fresh worker picks everything up once the visibility timeout passes.
+    let w = worker(&app, 7);
+    let rows = eventually("all acked messages stored", || async {
+        let _ = w.run_once().await.unwrap();
+        let rows = stored(&app.pool, conv).await;
+        (rows.len() >= 20).then_some(rows)
+    })
+    .await;
+    assert_eq!(rows.len(), 20, "stored exactly once");
+    let seqs: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(seqs, (1..=20).collect::<Vec<_>>(), "gap-free");
+    let mut ids: Vec<String> = rows.iter().map(|r| r.1.to_string()).collect();
+    ids.sort();
+    acked.sort();
+    assert_eq!(ids, acked, "the stored ids are the acked ids");
+    assert_eq!(w.run_once().await.unwrap(), Outcome::Idle);
+    assert_eq!(queue::depth(&app.pool, PERSIST_QUEUE).await.unwrap(), 0);
+
+    // And the gateway tells the room, through NOTIFY.
+    let mut persisted = Vec::new();
+    for _ in 0..20 {
+        persisted.push(
+            alice.recv_type("message_persisted").await["seq"]
+                .as_i64()
+                .unwrap(),
+        );
+    }
+    persisted.sort();
+    assert_eq!(persisted, (1..=20).collect::<Vec<_>>());
+    app.stop().await;
+}
+
+fn message(conv: uuid::Uuid, sender: postline::domain::UserId, cmid: &str) -> Message {
+    Message {
+        id: MessageId::new_v7(),
+        conversation_id: ConversationId(conv),
+        sender_id: sender,
+        client_message_id: ClientMessageId::parse(cmid).unwrap(),
+        kind: MessageKind::Text,
+        content: Content::parse(MessageKind::Text, json!("hi"), 100).unwrap(),
+        created_at: postline::domain::now_micros(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_message_enqueued_twice_is_stored_once() {
+    let app = gateway_only().await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    let m = message(conv, a, "twice");
+    // The same job twice (a retried enqueue), and the same client id under a
+    // new message id (a gateway whose dedup cache forgot it), in separate batches.
+    let job = serde_json::to_value(PersistJob::from_message(&m)).unwrap();
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &[job.clone(), job])
+        .await
+        .unwrap();
+    let w = worker(&app, 100);
+    assert_eq!(
+        w.run_once().await.unwrap(),
+        Outcome::Processed {
+            persisted: 1,
+            duplicates: 1,
+            archived: 0
+        }
+    );
+    let mut again = m.clone();
+    again.id = MessageId::new_v7();
+    let job = serde_json::to_value(PersistJob::from_message(&again)).unwrap();
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &[job])
+        .await
+        .unwrap();
+    assert_eq!(
+        w.run_once().await.unwrap(),
+        Outcome::Processed {
+            persisted: 0,
+            duplicates: 1,
+            archived: 0
+        }
+    );
+    let rows = stored(&app.pool, conv).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].1, m.id.0);
+    assert_eq!(queue::depth(&app.pool, PERSIST_QUEUE).await.unwrap(), 0);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_that_can_never_succeed_are_archived_without_blocking_the_batch() {
+    let app = gateway_only().await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    let good = serde_json::to_value(PersistJob::from_message(&message(conv, a, "good"))).unwrap();
+    let orphan = serde_json::to_value(PersistJob::from_message(&message(
+        uuid::Uuid::now_v7(),
+        a,
+        "orphan",
+    )))
+    .unwrap();
+    let malformed = json!({"v": 1, "what": "is this"});
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &[malformed, good, orphan])
+        .await
+        .unwrap();
+    let w = worker(&app, 100);
+    assert_eq!(
+        w.run_once().await.unwrap(),
+        Outcome::Processed {
+            persisted: 1,
+            duplicates: 0,
+            archived: 2
+        }
+    );
+    assert_eq!(stored(&app.pool, conv).await.len(), 1);
+    assert_eq!(queue::depth(&app.pool, PERSIST_QUEUE).await.unwrap(), 0);
+    let archived: i64 = sqlx::query_scalar("select count(*) from pgmq.a_postline_persist")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(archived, 2);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_workers_keep_seqs_gap_free() {
+    let app = gateway_only().await;
+    let a = uid();
+    let convs = [
+        app.conversation(a, &[]).await,
+        app.conversation(a, &[]).await,
+        app.conversation(a, &[]).await,
+    ];
+    let jobs: Vec<serde_json::Value> = (0..300)
+        .map(|i| {
+            serde_json::to_value(PersistJob::from_message(&message(
+                convs[i % 3],
+                a,
+                &format!("c{i}"),
+            )))
+            .unwrap()
+        })
+        .collect();
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &jobs)
+        .await
+        .unwrap();
+    let drain = |w: Worker| async move {
+        loop {
+            if w.run_once().await.unwrap() == Outcome::Idle {
+                break;
+            }
+        }
+    };
+    tokio::join!(
+        drain(worker(&app, 7)),
+        drain(worker(&app, 11)),
+        drain(worker(&app, 5))
+    );
+    for conv in convs {
+        let seqs: Vec<i64> = stored(&app.pool, conv).await.iter().map(|r| r.0).collect();
+        assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+        let last: i64 = sqlx::query_scalar("select last_seq from conversations where id = $1")
+            .bind(conv)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        assert_eq!(last, 100);
+    }
+    app.stop().await;
+}

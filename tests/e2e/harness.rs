@@ -1,0 +1,329 @@
+//! Test harness: one throwaway Postgres cluster per test run, a fresh
+//! database per test, the real server on 127.0.0.1:0, and real clients.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use postline::auth::Jwt;
+use postline::config::Config;
+use postline::domain::UserId;
+use postline::pglocal::{Cluster, ClusterOptions};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+pub const SECRET: &str = "test-secret-0123456789";
+/// Every wait in a test is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(15);
+
+pub fn cluster() -> &'static Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        Cluster::start(ClusterOptions::default()).expect("start a throwaway Postgres")
+    })
+}
+
+/// A fresh, migrated database; returns its URL and a pool on it.
+pub async fn fresh_database() -> (String, PgPool) {
+    let c = cluster();
+    let admin = PgPool::connect(&c.url("postgres"))
+        .await
+        .expect("connect to the cluster");
+    let name = format!("t_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!("create database {name}"))
+        .execute(&admin)
+        .await
+        .expect("create the test database");
+    admin.close().await;
+    let url = c.url(&name);
+    let pool = postline::store::connect(&url, 10)
+        .await
+        .expect("connect to the test database");
+    postline::store::migrate(&pool).await.expect("migrate");
+    (url, pool)
+}
+
+pub fn uid() -> UserId {
+    UserId(Uuid::new_v4())
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub pool: PgPool,
+    pub db_url: String,
+    pub jwt: Jwt,
+    pub shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+pub struct Options {
+    pub run_worker: bool,
+    pub config: Config,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        let mut config = Config::with_secret(SECRET);
+        // Keep crash-recovery waits short in tests.
+        config.worker.visibility_timeout = Duration::from_secs(1);
+        config.worker.poll_interval = Duration::from_millis(50);
+        Options {
+            run_worker: true,
+            config,
+        }
+    }
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(Options::default()).await
+    }
+
+    pub async fn spawn_with(opts: Options) -> TestApp {
+        let (db_url, pool) = fresh_database().await;
+        Self::spawn_on(db_url, pool, opts).await
+    }
+
+    pub async fn spawn_on(db_url: String, pool: PgPool, opts: Options) -> TestApp {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(postline::cli::serve(
+            opts.config,
+            opts.run_worker,
+            listener,
+            pool.clone(),
+            shutdown.clone(),
+        ));
+        TestApp {
+            addr,
+            pool,
+            db_url,
+            jwt: Jwt::new(SECRET.as_bytes()),
+            shutdown,
+            server,
+        }
+    }
+
+    pub fn token(&self, user: UserId) -> String {
+        self.jwt.issue(user, Duration::from_secs(3600))
+    }
+
+    /// One HTTP/1.1 request over a fresh connection; returns status and JSON body
+    /// (Value::Null when the body is empty or not JSON).
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        user: Option<UserId>,
+        body: Option<&str>,
+    ) -> (u16, Value) {
+        let auth = user
+            .map(|u| format!("Authorization: Bearer {}\r\n", self.token(u)))
+            .unwrap_or_default();
+        raw_http(self.addr, method, path, &auth, body).await
+    }
+
+    /// Create a conversation owned by `owner` with `members`; returns its id.
+    pub async fn conversation(&self, owner: UserId, members: &[UserId]) -> Uuid {
+        let body = json!({"title": "test", "member_ids": members}).to_string();
+        let (status, v) = self
+            .http("POST", "/v1/conversations", Some(owner), Some(&body))
+            .await;
+        assert_eq!(status, 201, "create conversation: {v}");
+        v["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    pub async fn ws(&self, user: UserId) -> Client {
+        let url = format!("ws://{}/ws?token={}", self.addr, self.token(user));
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timed out")
+            .expect("websocket connect");
+        let mut c = Client {
+            ws,
+            pending: VecDeque::new(),
+            next_ref: 0,
+        };
+        let hello = c.recv().await;
+        assert_eq!(hello["type"], "hello", "{hello}");
+        assert_eq!(hello["user_id"], user.to_string());
+        c
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, self.server)
+            .await
+            .expect("server stops within the deadline")
+            .expect("server task")
+            .expect("server result");
+    }
+}
+
+pub async fn raw_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra_headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("http timed out")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Frames received while waiting for a specific one.
+    pending: VecDeque<Value>,
+    next_ref: u64,
+}
+
+impl Client {
+    pub async fn send_raw(&mut self, msg: WsMessage) {
+        self.ws.send(msg).await.expect("ws send");
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_raw(WsMessage::Text(v.to_string().into())).await;
+    }
+
+    async fn next_frame(&mut self) -> Value {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for a frame")
+                .expect("connection ended")
+                .expect("ws error");
+            match msg {
+                WsMessage::Text(t) => {
+                    return serde_json::from_str(&t).expect("server frames are JSON")
+                }
+                WsMessage::Close(c) => panic!("connection closed: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    /// The next frame, in order.
+    pub async fn recv(&mut self) -> Value {
+        match self.pending.pop_front() {
+            Some(v) => v,
+            None => self.next_frame().await,
+        }
+    }
+
+    /// The first frame matching `pred`; frames skipped over are kept for `recv`.
+    pub async fn recv_where(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(i) = self.pending.iter().position(&pred) {
+            return self.pending.remove(i).unwrap();
+        }
+        loop {
+            let v = self.next_frame().await;
+            if pred(&v) {
+                return v;
+            }
+            self.pending.push_back(v);
+        }
+    }
+
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        self.recv_where(|v| v["type"] == ty).await
+    }
+
+    /// Send `event` with a fresh ref and return the one reply to it.
+    pub async fn request(&mut self, mut event: Value) -> Value {
+        self.next_ref += 1;
+        let r = format!("r{}", self.next_ref);
+        event["ref"] = json!(r);
+        self.send(event).await;
+        self.recv_where(|v| v["ref"] == r.as_str()).await
+    }
+
+    pub async fn join(&mut self, conv: Uuid) -> Value {
+        let reply = self
+            .request(json!({"type": "join_conversation", "conversation_id": conv}))
+            .await;
+        assert_eq!(reply["type"], "ack", "join: {reply}");
+        reply
+    }
+
+    pub async fn send_text(&mut self, conv: Uuid, cmid: &str, text: &str) -> Value {
+        self.request(json!({
+            "type": "send_message", "conversation_id": conv,
+            "client_message_id": cmid, "content": text
+        }))
+        .await
+    }
+
+    /// Wait for the close frame and return its code.
+    pub async fn expect_close(&mut self) -> u16 {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for close");
+            match msg {
+                Some(Ok(WsMessage::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(WsMessage::Close(None))) | None => return 1005,
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => panic!("ws error before close: {e}"),
+            }
+        }
+    }
+}
+
+/// Rows of the messages table for a conversation, as (seq, message id, client_message_id).
+pub async fn stored(pool: &PgPool, conv: Uuid) -> Vec<(i64, Uuid, String)> {
+    sqlx::query_as(
+        "select seq, id, client_message_id from messages where conversation_id = $1 order by seq",
+    )
+    .bind(conv)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Poll `f` until it returns Some, bounded by WAIT.
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,11 @@
+//! End-to-end tests: the real server over real sockets, against a real
+//! (throwaway) Postgres. One cluster for the whole run, one database per test.
+
+mod harness;
+
+mod auth;
+mod bad_input;
+mod chat;
+mod durability;
+mod http_api;
+mod process;
