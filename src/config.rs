@@ -46,6 +46,10 @@ pub struct ServerArgs {
     /// Most jobs per pgmq.send_batch.
     #[arg(long, env = "POSTLINE_ENQUEUE_MAX_BATCH", default_value_t = 512)]
     pub enqueue_max_batch: usize,
+    /// Microseconds a persist batch may wait for more jobs (0: send at once;
+    /// batches still form under load).
+    #[arg(long, env = "POSTLINE_ENQUEUE_LINGER_US", default_value_t = 0)]
+    pub enqueue_linger_us: u64,
     /// Jobs the worker reads and stores per transaction.
     #[arg(long, env = "POSTLINE_WORKER_BATCH", default_value_t = 500)]
     pub worker_batch: i32,
@@ -55,6 +59,24 @@ pub struct ServerArgs {
     /// Milliseconds between polls of an idle worker.
     #[arg(long, env = "POSTLINE_WORKER_POLL_MS", default_value_t = 250)]
     pub worker_poll_ms: u64,
+    /// Delay before the first retry of a failed job, in milliseconds (doubles per attempt).
+    #[arg(long, env = "POSTLINE_RETRY_BASE_MS", default_value_t = 1000)]
+    pub retry_base_ms: u64,
+    /// Longest delay between retries, in seconds.
+    #[arg(long, env = "POSTLINE_RETRY_CAP_SECS", default_value_t = 300)]
+    pub retry_cap_secs: u64,
+    /// Attempts after which a failing job is moved to the dead-letter table.
+    #[arg(long, env = "POSTLINE_MAX_ATTEMPTS", default_value_t = 8)]
+    pub max_attempts: i32,
+    /// High-priority batches in a row before a waiting background batch gets a turn.
+    #[arg(long, env = "POSTLINE_STARVATION_LIMIT", default_value_t = 4)]
+    pub starvation_limit: u32,
+    /// Seconds between cleanups of pgmq's archive.
+    #[arg(long, env = "POSTLINE_CLEANUP_INTERVAL_SECS", default_value_t = 600)]
+    pub cleanup_interval_secs: u64,
+    /// Hours archived (dead-lettered) jobs are kept in pgmq's archive tables.
+    #[arg(long, env = "POSTLINE_ARCHIVE_RETENTION_HOURS", default_value_t = 168)]
+    pub archive_retention_hours: u64,
     /// Seconds shutdown may take before remaining work is abandoned.
     #[arg(long, env = "POSTLINE_SHUTDOWN_GRACE", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
@@ -151,10 +173,17 @@ impl Config {
         cfg.gateway.outbox_capacity = args.outbox_capacity;
         cfg.enqueue.capacity = args.enqueue_capacity;
         cfg.enqueue.max_batch = args.enqueue_max_batch;
+        cfg.enqueue.linger = Duration::from_micros(args.enqueue_linger_us);
         cfg.worker.batch_size = args.worker_batch;
         cfg.worker.visibility_timeout =
             Duration::from_secs(args.worker_visibility_timeout_secs.max(1));
         cfg.worker.poll_interval = Duration::from_millis(args.worker_poll_ms.max(1));
+        cfg.worker.retry.base = Duration::from_millis(args.retry_base_ms);
+        cfg.worker.retry.cap = Duration::from_secs(args.retry_cap_secs).max(cfg.worker.retry.base);
+        cfg.worker.retry.max_attempts = args.max_attempts;
+        cfg.worker.starvation_limit = args.starvation_limit;
+        cfg.worker.cleanup_interval = Duration::from_secs(args.cleanup_interval_secs);
+        cfg.worker.retention = Duration::from_secs(args.archive_retention_hours * 3600);
         cfg.db_max_connections = args.db_max_connections;
         cfg.shutdown_grace = Duration::from_secs(args.shutdown_grace_secs);
         Ok(cfg)

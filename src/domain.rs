@@ -173,6 +173,9 @@ impl Content {
         let value = match kind {
             MessageKind::Text | MessageKind::System => match raw {
                 serde_json::Value::String(s) => {
+                    if s.contains('\0') {
+                        return Err(invalid("content must not contain NUL characters"));
+                    }
                     if s.trim().is_empty() {
                         return Err(invalid("content must not be empty"));
                     }
@@ -195,6 +198,10 @@ impl Content {
                 })?;
                 if att.url.trim().is_empty() {
                     return Err(invalid("content.url must not be empty"));
+                }
+                let strings = [Some(&att.url), att.name.as_ref(), att.mime.as_ref()];
+                if strings.into_iter().flatten().any(|s| s.contains('\0')) {
+                    return Err(invalid("content must not contain NUL characters"));
                 }
                 let value = serde_json::to_value(&att)
                     .map_err(|e| invalid(format!("content could not be encoded: {e}")))?;
@@ -279,6 +286,14 @@ mod tests {
             Content::parse(MessageKind::Text, json!("12345678901"), 10),
             Err(ValidationError::TooLarge(_))
         ));
+        // Postgres cannot store NUL in text or jsonb: refuse it at the door.
+        assert!(matches!(
+            Content::parse(MessageKind::Text, json!("a\0b"), 10),
+            Err(ValidationError::Invalid(_))
+        ));
+        assert!(
+            Content::parse(MessageKind::File, json!({"url": "u", "name": "a\0"}), 100).is_err()
+        );
     }
 
     #[test]

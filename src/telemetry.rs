@@ -12,13 +12,109 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
 }
 
+/// A Prometheus histogram with fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    /// Sum in millionths of the unit, to keep it an integer atomic.
+    sum_micro: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micro: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|b| v <= *b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micro
+            .fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let sep = if labels.is_empty() { "" } else { "," };
+        let mut cumulative = 0;
+        for (b, c) in self.bounds.iter().zip(&self.buckets) {
+            cumulative += c.load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+        let braces = if labels.is_empty() {
+            String::new()
+        } else {
+            format!("{{{labels}}}")
+        };
+        let _ = writeln!(
+            out,
+            "{name}_sum{braces} {}\n{name}_count{braces} {count}",
+            self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6
+        );
+    }
+}
+
+/// Seconds, from 1 ms to 1 min: how long a message waits between enqueue and commit.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
+
+/// Worker counters for one queue.
 #[derive(Debug, Default)]
+pub struct QueueCounters {
+    pub processed: AtomicU64,
+    pub failed: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+/// Depth and age of one queue, read from pgmq at scrape time.
+#[derive(Debug, Clone)]
+pub struct QueueGauge {
+    pub queue: String,
+    pub depth: i64,
+    pub visible: i64,
+    pub oldest_age_secs: i64,
+}
+
+#[derive(Debug)]
 pub struct Metrics {
     connections_open: AtomicI64,
     connections_total: AtomicU64,
     messages_sent: AtomicU64,
     messages_duplicate: AtomicU64,
     persisted_notified: AtomicU64,
+    pub persist: QueueCounters,
+    pub background: QueueCounters,
+    pub batch_size: Histogram,
+    pub persist_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            connections_open: AtomicI64::new(0),
+            connections_total: AtomicU64::new(0),
+            messages_sent: AtomicU64::new(0),
+            messages_duplicate: AtomicU64::new(0),
+            persisted_notified: AtomicU64::new(0),
+            persist: QueueCounters::default(),
+            background: QueueCounters::default(),
+            batch_size: Histogram::new(BATCH_BUCKETS),
+            persist_latency: Histogram::new(LATENCY_BUCKETS),
+        }
+    }
 }
 
 impl Metrics {
@@ -48,7 +144,7 @@ impl Metrics {
     }
 
     /// Prometheus text exposition format, version 0.0.4.
-    pub fn render(&self, queue_depth: Option<i64>) -> String {
+    pub fn render(&self, queues: &[QueueGauge]) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(
@@ -86,14 +182,85 @@ impl Metrics {
             "message_persisted notifications received from workers.",
             self.persisted_notified.load(Ordering::Relaxed).to_string(),
         );
-        if let Some(depth) = queue_depth {
-            metric(
-                "postline_persist_queue_depth",
-                "gauge",
-                "Jobs in the persist queue (visible or in flight).",
-                depth.to_string(),
+        let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (labels, value) in rows {
+                let _ = writeln!(out, "{name}{{{labels}}} {value}");
+            }
+        };
+        let per_queue = |f: &dyn Fn(&QueueGauge) -> i64| -> Vec<(String, String)> {
+            queues
+                .iter()
+                .map(|q| (format!("queue=\"{}\"", q.queue), f(q).to_string()))
+                .collect()
+        };
+        family(
+            "postline_queue_depth",
+            "gauge",
+            "Jobs in the queue, visible or in flight.",
+            per_queue(&|q| q.depth),
+        );
+        family(
+            "postline_queue_visible",
+            "gauge",
+            "Jobs ready to be read now.",
+            per_queue(&|q| q.visible),
+        );
+        family(
+            "postline_queue_oldest_age_seconds",
+            "gauge",
+            "Age of the oldest job in the queue (0 when empty).",
+            per_queue(&|q| q.oldest_age_secs),
+        );
+        let counters = [
+            ("postline_persist", &self.persist),
+            ("postline_background", &self.background),
+        ];
+        for (suffix, help, pick) in [
+            (
+                "processed",
+                "Jobs completed by this process's worker.",
+                (|c: &QueueCounters| &c.processed) as fn(&QueueCounters) -> &AtomicU64,
+            ),
+            ("failed", "Job attempts that failed.", |c| &c.failed),
+            (
+                "retried",
+                "Failed jobs scheduled for a retry with backoff.",
+                |c| &c.retried,
+            ),
+            (
+                "dead_lettered",
+                "Jobs moved to the dead-letter table.",
+                |c| &c.dead_lettered,
+            ),
+        ] {
+            family(
+                &format!("postline_jobs_{suffix}_total"),
+                "counter",
+                help,
+                counters
+                    .iter()
+                    .map(|(q, c)| {
+                        (
+                            format!("queue=\"{q}\""),
+                            pick(c).load(Ordering::Relaxed).to_string(),
+                        )
+                    })
+                    .collect(),
             );
         }
+        self.batch_size.render(
+            &mut out,
+            "postline_worker_batch_size",
+            "",
+            "Jobs per worker batch.",
+        );
+        self.persist_latency.render(
+            &mut out,
+            "postline_persist_latency_seconds",
+            "",
+            "Time from enqueue to the commit that stored the message.",
+        );
         out
     }
 }
@@ -107,11 +274,27 @@ mod tests {
         let m = Metrics::default();
         m.connection_opened();
         m.add_sent();
-        let text = m.render(Some(3));
+        m.persist_latency.observe(0.003);
+        m.persist_latency.observe(20.0);
+        let text = m.render(&[QueueGauge {
+            queue: "postline_persist".into(),
+            depth: 3,
+            visible: 1,
+            oldest_age_secs: 7,
+        }]);
         assert!(
             text.contains("# TYPE postline_connections_open gauge\npostline_connections_open 1\n")
         );
         assert!(text.contains("postline_messages_sent_total 1\n"));
-        assert!(text.contains("postline_persist_queue_depth 3\n"));
+        assert!(text.contains("postline_queue_depth{queue=\"postline_persist\"} 3\n"));
+        assert!(text.contains("postline_queue_oldest_age_seconds{queue=\"postline_persist\"} 7\n"));
+        assert!(
+            text.contains("postline_persist_latency_seconds_bucket{le=\"0.0025\"} 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("postline_persist_latency_seconds_bucket{le=\"0.005\"} 1\n"));
+        assert!(text.contains("postline_persist_latency_seconds_bucket{le=\"30\"} 2\n"));
+        assert!(text.contains("postline_persist_latency_seconds_count 2\n"));
+        assert!(text.contains("postline_jobs_dead_lettered_total{queue=\"postline_persist\"} 0\n"));
     }
 }

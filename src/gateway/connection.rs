@@ -318,18 +318,28 @@ impl Connection {
                 "duplicate": false,
             }),
         );
-        let unavailable = server::error(
-            r,
-            ErrorCode::Unavailable,
-            "the message could not be made durable; send it again with the same client_message_id",
-        );
         let outbox = self.outbox.clone();
-        let want_ack = r.is_some();
+        let reply_ref = r.map(str::to_owned);
+        let (gw_done, user, cmid) = (gw.clone(), self.user, message.client_message_id.clone());
         let done = Box::new(move |res: Result<(), EnqueueError>| {
+            if res.is_err() {
+                // Not queued: a resend with the same client_message_id must be
+                // treated as new, not acked as a duplicate of nothing.
+                gw_done.dedup.release(user, conv, &cmid);
+            }
             let _ = match res {
-                Ok(()) if want_ack => outbox.push(ack),
+                Ok(()) if reply_ref.is_some() => outbox.push(ack),
                 Ok(()) => Push::Queued,
-                Err(_) => outbox.push(unavailable),
+                Err(EnqueueError::Unavailable) => outbox.push(server::error(
+                    reply_ref.as_deref(),
+                    ErrorCode::Unavailable,
+                    "the message could not be made durable; send it again with the same client_message_id",
+                )),
+                Err(EnqueueError::Refused(reason)) => outbox.push(server::error(
+                    reply_ref.as_deref(),
+                    ErrorCode::Invalid,
+                    &format!("the message cannot be stored: {reason}"),
+                )),
             };
         });
         if gw.enqueuer.submit(job, done).is_err() {

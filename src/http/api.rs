@@ -100,6 +100,11 @@ async fn create_conversation(
 ) -> Result<Response<Body>, ApiError> {
     let body: CreateConversation = read_json(req).await?;
     if let Some(t) = &body.title {
+        if t.contains('\0') {
+            return Err(ApiError::Invalid(
+                "title must not contain NUL characters".into(),
+            ));
+        }
         if t.chars().count() > MAX_TITLE {
             return Err(ApiError::Invalid(format!(
                 "title is longer than {MAX_TITLE} characters"

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{self, AuthError, Jwt};
 use crate::domain::UserId;
 use crate::gateway::Gateway;
+use crate::queue::Enqueuer;
 use crate::store::Store;
 use crate::telemetry::Metrics;
 use crate::worker::Heartbeat;
@@ -36,6 +37,7 @@ pub struct HttpContext {
     pub gateway: Arc<Gateway>,
     pub jwt: Jwt,
     pub metrics: Arc<Metrics>,
+    pub enqueuer: Enqueuer,
     /// The in-process worker's heartbeat, when this process runs one.
     pub worker: Option<Arc<Heartbeat>>,
 }
@@ -146,7 +148,8 @@ async fn readyz(ctx: &HttpContext) -> Response<Body> {
             _ => "stuck",
         },
     };
-    let ready = db && worker != "stuck";
+    let buffer = ctx.enqueuer.buffer();
+    let ready = db && worker != "stuck" && !buffer.retrying;
     let status = if ready {
         StatusCode::OK
     } else {
@@ -158,22 +161,36 @@ async fn readyz(ctx: &HttpContext) -> Response<Body> {
             "status": if ready { "ready" } else { "unavailable" },
             "database": if db { "ok" } else { "unreachable" },
             "worker": worker,
+            "persist_buffer": {
+                "buffered": buffer.buffered,
+                "capacity": buffer.capacity,
+                "state": if buffer.retrying { "retrying" } else { "ok" },
+            },
         }),
     )
 }
 
 async fn metrics(ctx: &HttpContext) -> Response<Body> {
-    let depth = tokio::time::timeout(
+    let queues = tokio::time::timeout(
         Duration::from_secs(1),
-        crate::queue::depth(ctx.store.pool(), crate::queue::PERSIST_QUEUE),
+        crate::queue::stats(ctx.store.pool()),
     )
     .await
     .ok()
-    .and_then(Result::ok);
+    .and_then(Result::ok)
+    .unwrap_or_default()
+    .into_iter()
+    .map(|q| crate::telemetry::QueueGauge {
+        queue: q.queue_name,
+        depth: q.queue_length,
+        visible: q.queue_visible_length,
+        oldest_age_secs: q.oldest_msg_age_sec.unwrap_or(0).into(),
+    })
+    .collect::<Vec<_>>();
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "text/plain; version=0.0.4")
-        .body(Full::new(Bytes::from(ctx.metrics.render(depth))))
+        .body(Full::new(Bytes::from(ctx.metrics.render(&queues))))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 

@@ -5,6 +5,7 @@
 //! buffer, and a full buffer is refused at once (the client hears
 //! `unavailable`) rather than queued without bound or dropped after an ack.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +22,11 @@ pub struct EnqueueConfig {
     pub capacity: usize,
     /// Most jobs in one `send_batch` (one statement, one commit).
     pub max_batch: usize,
+    /// How long a batch may wait for more jobs before it is sent. Zero sends
+    /// at once; batches still form under load, from the jobs that arrive
+    /// while the previous batch is in flight. (Tokio's timers are
+    /// millisecond-grained, so small values round up to 1 ms.)
+    pub linger: Duration,
     /// After shutdown is requested, how long to keep retrying the last jobs.
     pub flush_timeout: Duration,
 }
@@ -30,6 +36,7 @@ impl Default for EnqueueConfig {
         EnqueueConfig {
             capacity: 8192,
             max_batch: 512,
+            linger: Duration::ZERO,
             flush_timeout: Duration::from_secs(5),
         }
     }
@@ -39,6 +46,10 @@ impl Default for EnqueueConfig {
 pub enum EnqueueError {
     #[error("the message could not be queued before shutdown: the database is unavailable")]
     Unavailable,
+    /// Postgres refused this job itself (not the connection): retrying it
+    /// would fail forever, so it is refused alone and its batch goes on.
+    #[error("the database refused the message: {0}")]
+    Refused(String),
 }
 
 /// `submit` refused the job: the buffer is full or the enqueuer has stopped.
@@ -58,6 +69,16 @@ struct Submission {
 #[derive(Clone)]
 pub struct Enqueuer {
     tx: mpsc::Sender<Submission>,
+    failing: Arc<AtomicBool>,
+}
+
+/// The persist buffer's state, for /readyz.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PersistBuffer {
+    pub buffered: usize,
+    pub capacity: usize,
+    /// The last attempt to enqueue failed and is being retried.
+    pub retrying: bool,
 }
 
 impl Enqueuer {
@@ -71,8 +92,17 @@ impl Enqueuer {
         tracker: &TaskTracker,
     ) -> Enqueuer {
         let (tx, rx) = mpsc::channel(cfg.capacity.max(1));
-        tracker.spawn(run(rx, pool, cfg, wake, shutdown));
-        Enqueuer { tx }
+        let failing = Arc::new(AtomicBool::new(false));
+        tracker.spawn(run(rx, pool, cfg, wake, shutdown, failing.clone()));
+        Enqueuer { tx, failing }
+    }
+
+    pub fn buffer(&self) -> PersistBuffer {
+        PersistBuffer {
+            buffered: self.tx.max_capacity() - self.tx.capacity(),
+            capacity: self.tx.max_capacity(),
+            retrying: self.failing.load(Ordering::Relaxed),
+        }
     }
 
     pub fn submit(&self, payload: serde_json::Value, done: Done) -> Result<(), Rejected> {
@@ -88,6 +118,7 @@ async fn run(
     cfg: EnqueueConfig,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
+    failing: Arc<AtomicBool>,
 ) {
     let mut batch: Vec<Submission> = Vec::with_capacity(cfg.max_batch);
     loop {
@@ -109,36 +140,89 @@ async fn run(
                 Err(_) => break,
             }
         }
+        if !cfg.linger.is_zero() && batch.len() < cfg.max_batch {
+            let deadline = tokio::time::Instant::now() + cfg.linger;
+            while batch.len() < cfg.max_batch {
+                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(s)) => batch.push(s),
+                    _ => break,
+                }
+            }
+        }
         let payloads: Vec<serde_json::Value> = batch
             .iter_mut()
             .map(|s| std::mem::take(&mut s.payload))
             .collect();
-        let result = commit_with_retry(&pool, &payloads, &cfg, &shutdown).await;
-        if result.is_ok() {
+        let results = match commit_with_retry(&pool, &payloads, &cfg, &shutdown, &failing).await {
+            Err(Attempt::Refused(_)) if payloads.len() > 1 => {
+                // One bad job must not hold the others hostage: send them one by one.
+                let mut results = Vec::with_capacity(payloads.len());
+                for p in &payloads {
+                    results.push(
+                        commit_with_retry(
+                            &pool,
+                            std::slice::from_ref(p),
+                            &cfg,
+                            &shutdown,
+                            &failing,
+                        )
+                        .await
+                        .map_err(EnqueueError::from),
+                    );
+                }
+                results
+            }
+            other => vec![other.map_err(EnqueueError::from); payloads.len()],
+        };
+        if results.iter().any(Result::is_ok) {
             wake.notify_one();
         }
-        for s in batch.drain(..) {
-            (s.done)(result.clone());
+        for (s, result) in batch.drain(..).zip(results) {
+            (s.done)(result);
         }
     }
 }
 
-/// Retry a failed batch with capped exponential backoff. Give up only once
-/// shutdown was requested and the flush deadline passed: the callers were not
-/// acked, so they hear `unavailable` and nothing acked is lost.
+enum Attempt {
+    Unavailable,
+    Refused(String),
+}
+
+impl From<Attempt> for EnqueueError {
+    fn from(a: Attempt) -> Self {
+        match a {
+            Attempt::Unavailable => EnqueueError::Unavailable,
+            Attempt::Refused(reason) => EnqueueError::Refused(reason),
+        }
+    }
+}
+
+/// Retry a batch that failed for a transient reason with capped exponential
+/// backoff. Give up only once shutdown was requested and the flush deadline
+/// passed: the callers were not acked, so they hear `unavailable` and nothing
+/// acked is lost. A refusal caused by the data itself is returned at once.
 async fn commit_with_retry(
     pool: &PgPool,
     payloads: &[serde_json::Value],
     cfg: &EnqueueConfig,
     shutdown: &CancellationToken,
-) -> Result<(), EnqueueError> {
+    failing: &AtomicBool,
+) -> Result<(), Attempt> {
     let mut backoff = Duration::from_millis(20);
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         match send_batch(pool, PERSIST_QUEUE, payloads).await {
-            Ok(_) => return Ok(()),
+            Ok(_) => {
+                failing.store(false, Ordering::Relaxed);
+                return Ok(());
+            }
+            Err(super::QueueError::Db(e)) if !super::is_transient(&e) => {
+                tracing::warn!(error = %e, jobs = payloads.len(), "the database refused a persist batch");
+                return Err(Attempt::Refused(e.to_string()));
+            }
             Err(e) => {
-                tracing::warn!(error = %e, jobs = payloads.len(), "enqueue failed; retrying");
+                failing.store(true, Ordering::Relaxed);
+                tracing::warn!(error = %e, jobs = payloads.len(), ?backoff, "enqueue failed; retrying");
             }
         }
         if shutdown.is_cancelled() {
@@ -149,7 +233,7 @@ async fn commit_with_retry(
                     jobs = payloads.len(),
                     "giving up on unqueued jobs at shutdown"
                 );
-                return Err(EnqueueError::Unavailable);
+                return Err(Attempt::Unavailable);
             }
         }
         tokio::time::sleep(backoff).await;

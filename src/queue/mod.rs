@@ -5,9 +5,10 @@
 //! turns that into exactly-once storage by deleting a job in the same
 //! transaction that stores its message.
 
+pub mod dead_letters;
 mod enqueuer;
 
-pub use enqueuer::{EnqueueConfig, EnqueueError, Enqueuer, Rejected};
+pub use enqueuer::{EnqueueConfig, EnqueueError, Enqueuer, PersistBuffer, Rejected};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,13 +19,63 @@ use crate::domain::{
     ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, UserId,
 };
 
-/// Chat messages waiting to be stored.
+/// Chat messages waiting to be stored (high priority).
 pub const PERSIST_QUEUE: &str = "postline_persist";
+/// Receipts, read markers, analytics (low priority).
+pub const BACKGROUND_QUEUE: &str = "postline_background";
+
+/// The queues a worker drains, in priority order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Queue {
+    Persist,
+    Background,
+}
+
+impl Queue {
+    pub const ALL: [Queue; 2] = [Queue::Persist, Queue::Background];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Queue::Persist => PERSIST_QUEUE,
+            Queue::Background => BACKGROUND_QUEUE,
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Queue> {
+        Queue::ALL.into_iter().find(|q| q.name() == name)
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
     #[error("queue database error: {0}")]
     Db(#[from] sqlx::Error),
+}
+
+/// A failure of the database or the connection (worth retrying as is), as
+/// opposed to one caused by the data sent.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            // connection exceptions, operator intervention (shutdown, crash
+            // recovery), insufficient resources, serialization failure,
+            // deadlock, lock not available, statement timeout
+            c.starts_with("08")
+                || c.starts_with("57P")
+                || c.starts_with("53")
+                || c == "40001"
+                || c == "40P01"
+                || c == "55P03"
+                || c == "57014"
+        }),
+        _ => false,
+    }
 }
 
 /// A job as read from pgmq.
@@ -87,6 +138,37 @@ impl PersistJob {
     }
 }
 
+/// A low-priority job. Versioned like [`PersistJob`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum BackgroundJob {
+    /// Move a member's read marker forward (never back).
+    ReadMarker {
+        v: u8,
+        conversation_id: Uuid,
+        user_id: Uuid,
+        seq: i64,
+    },
+}
+
+impl BackgroundJob {
+    pub fn decode(payload: &serde_json::Value) -> Result<Self, String> {
+        let job: BackgroundJob = serde_json::from_value(payload.clone())
+            .map_err(|e| format!("malformed background job: {e}"))?;
+        match &job {
+            BackgroundJob::ReadMarker { v, seq, .. } => {
+                if *v != PersistJob::VERSION {
+                    return Err(format!("unknown background job version {v}"));
+                }
+                if *seq < 0 {
+                    return Err(format!("read marker seq must not be negative (got {seq})"));
+                }
+            }
+        }
+        Ok(job)
+    }
+}
+
 /// `pgmq.send_batch`: one round trip, one transaction for many jobs.
 pub async fn send_batch<'e>(
     ex: impl PgExecutor<'e>,
@@ -146,6 +228,45 @@ pub async fn archive<'e>(
             .fetch_all(ex)
             .await?;
     Ok(archived.len())
+}
+
+/// Hide jobs until `delay` from now (pgmq.set_vt), returning those that
+/// still exist: a job deleted meanwhile is simply absent.
+pub async fn set_vt<'e>(
+    ex: impl PgExecutor<'e>,
+    queue: &str,
+    msg_ids: &[i64],
+    delay: std::time::Duration,
+) -> Result<Vec<RawJob>, QueueError> {
+    Ok(sqlx::query_as::<_, RawJob>(
+        "select msg_id, read_ct, enqueued_at, message
+         from pgmq.set_vt($1::text, $2::bigint[], clock_timestamp() + make_interval(secs => $3::float8))
+         order by msg_id",
+    )
+    .bind(queue)
+    .bind(msg_ids)
+    .bind(delay.as_secs_f64())
+    .fetch_all(ex)
+    .await?)
+}
+
+/// Depth and age of a queue, from pgmq.metrics.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct QueueStats {
+    pub queue_name: String,
+    pub queue_length: i64,
+    pub queue_visible_length: i64,
+    pub oldest_msg_age_sec: Option<i32>,
+    pub total_messages: i64,
+}
+
+pub async fn stats<'e>(ex: impl PgExecutor<'e>) -> Result<Vec<QueueStats>, QueueError> {
+    Ok(sqlx::query_as::<_, QueueStats>(
+        "select queue_name, queue_length, queue_visible_length, oldest_msg_age_sec, total_messages
+         from pgmq.metrics_all() where queue_name like 'postline\\_%' order by queue_name",
+    )
+    .fetch_all(ex)
+    .await?)
 }
 
 /// Jobs in the queue, visible or not (for tests and /metrics).

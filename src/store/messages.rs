@@ -244,3 +244,30 @@ pub async fn persist_batch(
         .collect();
     Ok(outcome)
 }
+
+/// Move read markers forward, never back and never past the conversation's
+/// last seq, in the caller's transaction. Markers of non-members are ignored.
+pub async fn advance_read_markers(
+    tx: &mut Transaction<'_, Postgres>,
+    markers: &[(Uuid, Uuid, i64)],
+) -> Result<(), StoreError> {
+    if markers.is_empty() {
+        return Ok(());
+    }
+    let conn: &mut PgConnection = tx;
+    sqlx::query(
+        "update conversation_members m
+         set last_read_seq = greatest(m.last_read_seq, least(v.seq, c.last_seq))
+         from (select conversation_id, user_id, max(seq) as seq
+               from unnest($1::uuid[], $2::uuid[], $3::bigint[]) as t(conversation_id, user_id, seq)
+               group by 1, 2) v
+         join conversations c on c.id = v.conversation_id
+         where m.conversation_id = v.conversation_id and m.user_id = v.user_id",
+    )
+    .bind(markers.iter().map(|m| m.0).collect::<Vec<_>>())
+    .bind(markers.iter().map(|m| m.1).collect::<Vec<_>>())
+    .bind(markers.iter().map(|m| m.2).collect::<Vec<_>>())
+    .execute(conn)
+    .await?;
+    Ok(())
+}

@@ -8,7 +8,9 @@ mod conversations;
 mod messages;
 
 pub use conversations::{Access, ConversationSummary, NewConversation, MAX_INITIAL_MEMBERS};
-pub use messages::{persist_batch, HistoryPage, PersistOutcome, StoredMessage};
+pub use messages::{
+    advance_read_markers, persist_batch, HistoryPage, PersistOutcome, StoredMessage,
+};
 
 use std::time::Duration;
 

@@ -1,33 +1,57 @@
-//! The persistence worker: reads persist jobs from pgmq and, in ONE
-//! transaction, stores their messages (assigning seqs), deletes the jobs and
-//! NOTIFYs gateways.
+//! The persistence worker: reads jobs from pgmq and, in ONE transaction per
+//! batch, applies them (stores messages with their seqs, moves read markers),
+//! deletes the jobs and NOTIFYs gateways.
 //!
-//! A crash at any point before commit leaves the jobs in the queue, visible
-//! again after the visibility timeout; a commit stores each message once and
-//! removes its job in the same breath. The worker never talks to a socket:
-//! gateways hear from it only through Postgres, so it may run anywhere.
+//! Failures, by kind:
+//! - a job that can never succeed (malformed payload, conversation gone) is
+//!   dead-lettered at once, in the batch's own transaction;
+//! - a transient failure (the database went away) fails the whole batch: the
+//!   worker keeps the batch, re-extends its visibility timeout and retries it
+//!   before reading anything else, so order is kept and nothing is charged to
+//!   the jobs;
+//! - any other failure splits the batch: jobs are retried one by one, so a
+//!   poison job cannot stall the others; a job that fails on its own is
+//!   retried with exponential backoff and jitter (pgmq set_vt, from read_ct)
+//!   and dead-lettered after `max_attempts`.
+//!
+//! The worker never talks to a socket: gateways hear from it only through
+//! Postgres, so it may run anywhere and any number may run at once.
 
-use std::sync::atomic::{AtomicI64, Ordering};
+mod retry;
+
+pub use retry::RetryPolicy;
+
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
 
 use crate::domain::Message;
-use crate::queue::{self, RawJob, PERSIST_QUEUE};
+use crate::queue::{self, dead_letters, BackgroundJob, Queue, RawJob};
 use crate::store::{self, StoreError};
+use crate::telemetry::{Metrics, QueueCounters};
 
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerConfig {
-    /// Jobs read (and messages written) per transaction.
+    /// Jobs read (and written) per transaction.
     pub batch_size: i32,
     /// How long a read job stays hidden before another reader may take it:
     /// the time a crashed worker's batch waits before it is retried.
     pub visibility_timeout: Duration,
     /// How often an idle worker polls when nothing wakes it.
     pub poll_interval: Duration,
+    pub retry: RetryPolicy,
+    /// High-priority batches in a row after which a waiting low-priority
+    /// batch gets one turn, so background jobs never starve.
+    pub starvation_limit: u32,
+    /// How often archived jobs past `retention` are removed.
+    pub cleanup_interval: Duration,
+    /// How long pgmq's archive keeps dead-lettered and archived jobs.
+    pub retention: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -36,6 +60,10 @@ impl Default for WorkerConfig {
             batch_size: 500,
             visibility_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(250),
+            retry: RetryPolicy::default(),
+            starvation_limit: 4,
+            cleanup_interval: Duration::from_secs(600),
+            retention: Duration::from_secs(7 * 86_400),
         }
     }
 }
@@ -50,18 +78,54 @@ pub enum WorkerError {
     Db(#[from] sqlx::Error),
 }
 
+impl WorkerError {
+    fn sqlx(&self) -> Option<&sqlx::Error> {
+        match self {
+            WorkerError::Store(StoreError::Db(e))
+            | WorkerError::Queue(queue::QueueError::Db(e))
+            | WorkerError::Db(e) => Some(e),
+            _ => None,
+        }
+    }
+
+    /// A failure of the database or the connection, not of the jobs.
+    pub fn is_transient(&self) -> bool {
+        self.sqlx().is_some_and(queue::is_transient)
+    }
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchReport {
+    pub jobs: usize,
+    /// Messages newly stored (persist queue).
+    pub persisted: usize,
+    /// Messages already stored: retries, replays, duplicate jobs.
+    pub duplicates: usize,
+    /// Background jobs applied.
+    pub applied: usize,
+    /// Jobs that failed and were scheduled again with backoff.
+    pub retried: usize,
+    /// Jobs moved to the dead-letter table.
+    pub dead: usize,
+}
+
+impl BatchReport {
+    fn merge(&mut self, o: BatchReport) {
+        self.persisted += o.persisted;
+        self.duplicates += o.duplicates;
+        self.applied += o.applied;
+        self.retried += o.retried;
+        self.dead += o.dead;
+    }
+}
+
 /// What one `run_once` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The queue had nothing visible.
+    /// No queue had anything visible.
     Idle,
-    Processed {
-        persisted: usize,
-        duplicates: usize,
-        /// Jobs that can never succeed (malformed payload, conversation gone):
-        /// archived in pgmq, where `sql/` queries can inspect them.
-        archived: usize,
-    },
+    Processed(Queue, BatchReport),
 }
 
 /// When the worker loop last made progress (unix millis), for /readyz.
@@ -83,20 +147,49 @@ impl Heartbeat {
     }
 }
 
+/// What a cleanup pass removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CleanupReport {
+    pub archived_rows: u64,
+    pub stale_failures: u64,
+}
+
 pub struct Worker {
     pool: PgPool,
     cfg: WorkerConfig,
     wake: Arc<Notify>,
     heartbeat: Arc<Heartbeat>,
+    metrics: Arc<Metrics>,
+    high_streak: AtomicU32,
+    /// A batch that failed transiently, retried before anything new is read.
+    held: std::sync::Mutex<Option<(Queue, Vec<i64>)>>,
+}
+
+/// A failed batch and the jobs of it still unfinished.
+struct Interrupted {
+    error: WorkerError,
+    remaining: Vec<i64>,
 }
 
 impl Worker {
     pub fn new(pool: PgPool, cfg: WorkerConfig, wake: Arc<Notify>) -> Self {
+        Self::with_metrics(pool, cfg, wake, Arc::default())
+    }
+
+    pub fn with_metrics(
+        pool: PgPool,
+        cfg: WorkerConfig,
+        wake: Arc<Notify>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Worker {
             pool,
             cfg,
             wake,
             heartbeat: Arc::default(),
+            metrics,
+            high_streak: AtomicU32::new(0),
+            held: std::sync::Mutex::new(None),
         }
     }
 
@@ -104,74 +197,307 @@ impl Worker {
         self.heartbeat.clone()
     }
 
-    /// Read one batch and persist it. Tests call this to drain the queue step
-    /// by step without sleeping.
-    pub async fn run_once(&self) -> Result<Outcome, WorkerError> {
-        let vt = self
-            .cfg
+    fn counters(&self, q: Queue) -> &QueueCounters {
+        match q {
+            Queue::Persist => &self.metrics.persist,
+            Queue::Background => &self.metrics.background,
+        }
+    }
+
+    fn vt_secs(&self) -> i32 {
+        self.cfg
             .visibility_timeout
             .as_secs()
-            .clamp(1, i32::MAX as u64) as i32;
-        let jobs = queue::read(&self.pool, PERSIST_QUEUE, vt, self.cfg.batch_size).await?;
+            .clamp(1, i32::MAX as u64) as i32
+    }
+
+    fn take_held(&self) -> Option<(Queue, Vec<i64>)> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    fn hold(&self, q: Queue, ids: Vec<i64>) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) =
+            (!ids.is_empty()).then_some((q, ids));
+    }
+
+    /// Read one batch (high priority first, see `starvation_limit`) and apply
+    /// it. Tests call this to drain the queues step by step without sleeping.
+    pub async fn run_once(&self) -> Result<Outcome, WorkerError> {
+        let (q, jobs) = match self.take_held() {
+            Some((q, ids)) => {
+                // Keep the batch hidden from other workers while we retry it.
+                match queue::set_vt(&self.pool, q.name(), &ids, self.cfg.visibility_timeout).await {
+                    Ok(jobs) => (q, jobs),
+                    Err(e) => {
+                        self.hold(q, ids);
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => match self.read_by_priority().await? {
+                Some(batch) => batch,
+                None => return Ok(Outcome::Idle),
+            },
+        };
         if jobs.is_empty() {
             return Ok(Outcome::Idle);
         }
-        self.persist_jobs(&jobs).await
+        self.metrics.batch_size.observe(jobs.len() as f64);
+        match self.process(q, &jobs).await {
+            Ok(report) => {
+                let c = self.counters(q);
+                c.processed.fetch_add(
+                    (report.jobs - report.retried - report.dead) as u64,
+                    Ordering::Relaxed,
+                );
+                c.retried
+                    .fetch_add(report.retried as u64, Ordering::Relaxed);
+                c.dead_lettered
+                    .fetch_add(report.dead as u64, Ordering::Relaxed);
+                c.failed
+                    .fetch_add((report.retried + report.dead) as u64, Ordering::Relaxed);
+                Ok(Outcome::Processed(q, report))
+            }
+            Err(Interrupted { error, remaining }) => {
+                self.counters(q)
+                    .failed
+                    .fetch_add(remaining.len() as u64, Ordering::Relaxed);
+                self.hold(q, remaining);
+                Err(error)
+            }
+        }
     }
 
-    async fn persist_jobs(&self, jobs: &[RawJob]) -> Result<Outcome, WorkerError> {
-        let mut messages: Vec<Message> = Vec::with_capacity(jobs.len());
-        let mut message_jobs: Vec<i64> = Vec::with_capacity(jobs.len());
-        let mut dead: Vec<i64> = Vec::new();
-        for job in jobs {
-            match queue::PersistJob::decode(&job.message) {
-                Ok(m) => {
-                    messages.push(m);
-                    message_jobs.push(job.msg_id);
-                }
-                Err(reason) => {
-                    tracing::error!(msg_id = job.msg_id, %reason, "archiving a persist job that can never succeed");
-                    dead.push(job.msg_id);
+    async fn read_by_priority(&self) -> Result<Option<(Queue, Vec<RawJob>)>, WorkerError> {
+        let low_turn = self.high_streak.load(Ordering::Relaxed) >= self.cfg.starvation_limit;
+        let order = if low_turn {
+            [Queue::Background, Queue::Persist]
+        } else {
+            [Queue::Persist, Queue::Background]
+        };
+        for q in order {
+            let jobs =
+                queue::read(&self.pool, q.name(), self.vt_secs(), self.cfg.batch_size).await?;
+            if q == Queue::Background && jobs.is_empty() {
+                // Nothing waiting below: no turn is owed.
+                self.high_streak.store(0, Ordering::Relaxed);
+            }
+            if !jobs.is_empty() {
+                match q {
+                    Queue::Persist => self.high_streak.fetch_add(1, Ordering::Relaxed),
+                    Queue::Background => self.high_streak.swap(0, Ordering::Relaxed),
+                };
+                return Ok(Some((q, jobs)));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn process(&self, q: Queue, jobs: &[RawJob]) -> Result<BatchReport, Interrupted> {
+        let all = || jobs.iter().map(|j| j.msg_id).collect::<Vec<_>>();
+        match self.apply(q, jobs).await {
+            Ok(report) => return Ok(report),
+            Err(e) if e.is_transient() => {
+                return Err(Interrupted {
+                    error: e,
+                    remaining: all(),
+                })
+            }
+            Err(e) if jobs.len() == 1 => {
+                let job = &jobs[0];
+                return self
+                    .fail(q, job, &e.to_string())
+                    .await
+                    .map_err(|error| Interrupted {
+                        error,
+                        remaining: vec![job.msg_id],
+                    });
+            }
+            Err(e) => {
+                tracing::warn!(queue = q.name(), jobs = jobs.len(), error = %e, "batch failed; retrying its jobs one by one");
+            }
+        }
+        let mut report = BatchReport {
+            jobs: jobs.len(),
+            ..BatchReport::default()
+        };
+        for (i, job) in jobs.iter().enumerate() {
+            let one = std::slice::from_ref(job);
+            let outcome = match self.apply(q, one).await {
+                Ok(r) => Ok(r),
+                Err(e) if e.is_transient() => Err(e),
+                Err(e) => self.fail(q, job, &e.to_string()).await,
+            };
+            match outcome {
+                Ok(r) => report.merge(r),
+                Err(error) => {
+                    return Err(Interrupted {
+                        error,
+                        remaining: jobs[i..].iter().map(|j| j.msg_id).collect(),
+                    })
                 }
             }
         }
+        Ok(report)
+    }
 
+    /// A job failed on its own: schedule it again with backoff, or bury it
+    /// once it has used its attempts.
+    async fn fail(&self, q: Queue, job: &RawJob, error: &str) -> Result<BatchReport, WorkerError> {
         let mut tx = self.pool.begin().await?;
-        let outcome = store::persist_batch(&mut tx, &messages).await?;
-        for orphan in &outcome.orphans {
-            if let Some(i) = messages.iter().position(|m| m.id == *orphan) {
-                tracing::error!(message_id = %orphan, "archiving a persist job whose conversation no longer exists");
-                dead.push(message_jobs[i]);
+        let report = if job.read_ct >= self.cfg.retry.max_attempts {
+            tracing::error!(queue = q.name(), msg_id = job.msg_id, attempts = job.read_ct, %error, "dead-lettering a job that keeps failing");
+            dead_letters::bury(&mut tx, q.name(), job, error).await?;
+            BatchReport {
+                jobs: 1,
+                dead: 1,
+                ..BatchReport::default()
+            }
+        } else {
+            let delay = self.cfg.retry.backoff(job.read_ct);
+            tracing::warn!(queue = q.name(), msg_id = job.msg_id, attempt = job.read_ct, ?delay, %error, "job failed; retrying later");
+            dead_letters::record_failure(&mut *tx, q.name(), job.msg_id, error).await?;
+            queue::set_vt(&mut *tx, q.name(), &[job.msg_id], delay).await?;
+            BatchReport {
+                jobs: 1,
+                retried: 1,
+                ..BatchReport::default()
+            }
+        };
+        tx.commit().await?;
+        Ok(report)
+    }
+
+    /// Apply a batch in one transaction: its effects, the deletion of its
+    /// jobs, the burial of jobs that can never succeed, and the NOTIFY.
+    async fn apply(&self, q: Queue, jobs: &[RawJob]) -> Result<BatchReport, WorkerError> {
+        let mut tx = self.pool.begin().await?;
+        let mut report = BatchReport {
+            jobs: jobs.len(),
+            ..BatchReport::default()
+        };
+        let mut doomed: Vec<(&RawJob, String)> = Vec::new();
+        match q {
+            Queue::Persist => {
+                let mut messages: Vec<Message> = Vec::with_capacity(jobs.len());
+                let mut sources: Vec<&RawJob> = Vec::with_capacity(jobs.len());
+                for job in jobs {
+                    match queue::PersistJob::decode(&job.message) {
+                        Ok(m) => {
+                            messages.push(m);
+                            sources.push(job);
+                        }
+                        Err(reason) => doomed.push((job, reason)),
+                    }
+                }
+                let outcome = store::persist_batch(&mut tx, &messages).await?;
+                for orphan in &outcome.orphans {
+                    if let Some(i) = messages.iter().position(|m| m.id == *orphan) {
+                        doomed.push((
+                            sources[i],
+                            format!(
+                                "conversation {} does not exist",
+                                messages[i].conversation_id
+                            ),
+                        ));
+                    }
+                }
+                crate::notify::publish_persisted(&mut tx, &outcome.persisted).await?;
+                report.persisted = outcome.persisted.len();
+                report.duplicates = outcome.duplicates;
+                let now = chrono::Utc::now();
+                for p in &outcome.persisted {
+                    if let Some(i) = messages.iter().position(|m| m.id == p.message_id) {
+                        let waited = (now - sources[i].enqueued_at).to_std().unwrap_or_default();
+                        self.metrics.persist_latency.observe(waited.as_secs_f64());
+                    }
+                }
+            }
+            Queue::Background => {
+                let mut markers: Vec<(Uuid, Uuid, i64)> = Vec::new();
+                for job in jobs {
+                    match BackgroundJob::decode(&job.message) {
+                        Ok(BackgroundJob::ReadMarker {
+                            conversation_id,
+                            user_id,
+                            seq,
+                            ..
+                        }) => markers.push((conversation_id, user_id, seq)),
+                        Err(reason) => doomed.push((job, reason)),
+                    }
+                }
+                report.applied = markers.len();
+                store::advance_read_markers(&mut tx, &markers).await?;
             }
         }
-        let done: Vec<i64> = message_jobs
-            .iter()
-            .copied()
-            .filter(|id| !dead.contains(id))
-            .collect();
-        queue::delete(&mut *tx, PERSIST_QUEUE, &done).await?;
-        if !dead.is_empty() {
-            queue::archive(&mut *tx, PERSIST_QUEUE, &dead).await?;
+        for (job, reason) in &doomed {
+            tracing::error!(queue = q.name(), msg_id = job.msg_id, %reason, "dead-lettering a job that can never succeed");
+            dead_letters::bury(&mut tx, q.name(), job, reason).await?;
         }
-        crate::notify::publish_persisted(&mut tx, &outcome.persisted).await?;
-        tx.commit().await?;
+        report.dead = doomed.len();
+        let done: Vec<i64> = jobs
+            .iter()
+            .map(|j| j.msg_id)
+            .filter(|id| !doomed.iter().any(|(d, _)| d.msg_id == *id))
+            .collect();
+        queue::delete(&mut *tx, q.name(), &done).await?;
+        if jobs.iter().any(|j| j.read_ct > 1) {
+            dead_letters::forget_failures(&mut *tx, q.name(), &done).await?;
+        }
+        commit(tx).await?;
+        Ok(report)
+    }
 
-        Ok(Outcome::Processed {
-            persisted: outcome.persisted.len(),
-            duplicates: outcome.duplicates,
-            archived: dead.len(),
-        })
+    /// Remove archived jobs older than the retention, and failure records of
+    /// jobs that no longer exist.
+    pub async fn cleanup_once(&self) -> Result<CleanupReport, WorkerError> {
+        let mut report = CleanupReport::default();
+        for q in Queue::ALL {
+            // Table names come from our own constants, never from input.
+            let sql = format!(
+                "delete from pgmq.a_{} where archived_at < now() - make_interval(secs => $1::float8)",
+                q.name()
+            );
+            report.archived_rows += sqlx::query(&sql)
+                .bind(self.cfg.retention.as_secs_f64())
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            let sql = format!(
+                "delete from job_failures f where f.queue = $1
+                 and not exists (select 1 from pgmq.q_{} q where q.msg_id = f.msg_id)",
+                q.name()
+            );
+            report.stale_failures += sqlx::query(&sql)
+                .bind(q.name())
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        }
+        Ok(report)
     }
 
     /// Loop until shutdown: drain while there is work, then wait for a wake-up
-    /// or the poll interval. A failed batch is retried with capped backoff
-    /// (its jobs reappear after the visibility timeout in any case).
+    /// or the poll interval; clean up on schedule. A failed batch is retried
+    /// with capped backoff.
     pub async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Duration::from_millis(50);
+        let mut next_cleanup = tokio::time::Instant::now() + self.cfg.cleanup_interval;
         self.heartbeat.beat();
         while !shutdown.is_cancelled() {
+            if tokio::time::Instant::now() >= next_cleanup {
+                match self.cleanup_once().await {
+                    Ok(r) => tracing::info!(
+                        archived_rows = r.archived_rows,
+                        stale_failures = r.stale_failures,
+                        "queue cleanup"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "queue cleanup failed"),
+                }
+                next_cleanup = tokio::time::Instant::now() + self.cfg.cleanup_interval;
+            }
             match self.run_once().await {
-                Ok(Outcome::Processed { .. }) => {
+                Ok(Outcome::Processed(..)) => {
                     backoff = Duration::from_millis(50);
                     self.heartbeat.beat();
                 }
@@ -184,7 +510,7 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, ?backoff, "persist batch failed; will retry");
+                    tracing::warn!(error = %e, ?backoff, "batch failed; will retry");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.cancelled() => {}
@@ -194,4 +520,9 @@ impl Worker {
             }
         }
     }
+}
+
+async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), WorkerError> {
+    tx.commit().await?;
+    Ok(())
 }

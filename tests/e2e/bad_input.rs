@@ -47,6 +47,12 @@ async fn malformed_frames_get_errors_and_the_connection_survives() {
         .await;
     assert_eq!(e["code"], "too_large", "{e}");
 
+    // Postgres cannot store NUL: refused here, so it never poisons the queue.
+    let e = c
+        .request(json!({"type": "send_message", "conversation_id": conv, "client_message_id": "nul", "content": "a\u{0}b"}))
+        .await;
+    assert_eq!(e["code"], "invalid", "{e}");
+
     c.send_raw(WsMessage::Binary(vec![1u8, 2, 3].into())).await;
     assert_eq!(c.recv().await["code"], "bad_request");
 

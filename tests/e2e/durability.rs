@@ -2,23 +2,41 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use postline::domain::{ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind};
+use postline::queue::Queue;
 use postline::queue::{self, PersistJob, PERSIST_QUEUE};
-use postline::worker::{Outcome, Worker, WorkerConfig};
+use postline::worker::{BatchReport, Outcome, Worker, WorkerConfig};
 use serde_json::json;
 use tokio::sync::Notify;
 
 use crate::harness::*;
 
-fn worker(app: &TestApp, batch: i32) -> Worker {
-    let cfg = WorkerConfig {
+pub fn worker(app: &TestApp, batch: i32) -> Worker {
+    let mut cfg = WorkerConfig {
         batch_size: batch,
         visibility_timeout: Duration::from_secs(1),
         poll_interval: Duration::from_millis(20),
+        ..WorkerConfig::default()
     };
+    cfg.retry.base = Duration::from_millis(10);
+    cfg.retry.cap = Duration::from_millis(40);
+    cfg.retry.max_attempts = 3;
     Worker::new(app.pool.clone(), cfg, Arc::new(Notify::new()))
 }
 
-async fn gateway_only() -> TestApp {
+pub fn processed(jobs: usize, persisted: usize, duplicates: usize, dead: usize) -> Outcome {
+    Outcome::Processed(
+        Queue::Persist,
+        BatchReport {
+            jobs,
+            persisted,
+            duplicates,
+            dead,
+            ..BatchReport::default()
+        },
+    )
+}
+
+pub async fn gateway_only() -> TestApp {
     TestApp::spawn_with(Options {
         run_worker: false,
         ..Options::default()
@@ -95,7 +113,7 @@ async fn worker_killed_between_enqueue_and_persist_loses_nothing() {
     app.stop().await;
 }
 
-fn message(conv: uuid::Uuid, sender: postline::domain::UserId, cmid: &str) -> Message {
+pub fn message(conv: uuid::Uuid, sender: postline::domain::UserId, cmid: &str) -> Message {
     Message {
         id: MessageId::new_v7(),
         conversation_id: ConversationId(conv),
@@ -120,28 +138,14 @@ async fn the_same_message_enqueued_twice_is_stored_once() {
         .await
         .unwrap();
     let w = worker(&app, 100);
-    assert_eq!(
-        w.run_once().await.unwrap(),
-        Outcome::Processed {
-            persisted: 1,
-            duplicates: 1,
-            archived: 0
-        }
-    );
+    assert_eq!(w.run_once().await.unwrap(), processed(2, 1, 1, 0));
     let mut again = m.clone();
     again.id = MessageId::new_v7();
     let job = serde_json::to_value(PersistJob::from_message(&again)).unwrap();
     queue::send_batch(&app.pool, PERSIST_QUEUE, &[job])
         .await
         .unwrap();
-    assert_eq!(
-        w.run_once().await.unwrap(),
-        Outcome::Processed {
-            persisted: 0,
-            duplicates: 1,
-            archived: 0
-        }
-    );
+    assert_eq!(w.run_once().await.unwrap(), processed(1, 0, 1, 0));
     let rows = stored(&app.pool, conv).await;
     assert_eq!(rows.len(), 1);
     assert_eq!(rows[0].1, m.id.0);
@@ -150,7 +154,7 @@ async fn the_same_message_enqueued_twice_is_stored_once() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn jobs_that_can_never_succeed_are_archived_without_blocking_the_batch() {
+async fn jobs_that_can_never_succeed_are_dead_lettered_at_once_without_blocking_the_batch() {
     let app = gateway_only().await;
     let a = uid();
     let conv = app.conversation(a, &[]).await;
@@ -166,14 +170,7 @@ async fn jobs_that_can_never_succeed_are_archived_without_blocking_the_batch() {
         .await
         .unwrap();
     let w = worker(&app, 100);
-    assert_eq!(
-        w.run_once().await.unwrap(),
-        Outcome::Processed {
-            persisted: 1,
-            duplicates: 0,
-            archived: 2
-        }
-    );
+    assert_eq!(w.run_once().await.unwrap(), processed(3, 1, 0, 2));
     assert_eq!(stored(&app.pool, conv).await.len(), 1);
     assert_eq!(queue::depth(&app.pool, PERSIST_QUEUE).await.unwrap(), 0);
     let archived: i64 = sqlx::query_scalar("select count(*) from pgmq.a_postline_persist")

@@ -31,9 +31,13 @@ pub fn cluster() -> &'static Cluster {
     })
 }
 
-/// A fresh, migrated database; returns its URL and a pool on it.
+/// A fresh, migrated database on the shared cluster; returns its URL and a pool on it.
 pub async fn fresh_database() -> (String, PgPool) {
-    let c = cluster();
+    fresh_database_on(cluster()).await
+}
+
+/// A fresh, migrated database on `c`.
+pub async fn fresh_database_on(c: &Cluster) -> (String, PgPool) {
     let admin = PgPool::connect(&c.url("postgres"))
         .await
         .expect("connect to the cluster");

@@ -87,6 +87,13 @@ async fn bad_requests_get_clear_json_errors() {
             "invalid",
         ),
         (
+            "POST",
+            "/v1/conversations".into(),
+            Some(r#"{"title":"a\u0000b","member_ids":[]}"#),
+            422,
+            "invalid",
+        ),
+        (
             "PUT",
             "/v1/conversations".into(),
             None,
@@ -189,6 +196,8 @@ async fn readiness_and_metrics_report_state() {
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["database"], "ok");
     assert_eq!(v["worker"], "ok");
+    assert_eq!(v["persist_buffer"]["state"], "ok");
+    assert_eq!(v["persist_buffer"]["buffered"], 0);
     let a = uid();
     let conv = app.conversation(a, &[]).await;
     let mut c = app.ws(a).await;
@@ -208,6 +217,21 @@ async fn readiness_and_metrics_report_state() {
         text.contains("postline_messages_persisted_notified_total 1\n"),
         "{text}"
     );
-    assert!(text.contains("postline_persist_queue_depth 0\n"), "{text}");
+    assert!(
+        text.contains("postline_queue_depth{queue=\"postline_persist\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("postline_queue_depth{queue=\"postline_background\"} 0\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("postline_jobs_processed_total{queue=\"postline_persist\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("postline_persist_latency_seconds_count 1\n"),
+        "{text}"
+    );
     app.stop().await;
 }

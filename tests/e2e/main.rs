@@ -9,3 +9,4 @@ mod chat;
 mod durability;
 mod http_api;
 mod process;
+mod reliability;

@@ -1,0 +1,82 @@
+//! Exponential backoff with jitter, computed from pgmq's read_ct.
+
+use std::hash::BuildHasher;
+use std::time::Duration;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Delay after the first failed attempt.
+    pub base: Duration,
+    /// Longest delay between attempts.
+    pub cap: Duration,
+    /// Attempts (reads) after which a failing job is dead-lettered.
+    pub max_attempts: i32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            base: Duration::from_secs(1),
+            cap: Duration::from_secs(300),
+            max_attempts: 8,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `attempt + 1`: `base * 2^(attempt-1)`, capped,
+    /// with "equal jitter" (half fixed, half random) so jobs that failed
+    /// together do not come back together.
+    pub fn backoff(&self, attempt: i32) -> Duration {
+        let exp = attempt.saturating_sub(1).clamp(0, 30) as u32;
+        let full = self
+            .base
+            .saturating_mul(2u32.saturating_pow(exp))
+            .min(self.cap);
+        let half = full / 2;
+        half + half.mul_f64(unit_random())
+    }
+}
+
+/// A number in [0, 1) that differs from call to call. Jitter needs spread,
+/// not cryptographic quality: std's randomly keyed hasher over a counter is enough.
+fn unit_random() -> f64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let h = std::collections::hash_map::RandomState::new().hash_one(n);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_is_capped() {
+        let p = RetryPolicy {
+            base: Duration::from_millis(100),
+            cap: Duration::from_secs(2),
+            max_attempts: 5,
+        };
+        for attempt in 1..=10 {
+            let full = Duration::from_millis(100 * 2u64.pow(attempt as u32 - 1))
+                .min(Duration::from_secs(2));
+            for _ in 0..50 {
+                let d = p.backoff(attempt);
+                assert!(
+                    d >= full / 2 && d <= full,
+                    "attempt {attempt}: {d:?} outside [{:?}, {full:?}]",
+                    full / 2
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn jitter_spreads_delays() {
+        let p = RetryPolicy::default();
+        let delays: std::collections::HashSet<Duration> = (0..20).map(|_| p.backoff(3)).collect();
+        assert!(delays.len() > 10, "jitter should vary: {delays:?}");
+    }
+}
