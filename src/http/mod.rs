@@ -149,7 +149,14 @@ async fn readyz(ctx: &HttpContext) -> Response<Body> {
         },
     };
     let buffer = ctx.enqueuer.buffer();
-    let ready = db && worker != "stuck" && !buffer.retrying;
+    let buffer_state = if buffer.retrying {
+        "retrying"
+    } else if buffer.buffered >= buffer.capacity {
+        "full"
+    } else {
+        "ok"
+    };
+    let ready = db && worker != "stuck" && buffer_state == "ok";
     let status = if ready {
         StatusCode::OK
     } else {
@@ -164,7 +171,7 @@ async fn readyz(ctx: &HttpContext) -> Response<Body> {
             "persist_buffer": {
                 "buffered": buffer.buffered,
                 "capacity": buffer.capacity,
-                "state": if buffer.retrying { "retrying" } else { "ok" },
+                "state": buffer_state,
             },
         }),
     )
