@@ -8,3 +8,4 @@ bash scripts/ensure-postgres.sh
 cargo fmt --all -- --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo test --locked
+cargo bench --locked --no-run

@@ -78,6 +78,15 @@ struct Args {
     /// Concurrent workers for --persist-jobs.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Instead of the WebSocket run: start `postline serve` this many times
+    /// against a ready database and time process start -> first accepted
+    /// WebSocket, then read its idle RSS.
+    #[arg(long)]
+    cold_start: Option<usize>,
+    /// Bind client sockets to this many loopback source addresses
+    /// (127.0.0.1, 127.0.0.2, ...): one address has ~28k ephemeral ports.
+    #[arg(long, default_value_t = 1)]
+    source_ips: u8,
 }
 
 const SHARDS: usize = 16;
@@ -182,6 +191,7 @@ struct Plan {
     token: String,
     conversation: Uuid,
     sender: bool,
+    index: usize,
     /// One connection per conversation counts `message_persisted`, so
     /// persisted/s counts messages, not deliveries of the notice.
     observer: bool,
@@ -201,21 +211,17 @@ async fn connect(
     permit: &Semaphore,
 ) -> anyhow::Result<(WsRead, WsWrite)> {
     let guard = permit.acquire().await?;
-    let stream = TcpStream::connect(args.addr).await?;
+    let stream = if args.source_ips > 1 {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        let ip =
+            std::net::Ipv4Addr::new(127, 0, 0, 1 + (plan.index % args.source_ips as usize) as u8);
+        socket.bind(SocketAddr::from((ip, 0)))?;
+        socket.connect(args.addr).await?
+    } else {
+        TcpStream::connect(args.addr).await?
+    };
     stream.set_nodelay(true)?;
-    let req = Request::builder()
-        .method("GET")
-        .uri(format!("http://{}/ws?token={}", args.addr, plan.token))
-        .header("Host", args.addr.to_string())
-        .header(UPGRADE, "websocket")
-        .header(CONNECTION, "upgrade")
-        .header(
-            "Sec-WebSocket-Key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("Sec-WebSocket-Version", "13")
-        .body(Empty::<Bytes>::new())?;
-    let (ws, _) = fastwebsockets::handshake::client(&Executor, req, stream).await?;
+    let ws = open_ws(stream, args.addr, &plan.token).await?;
     let (mut rx, mut tx) = ws.split(tokio::io::split);
     let mut no_obligations = |_: Frame<'_>| async { Ok::<(), WebSocketError>(()) };
     let hello = rx.read_frame(&mut no_obligations).await?;
@@ -462,9 +468,122 @@ async fn persist_benchmark(args: &Args, jobs: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Process start -> first accepted WebSocket (hello received), and RSS at
+/// idle, over `runs` starts of the real binary against a ready database.
+async fn cold_start_benchmark(args: &Args, runs: usize) -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?
+        .parent()
+        .context("bench binary has a directory")?
+        .join("postline");
+    let cluster =
+        tokio::task::spawn_blocking(|| postline::pglocal::Cluster::start(Default::default()))
+            .await??;
+    let url = cluster.url("postgres");
+    // The schema exists before the measured starts, as in any restart.
+    let pool = postline::store::connect(&url, 2).await?;
+    postline::store::migrate(&pool).await?;
+    let jwt = Jwt::new(postline::config::DEV_JWT_SECRET.as_bytes());
+    let token = jwt.issue(UserId(Uuid::new_v4()), Duration::from_secs(600));
+    let mut startup_ms = Vec::new();
+    let mut rss = Vec::new();
+    for _ in 0..runs {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
+        let t = Instant::now();
+        let mut child = std::process::Command::new(&exe)
+            .args(["serve", "--dev"])
+            .env("DATABASE_URL", &url)
+            .env("POSTLINE_LISTEN", addr.to_string())
+            .env("RUST_LOG", "warn")
+            .spawn()?;
+        let plan = Plan {
+            token: token.clone(),
+            conversation: Uuid::nil(),
+            sender: false,
+            observer: false,
+            index: 0,
+        };
+        let elapsed = loop {
+            if t.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                bail!("server did not accept a WebSocket within 30 s");
+            }
+            match TcpStream::connect(addr).await {
+                Ok(stream) => {
+                    if hello_over(stream, &plan, addr).await.is_ok() {
+                        break t.elapsed();
+                    }
+                }
+                Err(_) => tokio::time::sleep(Duration::from_micros(500)).await,
+            }
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        rss.push(rss_kib(child.id()).unwrap_or(0));
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+        startup_ms.push(elapsed.as_secs_f64() * 1000.0);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let mut rss_f: Vec<f64> = rss.iter().map(|r| *r as f64).collect();
+    let report = json!({
+        "runs": runs,
+        "start_to_first_ws_ms": {"median": median(&mut startup_ms.clone()), "all": startup_ms},
+        "idle_rss_kib": {"median": median(&mut rss_f), "all": rss},
+    });
+    if !args.json {
+        println!(
+            "postline-bench cold start: {runs} runs, start -> first WebSocket median {:.1} ms, idle RSS median {:.0} KiB",
+            report["start_to_first_ws_ms"]["median"].as_f64().unwrap_or(0.0),
+            report["idle_rss_kib"]["median"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("{report}");
+    Ok(())
+}
+
+type Ws = fastwebsockets::WebSocket<hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>>;
+
+/// The WebSocket handshake on `stream`, authenticated by `?token=`.
+async fn open_ws(stream: TcpStream, addr: SocketAddr, token: &str) -> anyhow::Result<Ws> {
+    let req = Request::builder()
+        .method("GET")
+        .uri(format!("http://{addr}/ws?token={token}"))
+        .header("Host", addr.to_string())
+        .header(UPGRADE, "websocket")
+        .header(CONNECTION, "upgrade")
+        .header(
+            "Sec-WebSocket-Key",
+            fastwebsockets::handshake::generate_key(),
+        )
+        .header("Sec-WebSocket-Version", "13")
+        .body(Empty::<Bytes>::new())?;
+    let (ws, _) = fastwebsockets::handshake::client(&Executor, req, stream).await?;
+    Ok(ws)
+}
+
+/// Upgrade `stream` and read the hello frame.
+async fn hello_over(stream: TcpStream, plan: &Plan, addr: SocketAddr) -> anyhow::Result<()> {
+    let mut ws = open_ws(stream, addr, &plan.token).await?;
+    let hello = ws.read_frame().await?;
+    if frame_type(&hello.payload) != b"hello" {
+        bail!("expected hello");
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
+    if let Some(runs) = args.cold_start {
+        return cold_start_benchmark(&args, runs.max(1)).await;
+    }
     if let Some(jobs) = args.persist_jobs {
         return persist_benchmark(&args, jobs).await;
     }
@@ -543,6 +662,7 @@ async fn main() -> anyhow::Result<()> {
             conversation: conversations[i % args.conversations],
             sender: i / args.conversations < args.senders_per_conversation,
             observer: i < args.conversations,
+            index: i,
         };
         let start = Start {
             ready: ready_tx.clone(),

@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Run one benchmark scenario of BENCHMARKS.md against a release build:
+#   scripts/bench.sh S1|S2|S3|S4|S5 [extra postline-bench flags]
+# S1-S3 start `postline serve --dev` (a throwaway local Postgres, fsync off:
+# they measure the gateway, not the disk); S4 starts its own cluster with
+# fsync on; S5 restarts the server against a ready database.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/ensure-postgres.sh
+cargo build --release --locked --bins >&2
+scenario=${1:?usage: scripts/bench.sh S1|S2|S3|S4|S5 [postline-bench flags]}
+shift
+bench=./target/release/postline-bench
+port=${POSTLINE_BENCH_PORT:-18090}
+addr=127.0.0.1:$port
+
+start_server() {
+  RUST_LOG=warn POSTLINE_LISTEN=$addr ./target/release/postline serve --dev &
+  server=$!
+  for _ in $(seq 1 300); do
+    curl -sf "http://$addr/healthz" >/dev/null 2>&1 && return 0
+    sleep 0.1
+  done
+  echo "server did not come up" >&2
+  exit 1
+}
+stop_server() {
+  kill -TERM "$server" 2>/dev/null || true
+  wait "$server" 2>/dev/null || true
+}
+trap stop_server EXIT
+
+case "$scenario" in
+  S1)
+    start_server
+    $bench --addr "$addr" --server-pid "$server" --connections 1000 --conversations 100 \
+      --senders-per-conversation 1 --rate 10 --payload 64 --duration 60 --warmup 5 "$@"
+    ;;
+  S2)
+    start_server
+    # Conversations of 100; raise --rate until p99 passes 10 ms.
+    $bench --addr "$addr" --server-pid "$server" --connections 10000 --conversations 100 \
+      --senders-per-conversation 1 --rate "${RATE:-20}" --payload 64 --duration 20 --warmup 5 \
+      --connect-concurrency 512 "$@"
+    ;;
+  S3)
+    start_server
+    # Idle connections; the per-process open-file limit (ulimit -n) bounds N.
+    $bench --addr "$addr" --server-pid "$server" --connections "${CONNECTIONS:-19000}" \
+      --conversations "${CONVERSATIONS:-190}" --rate 0 --duration 5 --warmup 1 \
+      --connect-concurrency 512 --source-ips 4 "$@"
+    ;;
+  S4)
+    trap - EXIT
+    $bench --persist-jobs "${JOBS:-100000}" --conversations 100 --workers "${WORKERS:-1}" "$@"
+    ;;
+  S5)
+    trap - EXIT
+    $bench --cold-start "${RUNS:-9}" "$@"
+    ;;
+  *)
+    echo "unknown scenario $scenario (S1..S5)" >&2
+    exit 2
+    ;;
+esac
