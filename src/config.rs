@@ -59,6 +59,10 @@ pub struct ServerArgs {
     /// Milliseconds between polls of an idle worker.
     #[arg(long, env = "POSTLINE_WORKER_POLL_MS", default_value_t = 250)]
     pub worker_poll_ms: u64,
+    /// Milliseconds a worker waits after draining the queue, so batches gather
+    /// (fewer commits and NOTIFYs; adds this much to message_persisted latency).
+    #[arg(long, env = "POSTLINE_WORKER_LINGER_MS", default_value_t = 10)]
+    pub worker_linger_ms: u64,
     /// Delay before the first retry of a failed job, in milliseconds (doubles per attempt).
     #[arg(long, env = "POSTLINE_RETRY_BASE_MS", default_value_t = 1000)]
     pub retry_base_ms: u64,
@@ -178,6 +182,7 @@ impl Config {
         cfg.worker.visibility_timeout =
             Duration::from_secs(args.worker_visibility_timeout_secs.max(1));
         cfg.worker.poll_interval = Duration::from_millis(args.worker_poll_ms.max(1));
+        cfg.worker.linger = Duration::from_millis(args.worker_linger_ms);
         cfg.worker.retry.base = Duration::from_millis(args.retry_base_ms);
         cfg.worker.retry.cap = Duration::from_secs(args.retry_cap_secs).max(cfg.worker.retry.base);
         cfg.worker.retry.max_attempts = args.max_attempts;

@@ -83,6 +83,9 @@ struct Args {
     /// WebSocket, then read its idle RSS.
     #[arg(long)]
     cold_start: Option<usize>,
+    /// Runtime threads of the generator (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
     /// Bind client sockets to this many loopback source addresses
     /// (127.0.0.1, 127.0.0.2, ...): one address has ~28k ephemeral ports.
     #[arg(long, default_value_t = 1)]
@@ -205,12 +208,15 @@ type WsWrite = fastwebsockets::WebSocketWrite<
 >;
 
 /// Open the WebSocket, read hello, join the conversation.
+/// Returns the halves and the time from TCP connect to the join's ack (the
+/// wait for a connect permit is not counted).
 async fn connect(
     args: &Args,
     plan: &Plan,
     permit: &Semaphore,
-) -> anyhow::Result<(WsRead, WsWrite)> {
+) -> anyhow::Result<(WsRead, WsWrite, Duration)> {
     let guard = permit.acquire().await?;
+    let t0 = Instant::now();
     let stream = if args.source_ips > 1 {
         let socket = tokio::net::TcpSocket::new_v4()?;
         let ip =
@@ -242,7 +248,7 @@ async fn connect(
         }
     }
     drop(guard);
-    Ok((rx, tx))
+    Ok((rx, tx, t0.elapsed()))
 }
 
 /// Synchronises the start: every connection connects and joins, reports
@@ -261,10 +267,9 @@ async fn run_connection(
     idx: usize,
     start: Start,
 ) -> anyhow::Result<()> {
-    let t0 = Instant::now();
     let connected = connect(&args, &plan, &permit).await;
-    let (mut rx, mut tx) = match connected {
-        Ok(halves) => halves,
+    let (mut rx, mut tx, took) = match connected {
+        Ok(c) => c,
         Err(e) => {
             let _ = start.ready.send(false).await;
             return Err(e);
@@ -274,7 +279,7 @@ async fn run_connection(
         .connect
         .lock()
         .unwrap()
-        .record(t0.elapsed().as_micros() as u64)
+        .record(took.as_micros() as u64)
         .ok();
     let go = start.go.notified();
     tokio::pin!(go);
@@ -578,9 +583,21 @@ async fn hello_over(stream: TcpStream, plan: &Plan, addr: SocketAddr) -> anyhow:
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
+    let mut rt = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if args.threads > 1 {
+            b.worker_threads(args.threads);
+        }
+        b
+    };
+    rt.enable_all().build()?.block_on(run(args))
+}
+
+async fn run(args: Arc<Args>) -> anyhow::Result<()> {
     if let Some(runs) = args.cold_start {
         return cold_start_benchmark(&args, runs.max(1)).await;
     }

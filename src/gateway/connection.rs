@@ -9,7 +9,7 @@ use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebS
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -22,6 +22,14 @@ use crate::rooms::{ConnectionId, Member, Outbox, Push};
 use crate::store::Access;
 
 type Io = TokioIo<Upgraded>;
+
+/// Bytes coalesced per connection before a write; a flush happens sooner
+/// whenever the outbox runs empty.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Frames written back to back before a flush, so one busy connection cannot
+/// hold its writer's thread for long.
+const MAX_FRAMES_PER_FLUSH: usize = 64;
 
 /// Frames the reader owes the peer by protocol (pong, close echo) or decides
 /// to send itself (close with a reason). Tiny: only the reader feeds it.
@@ -39,7 +47,12 @@ pub(super) async fn run(
             return;
         }
     };
-    let (mut read, write) = ws.split(tokio::io::split);
+    // Frames are written into a buffer and flushed once the outbox is empty,
+    // so a burst (a batch of message_persisted, say) costs one syscall, not one each.
+    let (mut read, write) = ws.split(|io| {
+        let (r, w) = tokio::io::split(io);
+        (r, tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w))
+    });
     read.set_max_message_size(gw.cfg.max_frame_bytes);
     read.set_auto_close(true);
     read.set_auto_pong(true);
@@ -365,7 +378,7 @@ fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
 }
 
 async fn write_loop(
-    mut write: WebSocketWrite<WriteHalf<Io>>,
+    mut write: WebSocketWrite<BufWriter<WriteHalf<Io>>>,
     mut out: mpsc::Receiver<Bytes>,
     mut ctl: mpsc::Receiver<Control>,
     slow: CancellationToken,
@@ -379,21 +392,30 @@ async fn write_loop(
                 c = ctl.recv() => {
                     let Some((opcode, payload)) = c else { return Ok(()) };
                     write.write_frame(Frame::new(true, opcode, None, Payload::Owned(payload))).await?;
+                    write.flush().await?;
                     if opcode == OpCode::Close {
                         return Ok(());
                     }
                 }
                 _ = slow.cancelled() => {
                     write.write_frame(Frame::close(close::SLOW_CONSUMER, b"slow consumer: reconnect and resync")).await?;
-                    return Ok(());
+                    return write.flush().await;
                 }
                 _ = shutdown.cancelled() => {
                     write.write_frame(Frame::close(close::GOING_AWAY, b"server shutting down")).await?;
-                    return Ok(());
+                    return write.flush().await;
                 }
                 f = out.recv() => {
                     let Some(frame) = f else { return Ok(()) };
                     write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
+                    // Whatever else is already queued goes out in the same write.
+                    for _ in 1..MAX_FRAMES_PER_FLUSH {
+                        match out.try_recv() {
+                            Ok(frame) => write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?,
+                            Err(_) => break,
+                        }
+                    }
+                    write.flush().await?;
                 }
                 _ = reader_done.cancelled() => return Ok(()),
             }

@@ -44,6 +44,10 @@ pub struct WorkerConfig {
     pub visibility_timeout: Duration,
     /// How often an idle worker polls when nothing wakes it.
     pub poll_interval: Duration,
+    /// After draining the queue, wait this long before reading again, so the
+    /// next batch gathers several messages: fewer transactions and NOTIFYs for
+    /// Postgres, at the cost of this much `message_persisted` latency.
+    pub linger: Duration,
     pub retry: RetryPolicy,
     /// High-priority batches in a row after which a waiting low-priority
     /// batch gets one turn, so background jobs never starve.
@@ -60,6 +64,7 @@ impl Default for WorkerConfig {
             batch_size: 500,
             visibility_timeout: Duration::from_secs(30),
             poll_interval: Duration::from_millis(250),
+            linger: Duration::from_millis(10),
             retry: RetryPolicy::default(),
             starvation_limit: 4,
             cleanup_interval: Duration::from_secs(600),
@@ -497,16 +502,25 @@ impl Worker {
                 next_cleanup = tokio::time::Instant::now() + self.cfg.cleanup_interval;
             }
             match self.run_once().await {
-                Ok(Outcome::Processed(..)) => {
+                Ok(Outcome::Processed(_, report)) => {
                     backoff = Duration::from_millis(50);
                     self.heartbeat.beat();
+                    if report.jobs < self.cfg.batch_size.max(1) as usize
+                        && !self.cfg.linger.is_zero()
+                    {
+                        // The queue ran dry: let the next batch gather.
+                        tokio::time::sleep(self.cfg.linger).await;
+                    }
                 }
                 Ok(Outcome::Idle) => {
                     self.heartbeat.beat();
-                    tokio::select! {
-                        _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep(self.cfg.poll_interval) => {}
-                        _ = shutdown.cancelled() => {}
+                    let woken = tokio::select! {
+                        _ = self.wake.notified() => true,
+                        _ = tokio::time::sleep(self.cfg.poll_interval) => false,
+                        _ = shutdown.cancelled() => false,
+                    };
+                    if woken && !self.cfg.linger.is_zero() {
+                        tokio::time::sleep(self.cfg.linger).await;
                     }
                 }
                 Err(e) => {
