@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Jwt;
 use crate::config::{Config, ServerArgs, DEV_JWT_SECRET};
 use crate::domain::UserId;
-use crate::gateway::Gateway;
+use crate::gateway::{Enqueuers, Gateway};
 use crate::http::{self, HttpContext};
 use crate::pglocal::{Cluster, ClusterOptions};
 use crate::queue::Enqueuer;
@@ -311,6 +311,15 @@ pub async fn serve(
     let enqueue_stop = CancellationToken::new();
     let enqueuer = Enqueuer::spawn(
         pool.clone(),
+        crate::queue::PERSIST_QUEUE,
+        cfg.enqueue,
+        wake.clone(),
+        enqueue_stop.clone(),
+        &flush,
+    );
+    let background = Enqueuer::spawn(
+        pool.clone(),
+        crate::queue::BACKGROUND_QUEUE,
         cfg.enqueue,
         wake.clone(),
         enqueue_stop.clone(),
@@ -319,7 +328,10 @@ pub async fn serve(
     let gateway = Gateway::new(
         Arc::new(Rooms::default()),
         store.clone(),
-        enqueuer.clone(),
+        Enqueuers {
+            persist: enqueuer.clone(),
+            background,
+        },
         metrics.clone(),
         cfg.gateway,
         shutdown.clone(),

@@ -37,6 +37,13 @@ pub struct ServerArgs {
     /// Frames queued per connection before it is closed as a slow consumer.
     #[arg(long, env = "POSTLINE_OUTBOX_CAPACITY", default_value_t = 1024)]
     pub outbox_capacity: usize,
+    /// Milliseconds a user stays online after their last connection closes
+    /// (a reconnect within it shows no offline/online flap).
+    #[arg(long, env = "POSTLINE_PRESENCE_GRACE_MS", default_value_t = 5000)]
+    pub presence_grace_ms: u64,
+    /// Milliseconds after which an unrefreshed typing indicator is turned off.
+    #[arg(long, env = "POSTLINE_TYPING_TTL_MS", default_value_t = 6000)]
+    pub typing_ttl_ms: u64,
     /// Postgres connections in the pool (the LISTEN connection is extra).
     #[arg(long, env = "POSTLINE_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
@@ -175,6 +182,8 @@ impl Config {
         cfg.gateway.max_content_bytes = args.max_content_bytes;
         cfg.gateway.max_frame_bytes = args.max_frame_bytes;
         cfg.gateway.outbox_capacity = args.outbox_capacity;
+        cfg.gateway.presence_grace = Duration::from_millis(args.presence_grace_ms);
+        cfg.gateway.typing_ttl = Duration::from_millis(args.typing_ttl_ms.max(1));
         cfg.enqueue.capacity = args.enqueue_capacity;
         cfg.enqueue.max_batch = args.enqueue_max_batch;
         cfg.enqueue.linger = Duration::from_micros(args.enqueue_linger_us);

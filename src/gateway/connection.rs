@@ -1,25 +1,24 @@
 //! One WebSocket connection: a reader that decodes and dispatches events, and
 //! a writer that owns the sink and drains the bounded outbox.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use serde_json::json;
 use tokio::io::{BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::handlers::TypingStates;
 use super::Gateway;
-use crate::domain::{now_micros, ConversationId, Message, MessageId, UserId};
-use crate::protocol::client::{decode, ClientEvent, Request, SendMessage};
+use crate::domain::{now_micros, ConversationId, UserId};
+use crate::protocol::client::{decode, Request};
 use crate::protocol::{close, server, ErrorCode};
-use crate::queue::{EnqueueError, PersistJob};
-use crate::rooms::{ConnectionId, Member, Outbox, Push};
-use crate::store::Access;
+use crate::rooms::{ConnectionId, Outbox};
 
 type Io = TokioIo<Upgraded>;
 
@@ -30,6 +29,10 @@ const WRITE_BUFFER: usize = 16 * 1024;
 /// Frames written back to back before a flush, so one busy connection cannot
 /// hold its writer's thread for long.
 const MAX_FRAMES_PER_FLUSH: usize = 64;
+
+/// How long a closing connection's writer may take to flush before the
+/// socket is dropped (a peer that stopped reading would block it forever).
+const WRITER_GRACE: Duration = Duration::from_secs(2);
 
 /// Frames the reader owes the peer by protocol (pong, close echo) or decides
 /// to send itself (close with a reason). Tiny: only the reader feeds it.
@@ -74,43 +77,58 @@ pub(super) async fn run(
     let mut conn = Connection {
         id,
         user,
-        outbox,
-        joined: HashSet::new(),
+        outbox: outbox.clone(),
+        joined: HashMap::new(),
+        typing: TypingStates::default(),
         gw: gw.clone(),
     };
     conn.push(server::hello(user, &id.0.to_string(), now_micros()));
+    let transition = gw.users.connect(user, id, outbox);
+    gw.on_presence(user, transition);
+
     conn.read_loop(&mut read, &ctl_tx).await;
 
-    for conv in conn.joined.drain() {
+    conn.stop_all_typing();
+    for (conv, _) in conn.joined.drain() {
         gw.rooms.leave(conv, id);
     }
+    let transition = gw.users.disconnect(user, id);
+    gw.on_presence(user, transition);
     reader_done.cancel();
-    let _ = writer.await;
+    let mut writer = writer;
+    if tokio::time::timeout(WRITER_GRACE, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
     gw.metrics.connection_closed();
 }
 
-struct Connection {
-    id: ConnectionId,
-    user: UserId,
-    outbox: Outbox,
+pub(super) struct Connection {
+    pub(super) id: ConnectionId,
+    pub(super) user: UserId,
+    pub(super) outbox: Outbox,
     /// Conversations this connection joined (a superset of its rooms: the
-    /// HTTP API may evict it), so it can leave them all on close.
-    joined: HashSet<ConversationId>,
-    gw: Arc<Gateway>,
+    /// HTTP API may evict it), each with the room's broadcast mark at the
+    /// join, so `sync` knows what reached this connection live.
+    pub(super) joined: HashMap<ConversationId, u64>,
+    pub(super) typing: TypingStates,
+    pub(super) gw: Arc<Gateway>,
 }
 
 impl Connection {
-    fn push(&self, frame: Bytes) {
+    pub(super) fn push(&self, frame: Bytes) {
         // Overflow flags the connection slow and the writer closes it; there
         // is nothing more to do here.
         let _ = self.outbox.push(frame);
     }
 
-    fn reply_error(&self, r#ref: Option<&str>, code: ErrorCode, message: &str) {
+    pub(super) fn reply_error(&self, r#ref: Option<&str>, code: ErrorCode, message: &str) {
         self.push(server::error(r#ref, code, message));
     }
 
-    fn reply_ack(&self, r#ref: Option<&str>, result: &serde_json::Value) {
+    pub(super) fn reply_ack(&self, r#ref: Option<&str>, result: &serde_json::Value) {
         // Acks answer a `ref`; a frame without one asked for no reply.
         if r#ref.is_some() {
             self.push(server::ack(r#ref, result));
@@ -209,165 +227,10 @@ impl Connection {
 
     /// The one place a client event enters the system.
     async fn handle(&mut self, buf: &mut [u8]) {
-        let Request { r#ref, event } = match decode(buf, self.gw.cfg.decode_limits()) {
-            Ok(req) => req,
-            Err(e) => {
-                self.reply_error(e.r#ref.as_deref(), e.code, &e.message);
-                return;
-            }
-        };
-        let r = r#ref.as_deref();
-        match event {
-            ClientEvent::JoinConversation { conversation_id } => {
-                self.join(r, conversation_id).await
-            }
-            ClientEvent::LeaveConversation { conversation_id } => {
-                self.joined.remove(&conversation_id);
-                if self.gw.rooms.leave(conversation_id, self.id) {
-                    self.reply_ack(r, &json!({ "conversation_id": conversation_id }));
-                } else {
-                    self.reply_error(r, ErrorCode::NotJoined, "not joined to this conversation");
-                }
-            }
-            ClientEvent::SendMessage(send) => self.send_message(r, send),
-            ClientEvent::Typing {
-                conversation_id,
-                is_typing,
-            } => {
-                if !self.gw.rooms.is_joined(conversation_id, self.id) {
-                    self.reply_error(r, ErrorCode::NotJoined, "join the conversation first");
-                    return;
-                }
-                let frame = server::typing(conversation_id, self.user, is_typing);
-                self.gw
-                    .rooms
-                    .broadcast(conversation_id, &frame, Some(self.id));
-                self.reply_ack(r, &json!({}));
-            }
-            ClientEvent::Ping => self.reply_ack(r, &json!({ "server_time": now_micros() })),
+        match decode(buf, self.gw.cfg.decode_limits()) {
+            Ok(Request { r#ref, event }) => self.dispatch(r#ref.as_deref(), event).await,
+            Err(e) => self.reply_error(e.r#ref.as_deref(), e.code, &e.message),
         }
-    }
-
-    async fn join(&mut self, r: Option<&str>, conv: ConversationId) {
-        match self.gw.store.access(conv, self.user).await {
-            Ok(Access::Member { last_seq }) => {
-                self.gw.rooms.join(
-                    conv,
-                    Member {
-                        conn: self.id,
-                        user: self.user,
-                        outbox: self.outbox.clone(),
-                    },
-                );
-                self.joined.insert(conv);
-                self.reply_ack(r, &json!({ "conversation_id": conv, "last_seq": last_seq }));
-            }
-            Ok(Access::NotMember) => {
-                self.reply_error(r, ErrorCode::Forbidden, "not a member of this conversation")
-            }
-            Ok(Access::NotFound) => {
-                self.reply_error(r, ErrorCode::NotFound, "no such conversation")
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "membership check failed");
-                self.reply_error(
-                    r,
-                    ErrorCode::Unavailable,
-                    "the database is unavailable; retry shortly",
-                );
-            }
-        }
-    }
-
-    /// Broadcast at once; ack once the persist job is committed to the queue,
-    /// so an acked message survives any crash.
-    fn send_message(&self, r: Option<&str>, send: SendMessage) {
-        let gw = &self.gw;
-        let conv = send.conversation_id;
-        if !gw.rooms.is_joined(conv, self.id) {
-            self.reply_error(r, ErrorCode::NotJoined, "join the conversation first");
-            return;
-        }
-        let id = MessageId::new_v7();
-        if let Err(original) = gw.dedup.claim(self.user, conv, &send.client_message_id, id) {
-            gw.metrics.add_duplicate();
-            self.reply_ack(
-                r,
-                &json!({
-                    "message_id": original,
-                    "client_message_id": send.client_message_id,
-                    "duplicate": true,
-                }),
-            );
-            return;
-        }
-        let message = Message {
-            id,
-            conversation_id: conv,
-            sender_id: self.user,
-            client_message_id: send.client_message_id,
-            kind: send.kind,
-            content: send.content,
-            created_at: now_micros(),
-        };
-        let job = match serde_json::to_value(PersistJob::from_message(&message)) {
-            Ok(j) => j,
-            Err(e) => {
-                gw.dedup
-                    .release(self.user, conv, &message.client_message_id);
-                self.reply_error(
-                    r,
-                    ErrorCode::Internal,
-                    &format!("could not encode the message: {e}"),
-                );
-                return;
-            }
-        };
-        let ack = server::ack(
-            r,
-            &json!({
-                "message_id": id,
-                "client_message_id": message.client_message_id,
-                "duplicate": false,
-            }),
-        );
-        let outbox = self.outbox.clone();
-        let reply_ref = r.map(str::to_owned);
-        let (gw_done, user, cmid) = (gw.clone(), self.user, message.client_message_id.clone());
-        let done = Box::new(move |res: Result<(), EnqueueError>| {
-            if res.is_err() {
-                // Not queued: a resend with the same client_message_id must be
-                // treated as new, not acked as a duplicate of nothing.
-                gw_done.dedup.release(user, conv, &cmid);
-            }
-            let _ = match res {
-                Ok(()) if reply_ref.is_some() => outbox.push(ack),
-                Ok(()) => Push::Queued,
-                Err(EnqueueError::Unavailable) => outbox.push(server::error(
-                    reply_ref.as_deref(),
-                    ErrorCode::Unavailable,
-                    "the message could not be made durable; send it again with the same client_message_id",
-                )),
-                Err(EnqueueError::Refused(reason)) => outbox.push(server::error(
-                    reply_ref.as_deref(),
-                    ErrorCode::Invalid,
-                    &format!("the message cannot be stored: {reason}"),
-                )),
-            };
-        });
-        if gw.enqueuer.submit(job, done).is_err() {
-            gw.dedup
-                .release(self.user, conv, &message.client_message_id);
-            self.reply_error(
-                r,
-                ErrorCode::Unavailable,
-                "too many messages waiting to be stored; retry shortly",
-            );
-            return;
-        }
-        gw.metrics.add_sent();
-        gw.rooms
-            .broadcast(conv, &server::new_message(&message), None);
     }
 }
 

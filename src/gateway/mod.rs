@@ -1,13 +1,15 @@
 //! WebSocket connections: the upgrade's aftermath, one reader and one writer
-//! task per socket, event dispatch, and fan-out of what Postgres tells us.
+//! task per socket, event dispatch, presence, and fan-out of what Postgres
+//! tells us.
 //!
-//! Events enter in exactly one place ([`Connection::handle`]), fan out in one
-//! place ([`Rooms::broadcast`]), and head for storage in one place (the
-//! [`Enqueuer`]). The reader never writes to the socket: everything goes
-//! through the connection's bounded outbox, owned by the writer task.
+//! Events enter in exactly one place (`Connection::handle`), fan out in one
+//! place ([`Rooms`]), and head for storage in one place (the [`Enqueuer`]s).
+//! The reader never writes to the socket: everything goes through the
+//! connection's bounded outbox, owned by the writer task.
 
+mod cache;
 mod connection;
-mod dedup;
+mod handlers;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,13 +18,13 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use dedup::DedupCache;
+pub use cache::BoundedMap;
 
-use crate::domain::{ConversationId, Persisted, UserId};
+use crate::domain::{ClientMessageId, ConversationId, MessageId, Persisted, UserId};
 use crate::protocol::client::DecodeLimits;
 use crate::protocol::server;
 use crate::queue::Enqueuer;
-use crate::rooms::Rooms;
+use crate::rooms::{Rooms, Transition, Users};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -39,6 +41,13 @@ pub struct GatewayConfig {
     pub dedup_capacity: usize,
     /// How long shutdown waits for connections to finish closing.
     pub close_grace: Duration,
+    /// A user whose last connection closed stays online this long, so a
+    /// reconnect (page reload, network switch) does not flap offline/online.
+    pub presence_grace: Duration,
+    /// A typing indicator not refreshed for this long is turned off by the server.
+    pub typing_ttl: Duration,
+    /// At most one `typing: true` per conversation and connection this often.
+    pub typing_interval: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -49,6 +58,9 @@ impl Default for GatewayConfig {
             outbox_capacity: 1024,
             dedup_capacity: 200_000,
             close_grace: Duration::from_secs(5),
+            presence_grace: Duration::from_secs(5),
+            typing_ttl: Duration::from_secs(6),
+            typing_interval: Duration::from_millis(1000),
         }
     }
 }
@@ -61,12 +73,25 @@ impl GatewayConfig {
     }
 }
 
+/// The queues a gateway writes to.
+#[derive(Clone)]
+pub struct Enqueuers {
+    /// Chat messages (high priority).
+    pub persist: Enqueuer,
+    /// Receipts and other background work (low priority).
+    pub background: Enqueuer,
+}
+
 /// The handles a connection needs, shared by all connections of a process.
 pub struct Gateway {
     rooms: Arc<Rooms>,
+    users: Users,
     store: Store,
-    enqueuer: Enqueuer,
-    dedup: DedupCache,
+    queues: Enqueuers,
+    dedup: BoundedMap<(UserId, ConversationId, ClientMessageId), MessageId>,
+    /// Latest (delivered, read) per member, so a receipt that moves nothing
+    /// is not broadcast and a known position needs no query.
+    receipts: BoundedMap<(ConversationId, UserId), (i64, i64)>,
     metrics: Arc<Metrics>,
     cfg: GatewayConfig,
     shutdown: CancellationToken,
@@ -77,16 +102,18 @@ impl Gateway {
     pub fn new(
         rooms: Arc<Rooms>,
         store: Store,
-        enqueuer: Enqueuer,
+        queues: Enqueuers,
         metrics: Arc<Metrics>,
         cfg: GatewayConfig,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Gateway {
             rooms,
+            users: Users::default(),
             store,
-            enqueuer,
-            dedup: DedupCache::new(cfg.dedup_capacity),
+            queues,
+            dedup: BoundedMap::new(cfg.dedup_capacity),
+            receipts: BoundedMap::new(cfg.dedup_capacity),
             metrics,
             cfg,
             shutdown,
@@ -119,6 +146,7 @@ impl Gateway {
     /// Tell each room that these messages are durable.
     pub fn on_persisted(&self, entries: &[Persisted]) {
         for p in entries {
+            self.rooms.persisted(p.conversation_id, p.message_id);
             let frame = server::message_persisted(p.conversation_id, p.message_id, p.seq);
             self.rooms.broadcast(p.conversation_id, &frame, None);
         }
@@ -136,6 +164,45 @@ impl Gateway {
         self.rooms.broadcast(conv, &frame, None);
         if !joined {
             self.rooms.evict_user(conv, user);
+        }
+    }
+
+    /// Online per this process: connected, or within the grace period.
+    pub fn is_online(&self, user: UserId) -> bool {
+        self.users.is_online(user)
+    }
+
+    /// A presence transition of `user`: tell everyone who shares a
+    /// conversation with them (after the grace period, for offline).
+    fn on_presence(self: &Arc<Self>, user: UserId, transition: Transition) {
+        let gw = self.clone();
+        match transition {
+            Transition::Unchanged => {}
+            Transition::CameOnline => {
+                tokio::spawn(async move { gw.announce(user, true).await });
+            }
+            Transition::MaybeOffline(generation) => {
+                tokio::spawn(async move {
+                    tokio::time::sleep(gw.cfg.presence_grace).await;
+                    if gw.users.expire(user, generation) {
+                        gw.announce(user, false).await;
+                    }
+                });
+            }
+        }
+    }
+
+    async fn announce(&self, user: UserId, online: bool) {
+        let contacts = match self.store.contacts(user).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "presence: could not read contacts");
+                return;
+            }
+        };
+        let frame = server::presence(user, online);
+        for contact in contacts {
+            self.users.push(contact, &frame, None);
         }
     }
 }

@@ -32,6 +32,7 @@ pub(super) async fn handle(
                 &serde_json::json!({ "conversations": list }),
             ))
         }
+        (Method::GET, ["presence"]) => presence(ctx, req.uri().query().unwrap_or("")),
         (Method::POST, ["conversations", conv, "members"]) => {
             let conv = parse_conversation(conv)?;
             add_member(ctx, user, conv, req).await
@@ -60,6 +61,7 @@ pub(super) async fn handle(
             ))
         }
         (_, ["conversations"])
+        | (_, ["presence"])
         | (_, ["conversations", _, "members"])
         | (_, ["conversations", _, "members", _])
         | (_, ["conversations", _, "messages"]) => Err(ApiError::MethodNotAllowed),
@@ -149,6 +151,41 @@ async fn add_member(
             StatusCode::OK
         },
         &serde_json::json!({ "conversation_id": conv, "user_id": member, "added": added }),
+    ))
+}
+
+/// Most users one presence query names.
+const MAX_PRESENCE_IDS: usize = 200;
+
+/// `GET /v1/presence?user_ids=a,b,c`: online or offline, per this gateway.
+fn presence(ctx: &HttpContext, query: &str) -> Result<Response<Body>, ApiError> {
+    let ids = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == "user_ids")
+        .map(|(_, v)| v)
+        .ok_or_else(|| ApiError::Invalid("user_ids is required: ?user_ids=<uuid>,<uuid>".into()))?;
+    let ids: Vec<&str> = ids.split(',').filter(|s| !s.is_empty()).collect();
+    if ids.is_empty() || ids.len() > MAX_PRESENCE_IDS {
+        return Err(ApiError::Invalid(format!(
+            "user_ids must name 1 to {MAX_PRESENCE_IDS} users"
+        )));
+    }
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let user = UserId(
+            Uuid::parse_str(id).map_err(|_| ApiError::Invalid(format!("not a UUID: {id:?}")))?,
+        );
+        let status = if ctx.gateway.is_online(user) {
+            "online"
+        } else {
+            "offline"
+        };
+        out.push(serde_json::json!({ "user_id": user, "status": status }));
+    }
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({ "presence": out }),
     ))
 }
 

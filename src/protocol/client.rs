@@ -6,7 +6,16 @@ use simd_json::prelude::*;
 use simd_json::BorrowedValue;
 
 use super::ErrorCode;
-use crate::domain::{ClientMessageId, Content, ConversationId, MessageKind, ValidationError};
+use crate::domain::{
+    ClientMessageId, Content, ConversationId, MessageId, MessageKind, Seq, ValidationError,
+};
+
+/// Most messages one `sync` page returns.
+pub const MAX_SYNC_PAGE: i64 = 200;
+/// Default page size of `sync` and `resume`.
+pub const DEFAULT_SYNC_PAGE: i64 = 50;
+/// Most conversations one `resume` names.
+pub const MAX_RESUME: usize = 100;
 
 /// A client's correlation id, echoed on the one reply to its frame.
 pub type Ref = String;
@@ -39,6 +48,36 @@ pub enum ClientEvent {
     Typing {
         conversation_id: ConversationId,
         is_typing: bool,
+    },
+    /// The client has received the conversation up to `seq`.
+    Delivered {
+        conversation_id: ConversationId,
+        seq: Seq,
+    },
+    /// The client has read the conversation up to `seq`.
+    Read {
+        conversation_id: ConversationId,
+        seq: Seq,
+    },
+    /// Messages after `after_seq`, then live delivery (joins if needed).
+    Sync {
+        conversation_id: ConversationId,
+        after_seq: Seq,
+        limit: i64,
+    },
+    /// `sync` for several conversations at once, after a reconnect.
+    Resume {
+        conversations: Vec<(ConversationId, Seq)>,
+        limit: i64,
+    },
+    EditMessage {
+        message_id: MessageId,
+        content: Content,
+        version: i32,
+    },
+    DeleteMessage {
+        message_id: MessageId,
+        version: i32,
     },
     Ping,
 }
@@ -83,6 +122,48 @@ struct SendWire {
     #[serde(default)]
     kind: Option<String>,
     content: serde_json::Value,
+}
+
+#[derive(Deserialize)]
+struct SeqWire {
+    conversation_id: uuid::Uuid,
+    seq: i64,
+}
+
+#[derive(Deserialize)]
+struct SyncWire {
+    conversation_id: uuid::Uuid,
+    #[serde(default)]
+    after_seq: i64,
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct ResumeItem {
+    conversation_id: uuid::Uuid,
+    #[serde(default)]
+    after_seq: i64,
+}
+
+#[derive(Deserialize)]
+struct ResumeWire {
+    conversations: Vec<ResumeItem>,
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+#[derive(Deserialize)]
+struct EditWire {
+    message_id: uuid::Uuid,
+    content: serde_json::Value,
+    version: i32,
+}
+
+#[derive(Deserialize)]
+struct DeleteWire {
+    message_id: uuid::Uuid,
+    version: i32,
 }
 
 #[derive(Deserialize)]
@@ -193,12 +274,99 @@ fn decode_event(
                 is_typing: w.is_typing,
             })
         }
+        "delivered" | "read" => {
+            let w: SeqWire = fields(ty, value)?;
+            let seq = non_negative("seq", w.seq)?;
+            let conversation_id = ConversationId(w.conversation_id);
+            Ok(if ty == "read" {
+                ClientEvent::Read {
+                    conversation_id,
+                    seq,
+                }
+            } else {
+                ClientEvent::Delivered {
+                    conversation_id,
+                    seq,
+                }
+            })
+        }
+        "sync" => {
+            let w: SyncWire = fields(ty, value)?;
+            Ok(ClientEvent::Sync {
+                conversation_id: ConversationId(w.conversation_id),
+                after_seq: non_negative("after_seq", w.after_seq)?,
+                limit: page_limit(w.limit)?,
+            })
+        }
+        "resume" => {
+            let w: ResumeWire = fields(ty, value)?;
+            if w.conversations.len() > MAX_RESUME {
+                return Err((
+                    ErrorCode::Invalid,
+                    format!("resume names at most {MAX_RESUME} conversations"),
+                ));
+            }
+            let mut conversations = Vec::with_capacity(w.conversations.len());
+            for item in w.conversations {
+                conversations.push((
+                    ConversationId(item.conversation_id),
+                    non_negative("after_seq", item.after_seq)?,
+                ));
+            }
+            Ok(ClientEvent::Resume {
+                conversations,
+                limit: page_limit(w.limit)?,
+            })
+        }
+        "edit_message" => {
+            let w: EditWire = fields(ty, value)?;
+            // Only text is edited; an attachment is replaced by a new message.
+            let content = Content::parse(MessageKind::Text, w.content, limits.max_content_bytes)
+                .map_err(validation)?;
+            Ok(ClientEvent::EditMessage {
+                message_id: MessageId(w.message_id),
+                content,
+                version: version(w.version)?,
+            })
+        }
+        "delete_message" => {
+            let w: DeleteWire = fields(ty, value)?;
+            Ok(ClientEvent::DeleteMessage {
+                message_id: MessageId(w.message_id),
+                version: version(w.version)?,
+            })
+        }
         "ping" => Ok(ClientEvent::Ping),
         other => Err((
             ErrorCode::BadRequest,
             format!("unknown event type {other:?}"),
         )),
     }
+}
+
+fn non_negative(name: &str, v: i64) -> Result<Seq, (ErrorCode, String)> {
+    if v < 0 {
+        return Err((ErrorCode::Invalid, format!("{name} must not be negative")));
+    }
+    Ok(Seq(v))
+}
+
+fn page_limit(limit: Option<i64>) -> Result<i64, (ErrorCode, String)> {
+    match limit {
+        None => Ok(DEFAULT_SYNC_PAGE),
+        Some(l) if (1..=MAX_SYNC_PAGE).contains(&l) => Ok(l),
+        Some(_) => Err((
+            ErrorCode::Invalid,
+            format!("limit must be between 1 and {MAX_SYNC_PAGE}"),
+        )),
+    }
+}
+
+fn version(v: i32) -> Result<i32, (ErrorCode, String)> {
+    if v < 1 {
+        return Err((ErrorCode::Invalid, "version must be at least 1".into()));
+    }
+    Ok(v)
 }
 
 fn validation(e: ValidationError) -> (ErrorCode, String) {
@@ -399,6 +567,101 @@ mod tests {
         assert_eq!(
             (e.code, e.r#ref.as_deref()),
             (ErrorCode::TooLarge, Some("big"))
+        );
+    }
+
+    #[test]
+    fn decodes_realtime_events_and_checks_them() {
+        let r = dec(&format!(
+            r#"{{"type":"read","conversation_id":"{CONV}","seq":7}}"#
+        ))
+        .unwrap();
+        assert!(matches!(r.event, ClientEvent::Read { seq: Seq(7), .. }));
+        let r = dec(&format!(
+            r#"{{"type":"delivered","conversation_id":"{CONV}","seq":0}}"#
+        ))
+        .unwrap();
+        assert!(matches!(
+            r.event,
+            ClientEvent::Delivered { seq: Seq(0), .. }
+        ));
+        assert_eq!(
+            err(&format!(
+                r#"{{"type":"read","conversation_id":"{CONV}","seq":-1}}"#
+            ))
+            .code,
+            ErrorCode::Invalid
+        );
+        let r = dec(&format!(r#"{{"type":"sync","conversation_id":"{CONV}"}}"#)).unwrap();
+        assert!(matches!(
+            r.event,
+            ClientEvent::Sync {
+                after_seq: Seq(0),
+                limit: DEFAULT_SYNC_PAGE,
+                ..
+            }
+        ));
+        assert_eq!(
+            err(&format!(
+                r#"{{"type":"sync","conversation_id":"{CONV}","limit":0}}"#
+            ))
+            .code,
+            ErrorCode::Invalid
+        );
+        let r = dec(&format!(
+            r#"{{"type":"resume","conversations":[{{"conversation_id":"{CONV}","after_seq":3}}]}}"#
+        ))
+        .unwrap();
+        assert!(
+            matches!(r.event, ClientEvent::Resume { ref conversations, .. } if conversations.len() == 1)
+        );
+        let many: Vec<String> = (0..=MAX_RESUME)
+            .map(|_| format!(r#"{{"conversation_id":"{CONV}"}}"#))
+            .collect();
+        assert_eq!(
+            err(&format!(
+                r#"{{"type":"resume","conversations":[{}]}}"#,
+                many.join(",")
+            ))
+            .code,
+            ErrorCode::Invalid
+        );
+        let r = dec(&format!(
+            r#"{{"type":"edit_message","message_id":"{CONV}","content":"new","version":1}}"#
+        ))
+        .unwrap();
+        assert!(matches!(
+            r.event,
+            ClientEvent::EditMessage { version: 1, .. }
+        ));
+        assert_eq!(
+            err(&format!(
+                r#"{{"type":"edit_message","message_id":"{CONV}","content":"new","version":0}}"#
+            ))
+            .code,
+            ErrorCode::Invalid
+        );
+        assert_eq!(
+            err(&format!(
+                r#"{{"type":"edit_message","message_id":"{CONV}","content":"","version":1}}"#
+            ))
+            .code,
+            ErrorCode::Invalid
+        );
+        let r = dec(&format!(
+            r#"{{"type":"delete_message","message_id":"{CONV}","version":2}}"#
+        ))
+        .unwrap();
+        assert!(matches!(
+            r.event,
+            ClientEvent::DeleteMessage { version: 2, .. }
+        ));
+        assert_eq!(
+            err(&format!(
+                r#"{{"type":"delete_message","message_id":"{CONV}"}}"#
+            ))
+            .code,
+            ErrorCode::Invalid
         );
     }
 

@@ -23,6 +23,7 @@ pub enum ErrorCode {
     RateLimited,
     Unavailable,
     Unauthorized,
+    Conflict,
     Internal,
 }
 
@@ -38,6 +39,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Conflict => "conflict",
             ErrorCode::Internal => "internal",
         }
     }

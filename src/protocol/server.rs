@@ -49,6 +49,28 @@ enum Event<'a> {
         user_id: UserId,
         is_typing: bool,
     },
+    Receipt {
+        conversation_id: ConversationId,
+        user_id: UserId,
+        delivered_seq: i64,
+        read_seq: i64,
+    },
+    Presence {
+        user_id: UserId,
+        status: &'a str,
+    },
+    MessageDeleted {
+        conversation_id: ConversationId,
+        message_id: MessageId,
+        version: i32,
+    },
+    Joined {
+        conversation_id: ConversationId,
+        last_seq: Seq,
+    },
+    Left {
+        conversation_id: ConversationId,
+    },
 }
 
 #[derive(Serialize)]
@@ -75,6 +97,82 @@ pub fn error(r#ref: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
         code,
         message,
     })
+}
+
+/// An error with extra fields (e.g. `current_version` of a `conflict`).
+pub fn error_with(
+    r#ref: Option<&str>,
+    code: ErrorCode,
+    message: &str,
+    extra: serde_json::Value,
+) -> Bytes {
+    let mut v = serde_json::json!({"type": "error", "code": code, "message": message});
+    if let Some(r) = r#ref {
+        v["ref"] = serde_json::Value::from(r);
+    }
+    if let (Some(obj), serde_json::Value::Object(more)) = (v.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    encode(&v)
+}
+
+pub fn receipt(
+    conversation_id: ConversationId,
+    user_id: UserId,
+    delivered_seq: i64,
+    read_seq: i64,
+) -> Bytes {
+    encode(&Event::Receipt {
+        conversation_id,
+        user_id,
+        delivered_seq,
+        read_seq,
+    })
+}
+
+pub fn presence(user_id: UserId, online: bool) -> Bytes {
+    encode(&Event::Presence {
+        user_id,
+        status: if online { "online" } else { "offline" },
+    })
+}
+
+/// `message` is the stored row (its latest version); the store's type is not
+/// named here so the protocol stays below the store.
+pub fn message_updated<T: Serialize>(message: &T) -> Bytes {
+    #[derive(Serialize)]
+    struct Updated<'a, T: Serialize> {
+        r#type: &'static str,
+        message: &'a T,
+    }
+    encode(&Updated {
+        r#type: "message_updated",
+        message,
+    })
+}
+
+pub fn message_deleted(
+    conversation_id: ConversationId,
+    message_id: MessageId,
+    version: i32,
+) -> Bytes {
+    encode(&Event::MessageDeleted {
+        conversation_id,
+        message_id,
+        version,
+    })
+}
+
+/// To a user's other connections: this user joined / left a conversation.
+pub fn joined(conversation_id: ConversationId, last_seq: Seq) -> Bytes {
+    encode(&Event::Joined {
+        conversation_id,
+        last_seq,
+    })
+}
+
+pub fn left(conversation_id: ConversationId) -> Bytes {
+    encode(&Event::Left { conversation_id })
 }
 
 pub fn hello(user_id: UserId, connection_id: &str, server_time: DateTime<Utc>) -> Bytes {

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{send_batch, PERSIST_QUEUE};
+use super::send_batch;
 
 #[derive(Debug, Clone, Copy)]
 pub struct EnqueueConfig {
@@ -86,6 +86,7 @@ impl Enqueuer {
     /// so a worker in the same process reads at once instead of at its next poll.
     pub fn spawn(
         pool: PgPool,
+        queue: &'static str,
         cfg: EnqueueConfig,
         wake: Arc<Notify>,
         shutdown: CancellationToken,
@@ -93,7 +94,7 @@ impl Enqueuer {
     ) -> Enqueuer {
         let (tx, rx) = mpsc::channel(cfg.capacity.max(1));
         let failing = Arc::new(AtomicBool::new(false));
-        tracker.spawn(run(rx, pool, cfg, wake, shutdown, failing.clone()));
+        tracker.spawn(run(rx, pool, queue, cfg, wake, shutdown, failing.clone()));
         Enqueuer { tx, failing }
     }
 
@@ -115,6 +116,7 @@ impl Enqueuer {
 async fn run(
     mut rx: mpsc::Receiver<Submission>,
     pool: PgPool,
+    queue: &'static str,
     cfg: EnqueueConfig,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
@@ -153,27 +155,29 @@ async fn run(
             .iter_mut()
             .map(|s| std::mem::take(&mut s.payload))
             .collect();
-        let results = match commit_with_retry(&pool, &payloads, &cfg, &shutdown, &failing).await {
-            Err(Attempt::Refused(_)) if payloads.len() > 1 => {
-                // One bad job must not hold the others hostage: send them one by one.
-                let mut results = Vec::with_capacity(payloads.len());
-                for p in &payloads {
-                    results.push(
-                        commit_with_retry(
-                            &pool,
-                            std::slice::from_ref(p),
-                            &cfg,
-                            &shutdown,
-                            &failing,
-                        )
-                        .await
-                        .map_err(EnqueueError::from),
-                    );
+        let results =
+            match commit_with_retry(&pool, queue, &payloads, &cfg, &shutdown, &failing).await {
+                Err(Attempt::Refused(_)) if payloads.len() > 1 => {
+                    // One bad job must not hold the others hostage: send them one by one.
+                    let mut results = Vec::with_capacity(payloads.len());
+                    for p in &payloads {
+                        results.push(
+                            commit_with_retry(
+                                &pool,
+                                queue,
+                                std::slice::from_ref(p),
+                                &cfg,
+                                &shutdown,
+                                &failing,
+                            )
+                            .await
+                            .map_err(EnqueueError::from),
+                        );
+                    }
+                    results
                 }
-                results
-            }
-            other => vec![other.map_err(EnqueueError::from); payloads.len()],
-        };
+                other => vec![other.map_err(EnqueueError::from); payloads.len()],
+            };
         if results.iter().any(Result::is_ok) {
             wake.notify_one();
         }
@@ -203,6 +207,7 @@ impl From<Attempt> for EnqueueError {
 /// acked is lost. A refusal caused by the data itself is returned at once.
 async fn commit_with_retry(
     pool: &PgPool,
+    queue: &str,
     payloads: &[serde_json::Value],
     cfg: &EnqueueConfig,
     shutdown: &CancellationToken,
@@ -211,7 +216,7 @@ async fn commit_with_retry(
     let mut backoff = Duration::from_millis(20);
     let mut deadline: Option<tokio::time::Instant> = None;
     loop {
-        match send_batch(pool, PERSIST_QUEUE, payloads).await {
+        match send_batch(pool, queue, payloads).await {
             Ok(_) => {
                 failing.store(false, Ordering::Relaxed);
                 return Ok(());

@@ -149,21 +149,36 @@ pub enum BackgroundJob {
         user_id: Uuid,
         seq: i64,
     },
+    /// A delivery and/or read receipt: positions move forward, never back.
+    Receipt {
+        v: u8,
+        conversation_id: Uuid,
+        user_id: Uuid,
+        #[serde(default)]
+        delivered_seq: i64,
+        #[serde(default)]
+        read_seq: i64,
+    },
 }
 
 impl BackgroundJob {
     pub fn decode(payload: &serde_json::Value) -> Result<Self, String> {
         let job: BackgroundJob = serde_json::from_value(payload.clone())
             .map_err(|e| format!("malformed background job: {e}"))?;
-        match &job {
-            BackgroundJob::ReadMarker { v, seq, .. } => {
-                if *v != PersistJob::VERSION {
-                    return Err(format!("unknown background job version {v}"));
-                }
-                if *seq < 0 {
-                    return Err(format!("read marker seq must not be negative (got {seq})"));
-                }
-            }
+        let (v, seqs) = match &job {
+            BackgroundJob::ReadMarker { v, seq, .. } => (*v, [*seq, 0]),
+            BackgroundJob::Receipt {
+                v,
+                delivered_seq,
+                read_seq,
+                ..
+            } => (*v, [*delivered_seq, *read_seq]),
+        };
+        if v != PersistJob::VERSION {
+            return Err(format!("unknown background job version {v}"));
+        }
+        if let Some(seq) = seqs.into_iter().find(|s| *s < 0) {
+            return Err(format!("read marker seq must not be negative (got {seq})"));
         }
         Ok(job)
     }

@@ -6,7 +6,11 @@
 //! Shard locks are `std::sync::Mutex`, held only for non-blocking work
 //! (`try_send`), never across an `.await`.
 
-use std::collections::HashMap;
+mod users;
+
+pub use users::{Transition, Users};
+
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -15,7 +19,11 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::{ConversationId, UserId};
+use crate::domain::{ConversationId, MessageId, UserId};
+
+/// Message ids remembered per room, newest last, so a `sync` can leave out
+/// what a connection already received live. Bounds the memory of a busy room.
+const RECENT_LOG: usize = 1024;
 
 /// A connection on this process; unique for the process lifetime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -86,7 +94,25 @@ pub struct Member {
     pub outbox: Outbox,
 }
 
-type Shard = Mutex<HashMap<ConversationId, Vec<Member>>>;
+/// A conversation's state on this process.
+#[derive(Default)]
+struct Room {
+    members: Vec<Member>,
+    /// Messages broadcast here so far; a join remembers the value at that moment.
+    counter: u64,
+    /// (counter, id) of recent broadcasts.
+    recent: VecDeque<(u64, MessageId)>,
+    /// Broadcast here but not yet confirmed persisted, with their counter.
+    pending: HashMap<MessageId, u64>,
+}
+
+impl Room {
+    fn idle(&self) -> bool {
+        self.members.is_empty() && self.pending.is_empty()
+    }
+}
+
+type Shard = Mutex<HashMap<ConversationId, Room>>;
 
 /// Sharded so that busy conversations on different shards do not contend.
 pub struct Rooms {
@@ -112,22 +138,24 @@ impl Rooms {
     fn shard(
         &self,
         conv: ConversationId,
-    ) -> std::sync::MutexGuard<'_, HashMap<ConversationId, Vec<Member>>> {
+    ) -> std::sync::MutexGuard<'_, HashMap<ConversationId, Room>> {
         let idx = (self.hasher.hash_one(conv) as usize) % self.shards.len();
         // A poisoned shard only means another thread panicked mid-update of a
         // plain map of handles; the data is still usable.
         self.shards[idx].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Add a connection to a room; false if it was already there.
-    pub fn join(&self, conv: ConversationId, member: Member) -> bool {
+    /// Add a connection to a room. Returns whether it was new, and the room's
+    /// broadcast mark at this moment: messages broadcast after it reach the
+    /// connection live.
+    pub fn join(&self, conv: ConversationId, member: Member) -> (bool, u64) {
         let mut shard = self.shard(conv);
         let room = shard.entry(conv).or_default();
-        if room.iter().any(|m| m.conn == member.conn) {
-            return false;
+        if room.members.iter().any(|m| m.conn == member.conn) {
+            return (false, room.counter);
         }
-        room.push(member);
-        true
+        room.members.push(member);
+        (true, room.counter)
     }
 
     /// Remove a connection from a room; false if it was not there.
@@ -136,10 +164,10 @@ impl Rooms {
         let Some(room) = shard.get_mut(&conv) else {
             return false;
         };
-        let before = room.len();
-        room.retain(|m| m.conn != conn);
-        let removed = room.len() != before;
-        if room.is_empty() {
+        let before = room.members.len();
+        room.members.retain(|m| m.conn != conn);
+        let removed = room.members.len() != before;
+        if room.idle() {
             shard.remove(&conv);
         }
         removed
@@ -148,7 +176,7 @@ impl Rooms {
     pub fn is_joined(&self, conv: ConversationId, conn: ConnectionId) -> bool {
         self.shard(conv)
             .get(&conv)
-            .is_some_and(|room| room.iter().any(|m| m.conn == conn))
+            .is_some_and(|room| room.members.iter().any(|m| m.conn == conn))
     }
 
     /// Remove every connection of `user` from a room (their membership ended).
@@ -158,10 +186,10 @@ impl Rooms {
         let Some(room) = shard.get_mut(&conv) else {
             return 0;
         };
-        let before = room.len();
-        room.retain(|m| m.user != user);
-        let removed = before - room.len();
-        if room.is_empty() {
+        let before = room.members.len();
+        room.members.retain(|m| m.user != user);
+        let removed = before - room.members.len();
+        if room.idle() {
             shard.remove(&conv);
         }
         removed
@@ -179,18 +207,69 @@ impl Rooms {
         let Some(room) = shard.get(&conv) else {
             return 0;
         };
-        // try_send never waits, so holding the shard lock here costs no more than
-        // copying the handles out would, and saves an allocation per broadcast.
-        room.iter()
-            .filter(|m| Some(m.conn) != except)
-            .filter(|m| m.outbox.push(frame.clone()) == Push::Queued)
-            .count()
+        fan_out(&room.members, frame, except)
+    }
+
+    /// Broadcast a new message and remember it as pending until
+    /// [`Rooms::persisted`] confirms it.
+    pub fn broadcast_message(&self, conv: ConversationId, id: MessageId, frame: &Bytes) -> usize {
+        let mut shard = self.shard(conv);
+        let room = shard.entry(conv).or_default();
+        room.counter += 1;
+        let mark = room.counter;
+        room.recent.push_back((mark, id));
+        if room.recent.len() > RECENT_LOG {
+            room.recent.pop_front();
+        }
+        room.pending.insert(id, mark);
+        fan_out(&room.members, frame, None)
+    }
+
+    /// A message is durable: it no longer counts as pending.
+    pub fn persisted(&self, conv: ConversationId, id: MessageId) {
+        let mut shard = self.shard(conv);
+        if let Some(room) = shard.get_mut(&conv) {
+            room.pending.remove(&id);
+            if room.idle() {
+                shard.remove(&conv);
+            }
+        }
+    }
+
+    /// Messages broadcast here up to `mark` and not yet persisted.
+    pub fn pending_up_to(&self, conv: ConversationId, mark: u64) -> usize {
+        self.shard(conv).get(&conv).map_or(0, |room| {
+            room.pending.values().filter(|m| **m <= mark).count()
+        })
+    }
+
+    /// Ids of messages broadcast after `mark` (within the recent log).
+    pub fn live_since(&self, conv: ConversationId, mark: u64) -> HashSet<MessageId> {
+        self.shard(conv)
+            .get(&conv)
+            .map_or_else(HashSet::new, |room| {
+                room.recent
+                    .iter()
+                    .filter(|(m, _)| *m > mark)
+                    .map(|(_, id)| *id)
+                    .collect()
+            })
     }
 
     /// Number of connections joined to `conv` on this process.
     pub fn room_size(&self, conv: ConversationId) -> usize {
-        self.shard(conv).get(&conv).map_or(0, Vec::len)
+        self.shard(conv).get(&conv).map_or(0, |r| r.members.len())
     }
+}
+
+/// try_send never waits, so holding the shard lock here costs no more than
+/// copying the handles out would, and saves an allocation per broadcast.
+fn fan_out(members: &[Member], frame: &Bytes, except: Option<ConnectionId>) -> usize {
+    members
+        .iter()
+        .filter(|m| Some(m.conn) != except)
+        .filter(|m| m.outbox.push(frame.clone()) == Push::Queued)
+        .count()
 }
 
 #[cfg(test)]
@@ -220,8 +299,8 @@ mod tests {
         let (a, mut ra) = member(uid(), 8);
         let (b, mut rb) = member(uid(), 8);
         let a_conn = a.conn;
-        assert!(rooms.join(conv, a));
-        assert!(rooms.join(conv, b));
+        assert!(rooms.join(conv, a).0);
+        assert!(rooms.join(conv, b).0);
         let frame = Bytes::from_static(b"{}");
         assert_eq!(rooms.broadcast(conv, &frame, None), 2);
         assert_eq!(rooms.broadcast(conv, &frame, Some(a_conn)), 1);
@@ -242,8 +321,8 @@ mod tests {
         let conv = ConversationId::new_v7();
         let (a, _ra) = member(uid(), 1);
         let conn = a.conn;
-        assert!(rooms.join(conv, a.clone()));
-        assert!(!rooms.join(conv, a));
+        assert!(rooms.join(conv, a.clone()).0);
+        assert!(!rooms.join(conv, a).0);
         assert!(rooms.is_joined(conv, conn));
         assert!(rooms.leave(conv, conn));
         assert!(!rooms.leave(conv, conn));
@@ -267,6 +346,42 @@ mod tests {
         assert!(signal.is_cancelled());
         assert_eq!(rf.try_recv().unwrap(), f);
         assert_eq!(rf.try_recv().unwrap(), f);
+    }
+
+    #[test]
+    fn pending_and_live_marks_tell_sync_what_to_wait_for_and_leave_out() {
+        let rooms = Rooms::new(2);
+        let conv = ConversationId::new_v7();
+        let (a, _ra) = member(uid(), 16);
+        rooms.join(conv, a);
+        let (m1, m2) = (MessageId::new_v7(), MessageId::new_v7());
+        rooms.broadcast_message(conv, m1, &Bytes::from_static(b"1"));
+        let (b, _rb) = member(uid(), 16);
+        let (_, mark) = rooms.join(conv, b);
+        rooms.broadcast_message(conv, m2, &Bytes::from_static(b"2"));
+        assert_eq!(
+            rooms.pending_up_to(conv, mark),
+            1,
+            "m1 was sent before b joined"
+        );
+        assert_eq!(rooms.live_since(conv, mark), HashSet::from([m2]));
+        rooms.persisted(conv, m1);
+        assert_eq!(rooms.pending_up_to(conv, mark), 0);
+    }
+
+    #[test]
+    fn a_room_with_pending_messages_outlives_its_members() {
+        let rooms = Rooms::new(1);
+        let conv = ConversationId::new_v7();
+        let (a, _ra) = member(uid(), 4);
+        let conn = a.conn;
+        rooms.join(conv, a);
+        let m = MessageId::new_v7();
+        rooms.broadcast_message(conv, m, &Bytes::from_static(b"x"));
+        rooms.leave(conv, conn);
+        assert_eq!(rooms.pending_up_to(conv, u64::MAX), 1);
+        rooms.persisted(conv, m);
+        assert_eq!(rooms.pending_up_to(conv, u64::MAX), 0);
     }
 
     #[test]

@@ -27,6 +27,10 @@ pub struct ConversationSummary {
     pub created_at: DateTime<Utc>,
     pub last_message_at: Option<DateTime<Utc>>,
     pub last_seq: i64,
+    /// The caller's own positions, and what they have not read.
+    pub last_delivered_seq: i64,
+    pub last_read_seq: i64,
+    pub unread_count: i64,
 }
 
 /// What a user may do with a conversation.
@@ -98,6 +102,8 @@ impl Store {
     ) -> Result<Vec<ConversationSummary>, StoreError> {
         let rows = sqlx::query_as::<_, ConversationSummary>(
             "select c.id, c.title, c.created_at, c.last_message_at, c.last_seq,
+                    m.last_delivered_seq, m.last_read_seq,
+                    greatest(c.last_seq - m.last_read_seq, 0) as unread_count,
                     array(select m2.user_id from conversation_members m2
                           where m2.conversation_id = c.id order by m2.joined_at, m2.user_id) as member_ids
              from conversations c
@@ -151,6 +157,20 @@ impl Store {
         .await?
         .rows_affected();
         Ok(inserted == 1)
+    }
+
+    /// Users who share at least one conversation with `user` (for presence).
+    pub async fn contacts(&self, user: UserId) -> Result<Vec<UserId>, StoreError> {
+        let rows: Vec<Uuid> = sqlx::query_scalar(
+            "select distinct m2.user_id
+             from conversation_members m1
+             join conversation_members m2 on m2.conversation_id = m1.conversation_id
+             where m1.user_id = $1 and m2.user_id <> $1",
+        )
+        .bind(user.0)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(UserId).collect())
     }
 
     /// `actor` (a member) removes `user`. `NotFound` if `user` was not a member.

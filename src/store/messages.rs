@@ -11,7 +11,8 @@ use uuid::Uuid;
 use super::{Store, StoreError};
 use crate::domain::{ConversationId, Message, MessageId, Persisted, Seq, UserId};
 
-/// A message as stored, with its seq.
+/// A message as stored, with its seq and version. A deleted message is a
+/// tombstone: `deleted` true, `content` null.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
 pub struct StoredMessage {
     pub id: Uuid,
@@ -22,6 +23,25 @@ pub struct StoredMessage {
     pub kind: String,
     pub content: serde_json::Value,
     pub created_at: DateTime<Utc>,
+    pub version: i32,
+    pub edited_at: Option<DateTime<Utc>>,
+    pub deleted: bool,
+}
+
+/// Columns of [`StoredMessage`], in a select from `messages`.
+pub const MESSAGE_COLUMNS: &str = "id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at, version, edited_at, deleted_at is not null as deleted";
+
+/// Why an edit or delete was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EditRefusal {
+    /// No such message (or not stored yet).
+    NotFound,
+    /// Only the sender may change a message.
+    NotSender,
+    /// Only text can be edited (attachments are replaced by a new message).
+    NotText,
+    /// The version given is not the current one (or the message is deleted).
+    Conflict { current_version: i32, deleted: bool },
 }
 
 /// Which slice of a conversation's history to read.
@@ -57,31 +77,119 @@ impl Store {
         let after = page.after_seq.unwrap_or(0);
         let before = page.before_seq.unwrap_or(i64::MAX);
         let fetch = page.limit + 1;
-        let mut rows = if page.after_seq.is_some() {
-            sqlx::query_as::<_, StoredMessage>(
-                "select id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at
-                 from messages where conversation_id = $1 and seq > $2 and seq < $3
-                 order by seq asc limit $4",
-            )
+        let order = if page.after_seq.is_some() {
+            "asc"
         } else {
-            sqlx::query_as::<_, StoredMessage>(
-                "select id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at
-                 from messages where conversation_id = $1 and seq > $2 and seq < $3
-                 order by seq desc limit $4",
-            )
-        }
-        .bind(conv.0)
-        .bind(after)
-        .bind(before)
-        .bind(fetch)
-        .fetch_all(&self.pool)
-        .await?;
+            "desc"
+        };
+        let sql = format!(
+            "select {MESSAGE_COLUMNS} from messages where conversation_id = $1 and seq > $2 and seq < $3
+             order by seq {order} limit $4"
+        );
+        let mut rows = sqlx::query_as::<_, StoredMessage>(&sql)
+            .bind(conv.0)
+            .bind(after)
+            .bind(before)
+            .bind(fetch)
+            .fetch_all(&self.pool)
+            .await?;
         let has_more = rows.len() as i64 > page.limit;
         rows.truncate(page.limit as usize);
         if page.after_seq.is_none() {
             rows.reverse();
         }
         Ok((rows, has_more))
+    }
+}
+
+impl Store {
+    /// Replace a message's content if `version` is current; returns the new row.
+    pub async fn edit_message(
+        &self,
+        id: MessageId,
+        sender: UserId,
+        version: i32,
+        content: &serde_json::Value,
+    ) -> Result<Result<StoredMessage, EditRefusal>, StoreError> {
+        let sql = format!(
+            "update messages set content = $4, version = version + 1, edited_at = now()
+             where id = $1 and sender_id = $2 and version = $3 and deleted_at is null and kind = 'text'
+             returning {MESSAGE_COLUMNS}"
+        );
+        let row = sqlx::query_as::<_, StoredMessage>(&sql)
+            .bind(id.0)
+            .bind(sender.0)
+            .bind(version)
+            .bind(content)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(Ok(r)),
+            None => Ok(Err(self.why_refused(id, sender, true).await?)),
+        }
+    }
+
+    /// Turn a message into a tombstone if `version` is current.
+    pub async fn delete_message(
+        &self,
+        id: MessageId,
+        sender: UserId,
+        version: i32,
+    ) -> Result<Result<StoredMessage, EditRefusal>, StoreError> {
+        let sql = format!(
+            "update messages set content = 'null'::jsonb, version = version + 1, deleted_at = now()
+             where id = $1 and sender_id = $2 and version = $3 and deleted_at is null
+             returning {MESSAGE_COLUMNS}"
+        );
+        let row = sqlx::query_as::<_, StoredMessage>(&sql)
+            .bind(id.0)
+            .bind(sender.0)
+            .bind(version)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            Some(r) => Ok(Ok(r)),
+            None => Ok(Err(self.why_refused(id, sender, false).await?)),
+        }
+    }
+
+    async fn why_refused(
+        &self,
+        id: MessageId,
+        sender: UserId,
+        editing: bool,
+    ) -> Result<EditRefusal, StoreError> {
+        let row: Option<(Uuid, i32, bool, String)> = sqlx::query_as(
+            "select sender_id, version, deleted_at is not null, kind from messages where id = $1",
+        )
+        .bind(id.0)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => EditRefusal::NotFound,
+            Some((s, _, _, _)) if s != sender.0 => EditRefusal::NotSender,
+            Some((_, _, false, kind)) if editing && kind != "text" => EditRefusal::NotText,
+            Some((_, current_version, deleted, _)) => EditRefusal::Conflict {
+                current_version,
+                deleted,
+            },
+        })
+    }
+
+    /// A member's receipt positions: (last_delivered_seq, last_read_seq).
+    pub async fn receipt_state(
+        &self,
+        conv: ConversationId,
+        user: UserId,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        Ok(sqlx::query_as(
+            "select last_delivered_seq, last_read_seq from conversation_members
+             where conversation_id = $1 and user_id = $2",
+        )
+        .bind(conv.0)
+        .bind(user.0)
+        .fetch_optional(&self.pool)
+        .await?)
     }
 }
 
@@ -245,28 +353,41 @@ pub async fn persist_batch(
     Ok(outcome)
 }
 
-/// Move read markers forward, never back and never past the conversation's
-/// last seq, in the caller's transaction. Markers of non-members are ignored.
-pub async fn advance_read_markers(
+/// A receipt to store: positions a member has received and read up to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptUpdate {
+    pub conversation_id: Uuid,
+    pub user_id: Uuid,
+    pub delivered_seq: i64,
+    pub read_seq: i64,
+}
+
+/// Move receipt positions forward, never back and never past the
+/// conversation's last seq, in the caller's transaction. Reading implies
+/// delivery. Receipts of non-members are ignored.
+pub async fn advance_receipts(
     tx: &mut Transaction<'_, Postgres>,
-    markers: &[(Uuid, Uuid, i64)],
+    updates: &[ReceiptUpdate],
 ) -> Result<(), StoreError> {
-    if markers.is_empty() {
+    if updates.is_empty() {
         return Ok(());
     }
     let conn: &mut PgConnection = tx;
     sqlx::query(
         "update conversation_members m
-         set last_read_seq = greatest(m.last_read_seq, least(v.seq, c.last_seq))
-         from (select conversation_id, user_id, max(seq) as seq
-               from unnest($1::uuid[], $2::uuid[], $3::bigint[]) as t(conversation_id, user_id, seq)
+         set last_read_seq = greatest(m.last_read_seq, least(v.read_seq, c.last_seq)),
+             last_delivered_seq = greatest(m.last_delivered_seq, least(greatest(v.delivered_seq, v.read_seq), c.last_seq))
+         from (select conversation_id, user_id, max(delivered_seq) as delivered_seq, max(read_seq) as read_seq
+               from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::bigint[])
+                    as t(conversation_id, user_id, delivered_seq, read_seq)
                group by 1, 2) v
          join conversations c on c.id = v.conversation_id
          where m.conversation_id = v.conversation_id and m.user_id = v.user_id",
     )
-    .bind(markers.iter().map(|m| m.0).collect::<Vec<_>>())
-    .bind(markers.iter().map(|m| m.1).collect::<Vec<_>>())
-    .bind(markers.iter().map(|m| m.2).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.conversation_id).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.user_id).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.delivered_seq).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.read_seq).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

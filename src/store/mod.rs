@@ -9,7 +9,8 @@ mod messages;
 
 pub use conversations::{Access, ConversationSummary, NewConversation, MAX_INITIAL_MEMBERS};
 pub use messages::{
-    advance_read_markers, persist_batch, HistoryPage, PersistOutcome, StoredMessage,
+    advance_receipts, persist_batch, EditRefusal, HistoryPage, PersistOutcome, ReceiptUpdate,
+    StoredMessage, MESSAGE_COLUMNS,
 };
 
 use std::time::Duration;

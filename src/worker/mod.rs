@@ -28,11 +28,10 @@ use std::time::Duration;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::domain::Message;
 use crate::queue::{self, dead_letters, BackgroundJob, Queue, RawJob};
-use crate::store::{self, StoreError};
+use crate::store::{self, ReceiptUpdate, StoreError};
 use crate::telemetry::{Metrics, QueueCounters};
 
 #[derive(Debug, Clone, Copy)]
@@ -419,7 +418,7 @@ impl Worker {
                 }
             }
             Queue::Background => {
-                let mut markers: Vec<(Uuid, Uuid, i64)> = Vec::new();
+                let mut receipts: Vec<ReceiptUpdate> = Vec::new();
                 for job in jobs {
                     match BackgroundJob::decode(&job.message) {
                         Ok(BackgroundJob::ReadMarker {
@@ -427,12 +426,29 @@ impl Worker {
                             user_id,
                             seq,
                             ..
-                        }) => markers.push((conversation_id, user_id, seq)),
+                        }) => receipts.push(ReceiptUpdate {
+                            conversation_id,
+                            user_id,
+                            delivered_seq: 0,
+                            read_seq: seq,
+                        }),
+                        Ok(BackgroundJob::Receipt {
+                            conversation_id,
+                            user_id,
+                            delivered_seq,
+                            read_seq,
+                            ..
+                        }) => receipts.push(ReceiptUpdate {
+                            conversation_id,
+                            user_id,
+                            delivered_seq,
+                            read_seq,
+                        }),
                         Err(reason) => doomed.push((job, reason)),
                     }
                 }
-                report.applied = markers.len();
-                store::advance_read_markers(&mut tx, &markers).await?;
+                report.applied = receipts.len();
+                store::advance_receipts(&mut tx, &receipts).await?;
             }
         }
         for (job, reason) in &doomed {
