@@ -210,6 +210,15 @@ pub struct Client {
 }
 
 impl Client {
+    /// A client over a socket the test set up itself (hello not read yet).
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+        Client {
+            ws,
+            pending: VecDeque::new(),
+            next_ref: 0,
+        }
+    }
+
     pub async fn send_raw(&mut self, msg: WsMessage) {
         self.ws.send(msg).await.expect("ws send");
     }
@@ -284,6 +293,21 @@ impl Client {
             "client_message_id": cmid, "content": text
         }))
         .await
+    }
+
+    /// Read until the connection ends: the close code, or None if it was
+    /// dropped without a close frame.
+    pub async fn close_or_reset(&mut self) -> Option<u16> {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("timed out waiting for the end of the connection");
+            match msg {
+                Some(Ok(WsMessage::Close(Some(frame)))) => return Some(u16::from(frame.code)),
+                Some(Ok(WsMessage::Close(None))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
     }
 
     /// Wait for the close frame and return its code.

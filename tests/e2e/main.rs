@@ -9,4 +9,5 @@ mod chat;
 mod durability;
 mod http_api;
 mod process;
+mod realtime;
 mod reliability;
