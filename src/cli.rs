@@ -21,7 +21,6 @@ use crate::gateway::{Enqueuers, Gateway};
 use crate::http::{self, HttpContext};
 use crate::pglocal::{Cluster, ClusterOptions};
 use crate::queue::Enqueuer;
-use crate::rooms::Rooms;
 use crate::store::{self, Store};
 use crate::telemetry::{self, Metrics};
 use crate::worker::Worker;
@@ -325,8 +324,16 @@ pub async fn serve(
         enqueue_stop.clone(),
         &flush,
     );
+    let background_tasks = TaskTracker::new();
+    let background_stop = CancellationToken::new();
+    let relay = crate::notify::Relay::spawn(
+        pool.clone(),
+        cfg.gateway_id,
+        background_stop.clone(),
+        &background_tasks,
+    );
     let gateway = Gateway::new(
-        Arc::new(Rooms::default()),
+        relay,
         store.clone(),
         Enqueuers {
             persist: enqueuer.clone(),
@@ -336,17 +343,15 @@ pub async fn serve(
         cfg.gateway,
         shutdown.clone(),
     );
-
-    let background = TaskTracker::new();
-    let background_stop = CancellationToken::new();
-    let (mut persisted, listener_task) =
-        crate::notify::listen_persisted(&pool, background_stop.clone()).await?;
+    let background = background_tasks;
+    let (mut hints, listener_task) = crate::notify::listen(&pool, background_stop.clone()).await?;
     let gw = gateway.clone();
     background.spawn(async move {
-        while let Some(entries) = persisted.recv().await {
-            gw.on_persisted(&entries);
+        while let Some(hint) = hints.recv().await {
+            gw.on_hint(hint);
         }
     });
+    background.spawn(gateway.clone().presence_keeper(background_stop.clone()));
     let heartbeat = run_worker.then(|| {
         let worker = Worker::with_metrics(pool.clone(), cfg.worker, wake, metrics.clone());
         let hb = worker.heartbeat();

@@ -44,6 +44,17 @@ pub struct ServerArgs {
     /// Milliseconds after which an unrefreshed typing indicator is turned off.
     #[arg(long, env = "POSTLINE_TYPING_TTL_MS", default_value_t = 6000)]
     pub typing_ttl_ms: u64,
+    /// This gateway's id among those sharing the database (default: random
+    /// per start).
+    #[arg(long, env = "POSTLINE_GATEWAY_ID")]
+    pub gateway_id: Option<uuid::Uuid>,
+    /// Milliseconds over which clients are told to reconnect on shutdown.
+    #[arg(long, env = "POSTLINE_DRAIN_WINDOW_MS", default_value_t = 5000)]
+    pub drain_window_ms: u64,
+    /// Milliseconds between presence heartbeats; a gateway silent for three
+    /// is taken for dead and its users go offline.
+    #[arg(long, env = "POSTLINE_PRESENCE_HEARTBEAT_MS", default_value_t = 5000)]
+    pub presence_heartbeat_ms: u64,
     /// Postgres connections in the pool (the LISTEN connection is extra).
     #[arg(long, env = "POSTLINE_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
@@ -109,6 +120,7 @@ pub enum ConfigError {
 #[derive(Clone)]
 pub struct Config {
     pub listen: SocketAddr,
+    pub gateway_id: uuid::Uuid,
     pub jwt_secret: String,
     pub gateway: GatewayConfig,
     pub enqueue: EnqueueConfig,
@@ -121,6 +133,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("listen", &self.listen)
+            .field("gateway_id", &self.gateway_id)
             .field("jwt_secret", &"<redacted>")
             .field("gateway", &self.gateway)
             .field("enqueue", &self.enqueue)
@@ -136,6 +149,7 @@ impl Config {
     pub fn with_secret(secret: &str) -> Self {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            gateway_id: uuid::Uuid::new_v4(),
             jwt_secret: secret.to_owned(),
             gateway: GatewayConfig::default(),
             enqueue: EnqueueConfig::default(),
@@ -183,6 +197,11 @@ impl Config {
         cfg.gateway.max_frame_bytes = args.max_frame_bytes;
         cfg.gateway.outbox_capacity = args.outbox_capacity;
         cfg.gateway.presence_grace = Duration::from_millis(args.presence_grace_ms);
+        cfg.gateway.drain_window = Duration::from_millis(args.drain_window_ms);
+        cfg.gateway.presence_heartbeat = Duration::from_millis(args.presence_heartbeat_ms.max(10));
+        if let Some(id) = args.gateway_id {
+            cfg.gateway_id = id;
+        }
         cfg.gateway.typing_ttl = Duration::from_millis(args.typing_ttl_ms.max(1));
         cfg.enqueue.capacity = args.enqueue_capacity;
         cfg.enqueue.max_batch = args.enqueue_max_batch;

@@ -67,6 +67,18 @@ pub fn now_micros() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// A number in [0, 1) that differs from call to call, for jitter (retry
+/// backoff, reconnect spreading). Spread, not cryptographic quality: std's
+/// randomly keyed hasher over a counter is enough.
+pub fn random_unit() -> f64 {
+    use std::hash::BuildHasher;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let h = std::collections::hash_map::RandomState::new().hash_one(n);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
 /// Why a client-supplied value was refused. Maps to the wire codes `invalid`
 /// and `too_large`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

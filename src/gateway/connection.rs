@@ -71,6 +71,8 @@ pub(super) async fn run(
         outbox.slow_signal().clone(),
         gw.shutdown.clone(),
         reader_done.clone(),
+        // Spread reconnects over the drain window (no thundering herd).
+        gw.cfg.drain_window.mul_f64(crate::domain::random_unit()),
     ));
 
     gw.metrics.connection_opened();
@@ -247,6 +249,7 @@ async fn write_loop(
     slow: CancellationToken,
     shutdown: CancellationToken,
     reader_done: CancellationToken,
+    reconnect_after: Duration,
 ) {
     let result: Result<(), WebSocketError> = async {
         loop {
@@ -265,6 +268,8 @@ async fn write_loop(
                     return write.flush().await;
                 }
                 _ = shutdown.cancelled() => {
+                    let notice = server::reconnect(reconnect_after.as_millis() as u64);
+                    write.write_frame(Frame::text(Payload::Borrowed(&notice))).await?;
                     write.write_frame(Frame::close(close::GOING_AWAY, b"server shutting down")).await?;
                     return write.flush().await;
                 }

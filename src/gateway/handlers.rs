@@ -343,8 +343,7 @@ impl Connection {
         };
         if was_on {
             self.gw
-                .rooms
-                .broadcast(conv, &server::typing(conv, self.user, false), Some(self.id));
+                .fanout(conv, &server::typing(conv, self.user, false), Some(self.id));
         }
     }
 
@@ -428,7 +427,7 @@ impl Connection {
             return;
         }
         let frame = server::receipt(conv, self.user, delivered_seq, read_seq);
-        gw.rooms.broadcast(conv, &frame, Some(self.id));
+        gw.fanout(conv, &frame, Some(self.id));
         // The user's devices not in the room converge too.
         for other in gw.users.connections(self.user, self.id) {
             if !gw.rooms.is_joined(conv, other) {
@@ -502,7 +501,7 @@ impl Connection {
                 } else {
                     server::message_deleted(conv, id, row.version)
                 };
-                gw.rooms.broadcast(conv, &frame, None);
+                gw.fanout(conv, &frame, None);
                 self.reply_ack(r, &json!({ "message_id": id, "version": row.version }));
             }
             Ok(Err(EditRefusal::NotFound)) => self.reply_error(

@@ -21,10 +21,12 @@ use tokio_util::task::TaskTracker;
 pub use cache::BoundedMap;
 
 use crate::domain::{ClientMessageId, ConversationId, MessageId, Persisted, UserId};
+use crate::notify::{Hint, Relay, Target};
 use crate::protocol::client::DecodeLimits;
 use crate::protocol::server;
 use crate::queue::Enqueuer;
 use crate::rooms::{Rooms, Transition, Users};
+
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
@@ -48,6 +50,12 @@ pub struct GatewayConfig {
     pub typing_ttl: Duration,
     /// At most one `typing: true` per conversation and connection this often.
     pub typing_interval: Duration,
+    /// On shutdown, clients are told to reconnect after a random pause within
+    /// this window, so they do not all arrive at the other gateways at once.
+    pub drain_window: Duration,
+    /// How often this gateway refreshes its presence sessions; a gateway
+    /// silent for three of these is taken for dead and its users go offline.
+    pub presence_heartbeat: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -61,6 +69,8 @@ impl Default for GatewayConfig {
             presence_grace: Duration::from_secs(5),
             typing_ttl: Duration::from_secs(6),
             typing_interval: Duration::from_millis(1000),
+            drain_window: Duration::from_secs(5),
+            presence_heartbeat: Duration::from_secs(5),
         }
     }
 }
@@ -84,6 +94,9 @@ pub struct Enqueuers {
 
 /// The handles a connection needs, shared by all connections of a process.
 pub struct Gateway {
+    /// This gateway's identity among those sharing the database.
+    id: uuid::Uuid,
+    relay: Relay,
     rooms: Arc<Rooms>,
     users: Users,
     store: Store,
@@ -100,7 +113,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(
-        rooms: Arc<Rooms>,
+        relay: Relay,
         store: Store,
         queues: Enqueuers,
         metrics: Arc<Metrics>,
@@ -108,7 +121,9 @@ impl Gateway {
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Gateway {
-            rooms,
+            id: relay.gateway(),
+            relay,
+            rooms: Arc::new(Rooms::default()),
             users: Users::default(),
             store,
             queues,
@@ -143,8 +158,54 @@ impl Gateway {
         }
     }
 
+    pub fn id(&self) -> uuid::Uuid {
+        self.id
+    }
+
+    /// A frame for a conversation: to the connections here (but `except`),
+    /// and to the other gateways.
+    fn fanout(
+        &self,
+        conv: ConversationId,
+        frame: &Bytes,
+        except: Option<crate::rooms::ConnectionId>,
+    ) {
+        self.rooms.broadcast(conv, frame, except);
+        self.relay.publish(Target::Room(conv), frame);
+    }
+
+    /// A frame for all of a user's connections, here (but `except`) and elsewhere.
+    fn push_user(&self, user: UserId, frame: &Bytes, except: Option<crate::rooms::ConnectionId>) {
+        self.users.push(user, frame, except);
+        self.relay.publish(Target::User(user), frame);
+    }
+
+    /// What the LISTEN connection heard.
+    pub fn on_hint(&self, hint: Hint) {
+        match hint {
+            Hint::Persisted(entries) => self.on_persisted(&entries),
+            Hint::Relay(batch) if batch.gateway == self.id => {}
+            Hint::Relay(batch) => {
+                for e in batch.events {
+                    match e.target {
+                        Target::Room(conv) => {
+                            self.rooms.broadcast(conv, &e.frame, None);
+                        }
+                        Target::User(user) => {
+                            self.users.push(user, &e.frame, None);
+                        }
+                        Target::Evict(conv, user) => {
+                            self.rooms.evict_user(conv, user);
+                        }
+                    }
+                }
+            }
+            Hint::Reconnected => self.users.push_all(&server::resync()),
+        }
+    }
+
     /// Tell each room that these messages are durable.
-    pub fn on_persisted(&self, entries: &[Persisted]) {
+    fn on_persisted(&self, entries: &[Persisted]) {
         for p in entries {
             self.rooms.persisted(p.conversation_id, p.message_id);
             let frame = server::message_persisted(p.conversation_id, p.message_id, p.seq);
@@ -154,42 +215,66 @@ impl Gateway {
     }
 
     /// Membership changed through the HTTP API: tell the room, and take a
-    /// removed user's connections out of it.
+    /// removed user's connections out of it, on every gateway.
     pub fn on_membership(&self, conv: ConversationId, user: UserId, joined: bool) {
         let frame: Bytes = if joined {
             server::member_joined(conv, user)
         } else {
             server::member_left(conv, user)
         };
-        self.rooms.broadcast(conv, &frame, None);
+        self.fanout(conv, &frame, None);
         if !joined {
             self.rooms.evict_user(conv, user);
+            self.relay.publish(Target::Evict(conv, user), &Bytes::new());
         }
     }
 
-    /// Online per this process: connected, or within the grace period.
-    pub fn is_online(&self, user: UserId) -> bool {
-        self.users.is_online(user)
+    /// Online: connected to some gateway, or within the grace period here.
+    pub async fn online(&self, users: &[UserId]) -> Result<Vec<bool>, crate::store::StoreError> {
+        let elsewhere = self.store.online_users(users).await?;
+        Ok(users
+            .iter()
+            .map(|u| self.users.is_online(*u) || elsewhere.contains(u))
+            .collect())
     }
 
-    /// A presence transition of `user`: tell everyone who shares a
-    /// conversation with them (after the grace period, for offline).
+    /// A presence transition of `user` here: record it, and tell everyone who
+    /// shares a conversation with them if the user's state changed across
+    /// all gateways (offline only after the grace period).
     fn on_presence(self: &Arc<Self>, user: UserId, transition: Transition) {
         let gw = self.clone();
-        match transition {
-            Transition::Unchanged => {}
-            Transition::CameOnline => {
-                tokio::spawn(async move { gw.announce(user, true).await });
-            }
-            Transition::MaybeOffline(generation) => {
-                tokio::spawn(async move {
+        tokio::spawn(async move {
+            match transition {
+                Transition::Unchanged => {
+                    // Another device: keep the session's count right.
+                    let n = gw.users.count(user);
+                    if n > 0 {
+                        let _ = gw.store.set_presence(user, gw.id, n).await;
+                    }
+                }
+                Transition::CameOnline => match gw
+                    .store
+                    .set_presence(user, gw.id, gw.users.count(user).max(1))
+                    .await
+                {
+                    Ok(1) => gw.announce(user, true).await,
+                    Ok(_) => {} // already online through another gateway
+                    Err(e) => tracing::warn!(error = %e, "presence: could not record a session"),
+                },
+                Transition::MaybeOffline(generation) => {
                     tokio::time::sleep(gw.cfg.presence_grace).await;
                     if gw.users.expire(user, generation) {
-                        gw.announce(user, false).await;
+                        match gw.store.set_presence(user, gw.id, 0).await {
+                            Ok(0) => gw.announce(user, false).await,
+                            Ok(_) => {} // still connected elsewhere
+                            Err(e) => {
+                                tracing::warn!(error = %e, "presence: could not end a session")
+                            }
+                        }
                     }
-                });
+                }
             }
-        }
+        });
     }
 
     async fn announce(&self, user: UserId, online: bool) {
@@ -202,7 +287,40 @@ impl Gateway {
         };
         let frame = server::presence(user, online);
         for contact in contacts {
-            self.users.push(contact, &frame, None);
+            self.push_user(contact, &frame, None);
+        }
+    }
+
+    /// Until `shutdown`: refresh this gateway's presence sessions and take
+    /// dead gateways' users offline (each exactly once, cluster-wide).
+    pub async fn presence_keeper(self: Arc<Self>, stop: CancellationToken) {
+        // Sessions left by an earlier run under the same id are stale.
+        if let Ok(gone) = self.store.clear_presence(self.id).await {
+            for user in gone {
+                self.announce(user, false).await;
+            }
+        }
+        let expiry = self.cfg.presence_heartbeat * 3;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(self.cfg.presence_heartbeat) => {}
+            }
+            match self.store.presence_heartbeat(self.id, expiry).await {
+                Ok(gone) => {
+                    for user in gone {
+                        tracing::info!(%user, "a gateway went silent; its user is offline");
+                        self.announce(user, false).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
+            }
+        }
+        // Leaving cleanly: this gateway's users are offline unless connected elsewhere.
+        if let Ok(gone) = self.store.clear_presence(self.id).await {
+            for user in gone {
+                self.announce(user, false).await;
+            }
         }
     }
 }

@@ -32,7 +32,7 @@ pub(super) async fn handle(
                 &serde_json::json!({ "conversations": list }),
             ))
         }
-        (Method::GET, ["presence"]) => presence(ctx, req.uri().query().unwrap_or("")),
+        (Method::GET, ["presence"]) => presence(ctx, req.uri().query().unwrap_or("")).await,
         (Method::POST, ["conversations", conv, "members"]) => {
             let conv = parse_conversation(conv)?;
             add_member(ctx, user, conv, req).await
@@ -157,8 +157,8 @@ async fn add_member(
 /// Most users one presence query names.
 const MAX_PRESENCE_IDS: usize = 200;
 
-/// `GET /v1/presence?user_ids=a,b,c`: online or offline, per this gateway.
-fn presence(ctx: &HttpContext, query: &str) -> Result<Response<Body>, ApiError> {
+/// `GET /v1/presence?user_ids=a,b,c`: online or offline, across gateways.
+async fn presence(ctx: &HttpContext, query: &str) -> Result<Response<Body>, ApiError> {
     let ids = query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -171,18 +171,18 @@ fn presence(ctx: &HttpContext, query: &str) -> Result<Response<Body>, ApiError> 
             "user_ids must name 1 to {MAX_PRESENCE_IDS} users"
         )));
     }
-    let mut out = Vec::with_capacity(ids.len());
+    let mut users = Vec::with_capacity(ids.len());
     for id in ids {
-        let user = UserId(
+        users.push(UserId(
             Uuid::parse_str(id).map_err(|_| ApiError::Invalid(format!("not a UUID: {id:?}")))?,
-        );
-        let status = if ctx.gateway.is_online(user) {
-            "online"
-        } else {
-            "offline"
-        };
-        out.push(serde_json::json!({ "user_id": user, "status": status }));
+        ));
     }
+    let online = ctx.gateway.online(&users).await?;
+    let out: Vec<serde_json::Value> = users
+        .iter()
+        .zip(online)
+        .map(|(u, on)| serde_json::json!({ "user_id": u, "status": if on { "online" } else { "offline" } }))
+        .collect();
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "presence": out }),

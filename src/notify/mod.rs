@@ -5,6 +5,10 @@
 //! entries per payload. Notifications are at-most-once; the messages table
 //! is the truth and a client that missed one recovers by seq.
 
+mod relay;
+
+pub use relay::{Relay, RelayBatch, RelayEvent, Target};
+
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
@@ -14,6 +18,18 @@ use crate::domain::{ConversationId, MessageId, Persisted, Seq};
 
 /// Channel on which workers announce persisted messages.
 pub const PERSISTED_CHANNEL: &str = "postline_persisted";
+/// Channel on which gateways relay live events to each other.
+pub const EVENTS_CHANNEL: &str = "postline_events";
+
+/// What the listener hears.
+#[derive(Debug)]
+pub enum Hint {
+    Persisted(Vec<Persisted>),
+    Relay(RelayBatch),
+    /// The LISTEN connection was lost and is back: notifications sent
+    /// meanwhile are gone, so clients should resync by seq.
+    Reconnected,
+}
 
 /// NOTIFY payloads must be under 8000 bytes; leave room for the envelope.
 const MAX_PAYLOAD: usize = 7900;
@@ -72,37 +88,68 @@ pub async fn publish_persisted(
     Ok(())
 }
 
-/// Listen for persisted hints on a dedicated connection and forward decoded
-/// batches into a bounded channel. The task only drains and forwards, so the
-/// listener connection never falls behind on the server side.
-pub async fn listen_persisted(
+/// Listen on a dedicated connection and forward decoded hints into a
+/// bounded channel. The task only drains and forwards (fetching a relay
+/// payload sent by reference is the one query it makes), so the listener
+/// connection never falls behind on the server side.
+pub async fn listen(
     pool: &PgPool,
     shutdown: CancellationToken,
-) -> Result<(mpsc::Receiver<Vec<Persisted>>, tokio::task::JoinHandle<()>), sqlx::Error> {
+) -> Result<(mpsc::Receiver<Hint>, tokio::task::JoinHandle<()>), sqlx::Error> {
     let mut listener = PgListener::connect_with(pool).await?;
-    listener.listen(PERSISTED_CHANNEL).await?;
+    listener
+        .listen_all([PERSISTED_CHANNEL, EVENTS_CHANNEL])
+        .await?;
     let (tx, rx) = mpsc::channel(1024);
+    let pool = pool.clone();
     let handle = tokio::spawn(async move {
+        let mut lost = false;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                n = listener.recv() => n,
+                n = listener.try_recv() => n,
             };
-            match next {
-                Ok(n) => match decode_persisted(n.payload()) {
-                    Ok(entries) => {
-                        if tx.send(entries).await.is_err() {
+            let hint = match next {
+                Ok(Some(n)) => {
+                    if lost {
+                        lost = false;
+                        if tx.send(Hint::Reconnected).await.is_err() {
                             break;
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "ignoring malformed persisted hint"),
-                },
-                Err(e) => {
-                    // PgListener reconnects on the next recv; hints sent while it was
-                    // down are lost, which clients recover from by seq.
-                    tracing::warn!(error = %e, "persisted listener lost its connection; reconnecting");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    match n.channel() {
+                        PERSISTED_CHANNEL => match decode_persisted(n.payload()) {
+                            Ok(entries) => Hint::Persisted(entries),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "ignoring malformed persisted hint");
+                                continue;
+                            }
+                        },
+                        _ => match RelayBatch::decode(n.payload(), &pool).await {
+                            Ok(batch) => Hint::Relay(batch),
+                            Err(e) => {
+                                tracing::warn!(error = %e, "ignoring a relay notification");
+                                continue;
+                            }
+                        },
+                    }
                 }
+                Ok(None) => {
+                    // The connection dropped; the next try_recv reconnects and
+                    // re-LISTENs. Whatever was notified meanwhile is lost.
+                    tracing::warn!("LISTEN connection lost; reconnecting");
+                    lost = true;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "LISTEN connection failed; retrying");
+                    lost = true;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            if tx.send(hint).await.is_err() {
+                break;
             }
         }
     });

@@ -71,6 +71,10 @@ enum Event<'a> {
     Left {
         conversation_id: ConversationId,
     },
+    Reconnect {
+        after_ms: u64,
+    },
+    Resync {},
 }
 
 #[derive(Serialize)]
@@ -173,6 +177,17 @@ pub fn joined(conversation_id: ConversationId, last_seq: Seq) -> Bytes {
 
 pub fn left(conversation_id: ConversationId) -> Bytes {
     encode(&Event::Left { conversation_id })
+}
+
+/// Shutdown: reconnect (to any gateway) after this pause, then sync.
+pub fn reconnect(after_ms: u64) -> Bytes {
+    encode(&Event::Reconnect { after_ms })
+}
+
+/// Live hints may have been missed (the gateway's LISTEN connection dropped):
+/// sync the joined conversations from the last seq seen.
+pub fn resync() -> Bytes {
+    encode(&Event::Resync {})
 }
 
 pub fn hello(user_id: UserId, connection_id: &str, server_time: DateTime<Utc>) -> Bytes {

@@ -110,6 +110,23 @@ impl Users {
         })
     }
 
+    /// How many connections the user has here.
+    pub fn count(&self, user: UserId) -> usize {
+        self.shard(user).get(&user).map_or(0, |e| e.conns.len())
+    }
+
+    /// Queue `frame` on every connection of every user here.
+    pub fn push_all(&self, frame: &Bytes) {
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for e in shard.values() {
+                for (_, o) in &e.conns {
+                    let _ = o.push(frame.clone());
+                }
+            }
+        }
+    }
+
     /// The user's connections other than `except`.
     pub fn connections(&self, user: UserId, except: ConnectionId) -> Vec<ConnectionId> {
         self.shard(user).get(&user).map_or_else(Vec::new, |e| {

@@ -173,6 +173,93 @@ impl Store {
         Ok(rows.into_iter().map(UserId).collect())
     }
 
+    /// Record how many connections `user` has on `gateway` (0 removes the
+    /// row). Returns how many gateways still have the user connected.
+    pub async fn set_presence(
+        &self,
+        user: UserId,
+        gateway: Uuid,
+        connections: usize,
+    ) -> Result<i64, StoreError> {
+        if connections == 0 {
+            sqlx::query("delete from presence_sessions where user_id = $1 and gateway_id = $2")
+                .bind(user.0)
+                .bind(gateway)
+                .execute(&self.pool)
+                .await?;
+        } else {
+            sqlx::query(
+                "insert into presence_sessions (user_id, gateway_id, connections) values ($1, $2, $3)
+                 on conflict (user_id, gateway_id)
+                 do update set connections = excluded.connections, heartbeat_at = now()",
+            )
+            .bind(user.0)
+            .bind(gateway)
+            .bind(connections as i32)
+            .execute(&self.pool)
+            .await?;
+        }
+        Ok(
+            sqlx::query_scalar("select count(*) from presence_sessions where user_id = $1")
+                .bind(user.0)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Refresh this gateway's sessions, and remove those of gateways silent
+    /// for longer than `expiry`. Returns the users left with no session
+    /// anywhere: they just went offline. The delete is atomic, so when several
+    /// gateways reap at once each user is returned to exactly one of them.
+    pub async fn presence_heartbeat(
+        &self,
+        gateway: Uuid,
+        expiry: std::time::Duration,
+    ) -> Result<Vec<UserId>, StoreError> {
+        sqlx::query("update presence_sessions set heartbeat_at = now() where gateway_id = $1")
+            .bind(gateway)
+            .execute(&self.pool)
+            .await?;
+        let gone: Vec<Uuid> = sqlx::query_scalar(
+            "with dead as (
+                 delete from presence_sessions
+                 where heartbeat_at < now() - make_interval(secs => $1::float8)
+                 returning user_id
+             )
+             select distinct d.user_id from dead d
+             where not exists (select 1 from presence_sessions p where p.user_id = d.user_id)",
+        )
+        .bind(expiry.as_secs_f64())
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(gone.into_iter().map(UserId).collect())
+    }
+
+    /// Forget every session of `gateway` (at start, or when it shuts down).
+    pub async fn clear_presence(&self, gateway: Uuid) -> Result<Vec<UserId>, StoreError> {
+        let gone: Vec<Uuid> = sqlx::query_scalar(
+            "with mine as (delete from presence_sessions where gateway_id = $1 returning user_id)
+             select m.user_id from mine m
+             where not exists (select 1 from presence_sessions p where p.user_id = m.user_id)",
+        )
+        .bind(gateway)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(gone.into_iter().map(UserId).collect())
+    }
+
+    /// Which of `users` are connected to some gateway.
+    pub async fn online_users(&self, users: &[UserId]) -> Result<Vec<UserId>, StoreError> {
+        let ids: Vec<Uuid> = users.iter().map(|u| u.0).collect();
+        let rows: Vec<Uuid> = sqlx::query_scalar(
+            "select distinct user_id from presence_sessions where user_id = any($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(UserId).collect())
+    }
+
     /// `actor` (a member) removes `user`. `NotFound` if `user` was not a member.
     pub async fn remove_member(
         &self,

@@ -1,6 +1,5 @@
 //! Exponential backoff with jitter, computed from pgmq's read_ct.
 
-use std::hash::BuildHasher;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Copy)]
@@ -34,18 +33,8 @@ impl RetryPolicy {
             .saturating_mul(2u32.saturating_pow(exp))
             .min(self.cap);
         let half = full / 2;
-        half + half.mul_f64(unit_random())
+        half + half.mul_f64(crate::domain::random_unit())
     }
-}
-
-/// A number in [0, 1) that differs from call to call. Jitter needs spread,
-/// not cryptographic quality: std's randomly keyed hasher over a counter is enough.
-fn unit_random() -> f64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let h = std::collections::hash_map::RandomState::new().hash_one(n);
-    (h >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[cfg(test)]

@@ -1,0 +1,289 @@
+//! Live fan-out between gateways: each gateway NOTIFYs the events it
+//! broadcast locally, every other gateway broadcasts them to its own rooms.
+//!
+//! Events are coalesced: one NOTIFY carries as many as fit under the payload
+//! limit (a NOTIFY's commit takes a cluster-wide lock, so never one per
+//! message). A single event too big for a payload travels by reference: its
+//! batch is written to `relay_payloads` and only the row id is notified.
+//! Delivery is at most once, like NOTIFY itself; the messages table is the
+//! truth and clients resync by seq.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use sqlx::PgPool;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use super::EVENTS_CHANNEL;
+use crate::domain::{ConversationId, UserId};
+
+/// NOTIFY payloads must be under 8000 bytes; leave room for the envelope.
+const MAX_PAYLOAD: usize = 7800;
+/// Relay rows older than this are removed (receivers fetch within ms).
+const RELAY_ROW_TTL_SECS: f64 = 60.0;
+
+/// Where a relayed frame goes on the receiving gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// Every connection joined to the conversation.
+    Room(ConversationId),
+    /// Every connection of the user.
+    User(UserId),
+    /// Take the user's connections out of the room (membership ended).
+    Evict(ConversationId, UserId),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelayEvent {
+    pub target: Target,
+    /// The encoded server frame (empty for `Evict`).
+    pub frame: Bytes,
+}
+
+/// Events from one other gateway.
+#[derive(Debug)]
+pub struct RelayBatch {
+    pub gateway: Uuid,
+    pub events: Vec<RelayEvent>,
+}
+
+#[derive(Deserialize)]
+struct WireEvent<'a> {
+    t: &'a str,
+    #[serde(default)]
+    c: Option<Uuid>,
+    #[serde(default)]
+    u: Option<Uuid>,
+    #[serde(default, borrow)]
+    f: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    g: Uuid,
+    #[serde(default, borrow)]
+    e: Vec<WireEvent<'a>>,
+    /// A batch sent by reference: the id of its `relay_payloads` row.
+    #[serde(default)]
+    r: Option<i64>,
+}
+
+impl RelayBatch {
+    /// Decode a notification, fetching it first if it came by reference.
+    pub async fn decode(payload: &str, pool: &PgPool) -> Result<RelayBatch, String> {
+        let wire: Wire<'_> = serde_json::from_str(payload).map_err(|e| e.to_string())?;
+        if let Some(id) = wire.r {
+            let full: Option<String> =
+                sqlx::query_scalar("select payload from relay_payloads where id = $1")
+                    .bind(id)
+                    .fetch_optional(pool)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let full = full.ok_or_else(|| format!("relay payload {id} is gone"))?;
+            return Self::parse(&full);
+        }
+        Self::from_wire(wire)
+    }
+
+    fn parse(payload: &str) -> Result<RelayBatch, String> {
+        let wire: Wire<'_> = serde_json::from_str(payload).map_err(|e| e.to_string())?;
+        Self::from_wire(wire)
+    }
+
+    fn from_wire(wire: Wire<'_>) -> Result<RelayBatch, String> {
+        let mut events = Vec::with_capacity(wire.e.len());
+        for e in wire.e {
+            let frame =
+                e.f.map(|f| Bytes::copy_from_slice(f.get().as_bytes()))
+                    .unwrap_or_default();
+            let target = match (e.t, e.c, e.u) {
+                ("room", Some(c), _) => Target::Room(ConversationId(c)),
+                ("user", _, Some(u)) => Target::User(UserId(u)),
+                ("evict", Some(c), Some(u)) => Target::Evict(ConversationId(c), UserId(u)),
+                (t, _, _) => return Err(format!("unknown relay event {t:?}")),
+            };
+            events.push(RelayEvent { target, frame });
+        }
+        Ok(RelayBatch {
+            gateway: wire.g,
+            events,
+        })
+    }
+}
+
+/// One event as it appears inside a payload.
+fn encode_event(e: &RelayEvent) -> String {
+    let frame = std::str::from_utf8(&e.frame).unwrap_or("null");
+    let frame = if frame.is_empty() { "null" } else { frame };
+    match e.target {
+        Target::Room(c) => format!(r#"{{"t":"room","c":"{c}","f":{frame}}}"#),
+        Target::User(u) => format!(r#"{{"t":"user","u":"{u}","f":{frame}}}"#),
+        Target::Evict(c, u) => format!(r#"{{"t":"evict","c":"{c}","u":"{u}"}}"#),
+    }
+}
+
+fn envelope(gateway: Uuid, events: &[String]) -> String {
+    format!(r#"{{"g":"{gateway}","e":[{}]}}"#, events.join(","))
+}
+
+/// Handle to the relay publisher. Cheap to clone.
+#[derive(Clone)]
+pub struct Relay {
+    tx: mpsc::Sender<RelayEvent>,
+    gateway: Uuid,
+}
+
+impl Relay {
+    pub fn spawn(
+        pool: PgPool,
+        gateway: Uuid,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Relay {
+        // Bounded: if Postgres cannot keep up, live relay degrades (dropped
+        // hints, recovered by sync) instead of growing memory.
+        let (tx, rx) = mpsc::channel(16_384);
+        tracker.spawn(run(rx, pool, gateway, shutdown));
+        Relay { tx, gateway }
+    }
+
+    pub fn gateway(&self) -> Uuid {
+        self.gateway
+    }
+
+    pub fn publish(&self, target: Target, frame: &Bytes) {
+        if self
+            .tx
+            .try_send(RelayEvent {
+                target,
+                frame: frame.clone(),
+            })
+            .is_err()
+        {
+            tracing::warn!("relay queue full; a live event was not relayed to other gateways");
+        }
+    }
+}
+
+async fn run(
+    mut rx: mpsc::Receiver<RelayEvent>,
+    pool: PgPool,
+    gateway: Uuid,
+    shutdown: CancellationToken,
+) {
+    let mut last_cleanup = tokio::time::Instant::now();
+    loop {
+        let first = tokio::select! {
+            e = rx.recv() => e,
+            _ = shutdown.cancelled() => break,
+        };
+        let Some(first) = first else { break };
+        let mut pieces = vec![encode_event(&first)];
+        let mut size = pieces[0].len() + 64;
+        // Everything that queued while the previous NOTIFY was in flight.
+        while size < MAX_PAYLOAD {
+            match rx.try_recv() {
+                Ok(e) => {
+                    let piece = encode_event(&e);
+                    if size + piece.len() + 1 > MAX_PAYLOAD {
+                        // Does not fit: send what we have, start the next with it.
+                        publish(&pool, gateway, &pieces).await;
+                        pieces.clear();
+                        size = 64;
+                    }
+                    size += piece.len() + 1;
+                    pieces.push(piece);
+                }
+                Err(_) => break,
+            }
+        }
+        publish(&pool, gateway, &pieces).await;
+        if last_cleanup.elapsed() > Duration::from_secs(30) {
+            last_cleanup = tokio::time::Instant::now();
+            let _ = sqlx::query(
+                "delete from relay_payloads where created_at < now() - make_interval(secs => $1)",
+            )
+            .bind(RELAY_ROW_TTL_SECS)
+            .execute(&pool)
+            .await;
+        }
+    }
+}
+
+async fn publish(pool: &PgPool, gateway: Uuid, pieces: &[String]) {
+    if pieces.is_empty() {
+        return;
+    }
+    let payload = envelope(gateway, pieces);
+    let result = if payload.len() < MAX_PAYLOAD {
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(EVENTS_CHANNEL)
+            .bind(&payload)
+            .execute(pool)
+            .await
+            .map(|_| ())
+    } else {
+        // Too big for NOTIFY: by reference, insert and notify in one transaction.
+        async {
+            let mut tx = pool.begin().await?;
+            let id: i64 =
+                sqlx::query_scalar("insert into relay_payloads (payload) values ($1) returning id")
+                    .bind(&payload)
+                    .fetch_one(&mut *tx)
+                    .await?;
+            sqlx::query("select pg_notify($1, $2)")
+                .bind(EVENTS_CHANNEL)
+                .bind(format!(r#"{{"g":"{gateway}","r":{id}}}"#))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await
+        }
+        .await
+    };
+    if let Err(e) = result {
+        tracing::warn!(error = %e, events = pieces.len(), "relay NOTIFY failed; other gateways miss these live events");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_round_trip_through_the_wire_format() {
+        let g = Uuid::new_v4();
+        let conv = ConversationId::new_v7();
+        let user = UserId(Uuid::new_v4());
+        let events = [
+            RelayEvent {
+                target: Target::Room(conv),
+                frame: Bytes::from_static(br#"{"type":"typing","is_typing":true}"#),
+            },
+            RelayEvent {
+                target: Target::User(user),
+                frame: Bytes::from_static(br#"{"type":"presence","status":"online"}"#),
+            },
+            RelayEvent {
+                target: Target::Evict(conv, user),
+                frame: Bytes::new(),
+            },
+        ];
+        let pieces: Vec<String> = events.iter().map(encode_event).collect();
+        let batch = RelayBatch::parse(&envelope(g, &pieces)).unwrap();
+        assert_eq!(batch.gateway, g);
+        assert_eq!(batch.events[0], events[0]);
+        assert_eq!(batch.events[1], events[1]);
+        assert_eq!(batch.events[2].target, events[2].target);
+    }
+
+    #[test]
+    fn unknown_events_are_refused() {
+        let p = format!(r#"{{"g":"{}","e":[{{"t":"dance"}}]}}"#, Uuid::new_v4());
+        assert!(RelayBatch::parse(&p).is_err());
+    }
+}
