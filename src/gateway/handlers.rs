@@ -146,8 +146,7 @@ impl Connection {
                 );
                 if new || !self.joined.contains_key(&conv) {
                     self.joined.insert(conv, mark);
-                    gw.users
-                        .push(self.user, &server::joined(conv, last_seq), Some(self.id));
+                    gw.push_user(self.user, &server::joined(conv, last_seq), Some(self.id));
                 }
                 Ok(last_seq)
             }
@@ -171,8 +170,7 @@ impl Connection {
         self.stop_typing(conv);
         if self.gw.rooms.leave(conv, self.id) {
             self.gw
-                .users
-                .push(self.user, &server::left(conv), Some(self.id));
+                .push_user(self.user, &server::left(conv), Some(self.id));
             self.reply_ack(r, &json!({ "conversation_id": conv }));
         } else {
             self.reply_error(r, ErrorCode::NotJoined, "not joined to this conversation");
@@ -258,8 +256,9 @@ impl Connection {
             return;
         }
         gw.metrics.add_sent();
-        gw.rooms
-            .broadcast_message(conv, id, &server::new_message(&message));
+        let frame = server::new_message(&message);
+        gw.rooms.broadcast_message(conv, id, &frame);
+        gw.relay.publish(crate::notify::Target::Room(conv), &frame);
     }
 
     fn typing(&self, r: Option<&str>, conv: ConversationId, on: bool) {
@@ -303,8 +302,7 @@ impl Connection {
             }
             state.generation
         };
-        gw.rooms
-            .broadcast(conv, &server::typing(conv, self.user, on), Some(self.id));
+        gw.fanout(conv, &server::typing(conv, self.user, on), Some(self.id));
         self.reply_ack(r, &json!({}));
         if on {
             // Not refreshed in time: the server turns it off for everyone.
@@ -329,8 +327,7 @@ impl Connection {
                     }
                 };
                 if expired {
-                    gw.rooms
-                        .broadcast(conv, &server::typing(conv, user, false), Some(conn));
+                    gw.fanout(conv, &server::typing(conv, user, false), Some(conn));
                 }
             });
         }

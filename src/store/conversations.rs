@@ -226,8 +226,13 @@ impl Store {
                  where heartbeat_at < now() - make_interval(secs => $1::float8)
                  returning user_id
              )
+             -- The statement sees the table as it was before the CTE's delete,
+             -- so what remains is what has not expired.
              select distinct d.user_id from dead d
-             where not exists (select 1 from presence_sessions p where p.user_id = d.user_id)",
+             where not exists (
+                 select 1 from presence_sessions p
+                 where p.user_id = d.user_id
+                   and p.heartbeat_at >= now() - make_interval(secs => $1::float8))",
         )
         .bind(expiry.as_secs_f64())
         .fetch_all(&self.pool)
@@ -239,8 +244,10 @@ impl Store {
     pub async fn clear_presence(&self, gateway: Uuid) -> Result<Vec<UserId>, StoreError> {
         let gone: Vec<Uuid> = sqlx::query_scalar(
             "with mine as (delete from presence_sessions where gateway_id = $1 returning user_id)
+             -- The statement sees the rows the CTE deletes, hence the gateway filter.
              select m.user_id from mine m
-             where not exists (select 1 from presence_sessions p where p.user_id = m.user_id)",
+             where not exists (
+                 select 1 from presence_sessions p where p.user_id = m.user_id and p.gateway_id <> $1)",
         )
         .bind(gateway)
         .fetch_all(&self.pool)

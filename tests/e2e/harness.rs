@@ -210,6 +210,19 @@ pub struct Client {
 }
 
 impl Client {
+    /// Connect to any server with a token; reads hello.
+    pub async fn connect(addr: SocketAddr, token: &str) -> Client {
+        let url = format!("ws://{addr}/ws?token={token}");
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect timed out")
+            .expect("websocket connect");
+        let mut c = Client::from_stream(ws);
+        let hello = c.recv().await;
+        assert_eq!(hello["type"], "hello", "{hello}");
+        c
+    }
+
     /// A client over a socket the test set up itself (hello not read yet).
     pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
         Client {
@@ -354,4 +367,88 @@ where
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A free loopback port (racy in theory, fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed if the test ends (or panics) while it
+/// still runs, so no server outlives its test (and holds CI's output open).
+pub struct Proc(pub Option<std::process::Child>);
+
+impl Proc {
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, |c| c.id())
+    }
+
+    pub fn take(mut self) -> std::process::Child {
+        self.0.take().expect("process already taken")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The real `postline` binary with test settings, plus `env`.
+pub fn spawn_postline(args: &[&str], db_url: &str, port: u16, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_postline"));
+    cmd.args(args)
+        .env("DATABASE_URL", db_url)
+        .env("POSTLINE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("POSTLINE_JWT_SECRET", SECRET)
+        .env("POSTLINE_WORKER_BATCH", "10")
+        .env("POSTLINE_WORKER_VISIBILITY_TIMEOUT", "1")
+        .env("POSTLINE_WORKER_POLL_MS", "20")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(Some(cmd.spawn().expect("spawn postline")))
+}
+
+pub fn signal(child: &Proc, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+pub async fn wait_exit(child: Proc) -> std::process::ExitStatus {
+    let mut child = child.take();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "process did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until the server on `addr` answers /healthz.
+pub async fn wait_healthy(addr: SocketAddr) {
+    eventually("healthz answers", || async {
+        match TcpStream::connect(addr).await {
+            Ok(_) => (raw_http(addr, "GET", "/healthz", "", None).await.0 == 200).then_some(()),
+            Err(_) => None,
+        }
+    })
+    .await;
 }

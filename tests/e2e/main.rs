@@ -7,6 +7,7 @@ mod auth;
 mod bad_input;
 mod chat;
 mod durability;
+mod gateways;
 mod http_api;
 mod process;
 mod realtime;

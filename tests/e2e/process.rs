@@ -1,50 +1,11 @@
 //! The real binary, as an operator runs it.
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::harness::*;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn postline(args: &[&str], db_url: &str, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_postline"))
-        .args(args)
-        .env("DATABASE_URL", db_url)
-        .env("POSTLINE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("POSTLINE_JWT_SECRET", SECRET)
-        .env("POSTLINE_WORKER_BATCH", "10")
-        .env("POSTLINE_WORKER_VISIBILITY_TIMEOUT", "1")
-        .env("POSTLINE_WORKER_POLL_MS", "20")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .spawn()
-        .expect("spawn postline")
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
-}
-
-async fn wait_exit(mut child: Child) -> std::process::ExitStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "process did not exit");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+fn postline(args: &[&str], db_url: &str, port: u16) -> Proc {
+    spawn_postline(args, db_url, port, &[])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,16 +15,7 @@ async fn the_binary_serves_healthz_and_drains_on_sigterm() {
     let started = Instant::now();
     let child = postline(&["serve"], &db_url, port);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    eventually("healthz answers", || async {
-        match tokio::net::TcpStream::connect(addr).await {
-            Ok(_) => {
-                let (status, _) = raw_http(addr, "GET", "/healthz", "", None).await;
-                (status == 200).then_some(())
-            }
-            Err(_) => None,
-        }
-    })
-    .await;
+    wait_healthy(addr).await;
     eprintln!("healthz answered {:?} after spawn", started.elapsed());
 
     // A client connected to the process is told to go away on SIGTERM.

@@ -1,0 +1,244 @@
+//! Several gateway processes and workers on one Postgres.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::*;
+
+const FAST: &[(&str, &str)] = &[
+    ("POSTLINE_PRESENCE_HEARTBEAT_MS", "200"),
+    ("POSTLINE_PRESENCE_GRACE_MS", "200"),
+    ("POSTLINE_DRAIN_WINDOW_MS", "300"),
+];
+
+async fn gateway(db_url: &str) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let child = spawn_postline(
+        &["serve", "--no-worker", "--no-migrate"],
+        db_url,
+        port,
+        FAST,
+    );
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    wait_healthy(addr).await;
+    (child, addr)
+}
+
+fn worker(db_url: &str) -> Proc {
+    spawn_postline(&["worker"], db_url, free_port(), FAST)
+}
+
+async fn create_conversation(
+    addr: SocketAddr,
+    owner: postline::domain::UserId,
+    members: &[postline::domain::UserId],
+) -> uuid::Uuid {
+    let token = jwt().issue(owner, Duration::from_secs(600));
+    let body = json!({"member_ids": members}).to_string();
+    let (status, v) = raw_http(
+        addr,
+        "POST",
+        "/v1/conversations",
+        &format!("Authorization: Bearer {token}\r\n"),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    v["id"].as_str().unwrap().parse().unwrap()
+}
+
+fn jwt() -> postline::auth::Jwt {
+    postline::auth::Jwt::new(SECRET.as_bytes())
+}
+
+async fn client(addr: SocketAddr, user: postline::domain::UserId) -> Client {
+    Client::connect(addr, &jwt().issue(user, Duration::from_secs(600))).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_typing_and_presence_cross_gateways_and_two_workers_keep_seqs_gap_free() {
+    let (db_url, pool) = fresh_database().await;
+    let (gw_a, a_addr) = gateway(&db_url).await;
+    let (_gw_b, b_addr) = gateway(&db_url).await;
+    let _w1 = worker(&db_url);
+    let _w2 = worker(&db_url);
+
+    let (alice, bob) = (uid(), uid());
+    let conv = create_conversation(a_addr, alice, &[bob]).await;
+    let mut b = client(b_addr, bob).await;
+    b.join(conv).await;
+    let mut a = client(a_addr, alice).await;
+    let p = b.recv_type("presence").await;
+    assert_eq!(
+        (p["user_id"].as_str(), p["status"].as_str()),
+        (Some(alice.to_string().as_str()), Some("online"))
+    );
+    a.join(conv).await;
+
+    a.request(json!({"type": "typing", "conversation_id": conv, "is_typing": true}))
+        .await;
+    let t = b.recv_type("typing").await;
+    assert_eq!(t["user_id"], alice.to_string(), "typing crosses gateways");
+
+    let n = 100;
+    let mut sent = Vec::new();
+    for i in 0..n {
+        let ack = a
+            .send_text(conv, &format!("x{i}"), &format!("cross {i}"))
+            .await;
+        sent.push(ack["message_id"].as_str().unwrap().to_owned());
+    }
+    let mut got = Vec::new();
+    while got.len() < n {
+        got.push(
+            b.recv_type("new_message").await["message"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    assert_eq!(got, sent, "every message, in order, on the other gateway");
+    let rows = eventually("stored by two workers", || async {
+        let rows = stored(&pool, conv).await;
+        (rows.len() >= n).then_some(rows)
+    })
+    .await;
+    let seqs: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(
+        seqs,
+        (1..=n as i64).collect::<Vec<_>>(),
+        "gap-free with two workers"
+    );
+    // message_persisted reaches the other gateway's clients too.
+    b.recv_type("message_persisted").await;
+
+    // Gateway A dies without a word: its user goes offline, once.
+    signal(&gw_a, "-KILL");
+    assert!(!wait_exit(gw_a).await.success());
+    let p = b.recv_where(|v| v["type"] == "presence").await;
+    assert_eq!(
+        (p["user_id"].as_str(), p["status"].as_str()),
+        (Some(alice.to_string().as_str()), Some("offline"))
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let pong = b.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "ack");
+    let mut extra = 0;
+    while let Ok(v) = tokio::time::timeout(Duration::from_millis(50), b.recv()).await {
+        if v["type"] == "presence" {
+            extra += 1;
+        }
+    }
+    assert_eq!(extra, 0, "offline is announced once");
+    // B is unaffected.
+    let (status, _) = raw_http(b_addr, "GET", "/healthz", "", None).await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_gateway_sends_its_clients_elsewhere_and_they_lose_nothing() {
+    let (db_url, pool) = fresh_database().await;
+    let (_gw_a, a_addr) = gateway(&db_url).await;
+    let (gw_b, b_addr) = gateway(&db_url).await;
+    let _w = worker(&db_url);
+    let (dave, carol) = (uid(), uid());
+    let conv = create_conversation(a_addr, dave, &[carol]).await;
+    let mut d = client(a_addr, dave).await;
+    d.join(conv).await;
+    let mut c = client(b_addr, carol).await;
+    c.join(conv).await;
+
+    let mut sent = Vec::new();
+    for i in 0..20 {
+        sent.push(
+            d.send_text(conv, &format!("pre{i}"), "before").await["message_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut last_seq = 0;
+    while seen.len() < 20 {
+        let v = c
+            .recv_where(|v| v["type"] == "new_message" || v["type"] == "message_persisted")
+            .await;
+        if v["type"] == "new_message" {
+            seen.insert(v["message"]["id"].as_str().unwrap().to_owned());
+        } else {
+            last_seq = last_seq.max(v["seq"].as_i64().unwrap());
+        }
+    }
+
+    signal(&gw_b, "-TERM");
+    let notice = c.recv_type("reconnect").await;
+    let after = notice["after_ms"].as_u64().unwrap();
+    assert!(after < 300, "within the drain window: {after}");
+    assert_eq!(c.close_or_reset().await, Some(1001));
+    assert!(wait_exit(gw_b).await.success(), "drained and exited 0");
+
+    // Meanwhile the conversation goes on.
+    for i in 0..20 {
+        sent.push(
+            d.send_text(conv, &format!("post{i}"), "after").await["message_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(after)).await;
+    let mut c = client(a_addr, carol).await;
+    let mut after_seq = last_seq;
+    loop {
+        let r = c.request(json!({"type": "resume", "conversations": [{"conversation_id": conv, "after_seq": after_seq}]})).await;
+        let page = &r["conversations"][0];
+        for m in page["messages"].as_array().unwrap() {
+            seen.insert(m["id"].as_str().unwrap().to_owned());
+        }
+        after_seq = page["last_seq"].as_i64().unwrap();
+        if page["has_more"] == false && seen.len() >= sent.len() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent_set: HashSet<String> = sent.iter().cloned().collect();
+    assert_eq!(seen, sent_set, "nothing lost across the drain");
+    eventually("all stored", || async {
+        (stored(&pool, conv).await.len() >= 40).then_some(())
+    })
+    .await;
+    assert_eq!(stored(&pool, conv).await.len(), 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_are_told_to_resync_when_the_listen_connection_comes_back() {
+    let app = TestApp::spawn().await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    let mut c = app.ws(a).await;
+    c.join(conv).await;
+    // Kill the gateway's LISTEN backend, as a network blip or a pooler would.
+    let killed: Vec<bool> = sqlx::query_scalar(
+        "select pg_terminate_backend(pid) from pg_stat_activity
+         where datname = current_database() and query ilike 'listen%'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert!(!killed.is_empty(), "found the LISTEN connection");
+    // The next notification triggers the reconnect; the client hears it may have missed some.
+    let ack = c.send_text(conv, "m1", "during the blip").await;
+    assert_eq!(ack["type"], "ack");
+    let v = c.recv_where(|v| v["type"] == "resync").await;
+    assert_eq!(v["type"], "resync");
+    // And live hints flow again.
+    let ack = c.send_text(conv, "m2", "after").await;
+    let p = c
+        .recv_where(|v| v["type"] == "message_persisted" && v["message_id"] == ack["message_id"])
+        .await;
+    assert_eq!(p["seq"], 2);
+    app.stop().await;
+}
