@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run one benchmark scenario of BENCHMARKS.md against a release build:
-#   scripts/bench.sh S1|S2|S3|S4|S5 [extra postline-bench flags]
+#   scripts/bench.sh S1|S2|S3|S4|S5|S6 [extra postline-bench flags]
 # S1-S3 start `postline serve --dev` (a throwaway local Postgres, fsync off:
 # they measure the gateway, not the disk); S4 starts its own cluster with
 # fsync on; S5 restarts the server against a ready database.
@@ -8,23 +8,29 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-postgres.sh
 cargo build --release --locked --bins >&2
-scenario=${1:?usage: scripts/bench.sh S1|S2|S3|S4|S5 [postline-bench flags]}
+scenario=${1:?usage: scripts/bench.sh S1|S2|S3|S4|S5|S6 [postline-bench flags]}
 shift
 bench=./target/release/postline-bench
 port=${POSTLINE_BENCH_PORT:-18090}
 addr=127.0.0.1:$port
 
-start_server() {
-  RUST_LOG=warn POSTLINE_LISTEN=$addr ./target/release/postline serve --dev &
-  server=$!
+wait_up() {
   for _ in $(seq 1 300); do
-    curl -sf "http://$addr/healthz" >/dev/null 2>&1 && return 0
+    curl -sf "http://$1/healthz" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
-  echo "server did not come up" >&2
+  echo "server on $1 did not come up" >&2
   exit 1
 }
+start_server() {
+  log=$(mktemp)
+  RUST_LOG=info POSTLINE_LISTEN=$addr ./target/release/postline serve --dev >"$log" 2>&1 &
+  server=$!
+  wait_up "$addr"
+}
+second=""
 stop_server() {
+  [ -n "$second" ] && kill -TERM "$second" 2>/dev/null && wait "$second" 2>/dev/null
   kill -TERM "$server" 2>/dev/null || true
   wait "$server" 2>/dev/null || true
 }
@@ -50,6 +56,18 @@ case "$scenario" in
       --conversations "${CONVERSATIONS:-190}" --rate 0 --duration 5 --warmup 1 \
       --connect-concurrency 512 --source-ips 4 "$@"
     ;;
+  S6)
+    # Two gateways on one Postgres: senders on the first, receivers spread
+    # over both; latency reported for same-gateway and cross-gateway deliveries.
+    start_server
+    url=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'postgres://[^ ]*' | head -1)
+    addr2=127.0.0.1:$((port + 1))
+    RUST_LOG=warn DATABASE_URL=$url POSTLINE_LISTEN=$addr2 ./target/release/postline serve --dev --no-worker --no-migrate &
+    second=$!
+    wait_up "$addr2"
+    $bench --addr "$addr" --also "$addr2" --connections 1000 --conversations 100 \
+      --senders-per-conversation 1 --rate 10 --payload 64 --duration "${DURATION:-30}" --warmup 5 "$@"
+    ;;
   S4)
     trap - EXIT
     $bench --persist-jobs "${JOBS:-100000}" --conversations 100 --workers "${WORKERS:-1}" "$@"
@@ -59,7 +77,7 @@ case "$scenario" in
     $bench --cold-start "${RUNS:-9}" "$@"
     ;;
   *)
-    echo "unknown scenario $scenario (S1..S5)" >&2
+    echo "unknown scenario $scenario (S1..S6)" >&2
     exit 2
     ;;
 esac

@@ -35,6 +35,11 @@ struct Args {
     /// Server address (host:port).
     #[arg(long, default_value = "127.0.0.1:8080")]
     addr: SocketAddr,
+    /// More gateways sharing the database: receivers are spread over `addr`
+    /// and these (senders stay on `addr`), and latency is reported separately
+    /// for receivers on the sender's gateway and on another one.
+    #[arg(long, value_delimiter = ',')]
+    also: Vec<SocketAddr>,
     /// HS256 secret shared with the server (default: the --dev secret).
     #[arg(long, env = "POSTLINE_JWT_SECRET", hide_env_values = true)]
     secret: Option<String>,
@@ -101,6 +106,8 @@ struct Stats {
     window_start: AtomicU64,
     window_end: AtomicU64,
     latency: Vec<Mutex<Histogram<u64>>>,
+    /// Deliveries to a receiver on another gateway than the sender's.
+    cross_latency: Mutex<Histogram<u64>>,
     connect: Mutex<Histogram<u64>>,
     sends: AtomicU64,
     deliveries: AtomicU64,
@@ -195,6 +202,10 @@ struct Plan {
     conversation: Uuid,
     sender: bool,
     index: usize,
+    /// The gateway this connection uses.
+    addr: SocketAddr,
+    /// Whether it is not the gateway the conversation's senders use.
+    cross: bool,
     /// One connection per conversation counts `message_persisted`, so
     /// persisted/s counts messages, not deliveries of the notice.
     observer: bool,
@@ -222,12 +233,12 @@ async fn connect(
         let ip =
             std::net::Ipv4Addr::new(127, 0, 0, 1 + (plan.index % args.source_ips as usize) as u8);
         socket.bind(SocketAddr::from((ip, 0)))?;
-        socket.connect(args.addr).await?
+        socket.connect(plan.addr).await?
     } else {
-        TcpStream::connect(args.addr).await?
+        TcpStream::connect(plan.addr).await?
     };
     stream.set_nodelay(true)?;
-    let ws = open_ws(stream, args.addr, &plan.token).await?;
+    let ws = open_ws(stream, plan.addr, &plan.token).await?;
     let (mut rx, mut tx) = ws.split(tokio::io::split);
     let mut no_obligations = |_: Frame<'_>| async { Ok::<(), WebSocketError>(()) };
     let hello = rx.read_frame(&mut no_obligations).await?;
@@ -291,6 +302,7 @@ async fn run_connection(
 
     let reader_stats = stats.clone();
     let observer = plan.observer;
+    let cross = plan.cross;
     let reader = tokio::spawn(async move {
         let shard = idx % SHARDS;
         loop {
@@ -309,6 +321,9 @@ async fn run_connection(
                             reader_stats.deliveries.fetch_add(1, Ordering::Relaxed);
                             let us = (now.saturating_sub(t) / 1000).max(1);
                             reader_stats.latency[shard].lock().unwrap().record(us).ok();
+                            if cross {
+                                reader_stats.cross_latency.lock().unwrap().record(us).ok();
+                            }
                         }
                     }
                 }
@@ -509,6 +524,8 @@ async fn cold_start_benchmark(args: &Args, runs: usize) -> anyhow::Result<()> {
             sender: false,
             observer: false,
             index: 0,
+            addr,
+            cross: false,
         };
         let elapsed = loop {
             if t.elapsed() > Duration::from_secs(30) {
@@ -614,6 +631,9 @@ async fn run(args: Arc<Args>) -> anyhow::Result<()> {
     let jwt = Jwt::new(secret.as_bytes());
     let ttl = Duration::from_secs(3600);
 
+    let gateways: Vec<SocketAddr> = std::iter::once(args.addr)
+        .chain(args.also.iter().copied())
+        .collect();
     // Users and conversations.
     let users: Vec<UserId> = (0..args.connections)
         .map(|_| UserId(Uuid::new_v4()))
@@ -657,6 +677,7 @@ async fn run(args: Arc<Args>) -> anyhow::Result<()> {
         window_start: AtomicU64::new(u64::MAX),
         window_end: AtomicU64::new(0),
         latency: (0..SHARDS).map(|_| Mutex::new(hist())).collect(),
+        cross_latency: Mutex::new(hist()),
         connect: Mutex::new(hist()),
         sends: AtomicU64::new(0),
         deliveries: AtomicU64::new(0),
@@ -680,6 +701,8 @@ async fn run(args: Arc<Args>) -> anyhow::Result<()> {
             sender: i / args.conversations < args.senders_per_conversation,
             observer: i < args.conversations,
             index: i,
+            addr: gateways[(i / args.conversations) % gateways.len()],
+            cross: (i / args.conversations) % gateways.len() != 0,
         };
         let start = Start {
             ready: ready_tx.clone(),
@@ -731,6 +754,10 @@ async fn run(args: Arc<Args>) -> anyhow::Result<()> {
     for h in &stats.latency {
         lat.add(&*h.lock().unwrap()).ok();
     }
+    let cross = stats.cross_latency.lock().unwrap().clone();
+    // Same-gateway deliveries: all minus cross.
+    let mut same = lat.clone();
+    same.subtract(&cross).ok();
     let connect = stats.connect.lock().unwrap().clone();
     let secs = args.duration;
     let rss = args.server_pid.and_then(rss_kib);
@@ -743,6 +770,8 @@ async fn run(args: Arc<Args>) -> anyhow::Result<()> {
         "duration_s": secs,
         "connect_us": {"p50": connect.value_at_quantile(0.5), "p99": connect.value_at_quantile(0.99), "max": connect.max()},
         "latency_us": {"p50": lat.value_at_quantile(0.5), "p90": lat.value_at_quantile(0.9), "p99": lat.value_at_quantile(0.99), "p99_9": lat.value_at_quantile(0.999), "max": lat.max(), "samples": lat.len()},
+        "same_gateway_latency_us": {"p50": same.value_at_quantile(0.5), "p99": same.value_at_quantile(0.99), "samples": same.len()},
+        "cross_gateway_latency_us": {"p50": cross.value_at_quantile(0.5), "p99": cross.value_at_quantile(0.99), "samples": cross.len()},
         "sends_per_s": stats.sends.load(Ordering::Relaxed) as f64 / secs,
         "deliveries_per_s": stats.deliveries.load(Ordering::Relaxed) as f64 / secs,
         "persisted_per_s": stats.persisted.load(Ordering::Relaxed) as f64 / secs,
@@ -773,6 +802,13 @@ async fn run(args: Arc<Args>) -> anyhow::Result<()> {
             lat.max(),
             lat.len()
         );
+        if !args.also.is_empty() {
+            println!(
+                "  same gateway (us)  p50 {:>8}  p99 {:>8}  (n={})   other gateway (us)  p50 {:>8}  p99 {:>8}  (n={})",
+                same.value_at_quantile(0.5), same.value_at_quantile(0.99), same.len(),
+                cross.value_at_quantile(0.5), cross.value_at_quantile(0.99), cross.len()
+            );
+        }
         println!("  sends/s {:>10.0}   deliveries/s {:>10.0}   persisted/s {:>10.0}   errors {}   failed connections {}",
             report["sends_per_s"].as_f64().unwrap_or(0.0), report["deliveries_per_s"].as_f64().unwrap_or(0.0), report["persisted_per_s"].as_f64().unwrap_or(0.0),
             report["errors"], failed);
