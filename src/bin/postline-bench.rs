@@ -702,7 +702,7 @@ async fn run(args: Arc<Args>) -> anyhow::Result<()> {
             observer: i < args.conversations,
             index: i,
             addr: gateways[(i / args.conversations) % gateways.len()],
-            cross: (i / args.conversations) % gateways.len() != 0,
+            cross: !(i / args.conversations).is_multiple_of(gateways.len()),
         };
         let start = Start {
             ready: ready_tx.clone(),
