@@ -42,12 +42,12 @@ fn send(conv: uuid::Uuid, i: usize) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restarted_during_a_stream_of_sends_loses_and_duplicates_nothing() {
     let (cluster, app) = private_app(|_| {}).await;
-    let (a, b) = (uid(), uid());
-    let conv = app.conversation(a, &[b]).await;
-    let mut alice = app.ws(a).await;
-    let mut bob = app.ws(b).await;
-    alice.join(conv).await;
-    bob.join(conv).await;
+    let Pair {
+        conv,
+        mut alice,
+        mut bob,
+        ..
+    } = app.pair().await;
 
     let n = 150;
     for i in 0..n {
@@ -117,12 +117,12 @@ async fn a_full_persist_buffer_refuses_sends_and_readyz_reports_it() {
         o.config.enqueue.max_batch = 2;
     })
     .await;
-    let (a, b) = (uid(), uid());
-    let conv = app.conversation(a, &[b]).await;
-    let mut alice = app.ws(a).await;
-    let mut bob = app.ws(b).await;
-    alice.join(conv).await;
-    bob.join(conv).await;
+    let Pair {
+        conv,
+        mut alice,
+        mut bob,
+        ..
+    } = app.pair().await;
 
     stop(&cluster).await;
     let n = 12;

@@ -46,12 +46,13 @@ async fn three_clients_see_each_others_messages_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn message_persisted_arrives_with_gap_free_seqs_and_history_returns_them() {
     let app = TestApp::spawn().await;
-    let (a, b) = (uid(), uid());
-    let conv = app.conversation(a, &[b]).await;
-    let mut alice = app.ws(a).await;
-    let mut bob = app.ws(b).await;
-    alice.join(conv).await;
-    bob.join(conv).await;
+    let Pair {
+        a,
+        b,
+        conv,
+        mut alice,
+        mut bob,
+    } = app.pair().await;
     let n = 30;
     let mut ids = Vec::new();
     for i in 0..n {
@@ -143,12 +144,12 @@ async fn message_persisted_arrives_with_gap_free_seqs_and_history_returns_them()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_client_message_id_is_acked_not_rebroadcast_nor_stored_twice() {
     let app = TestApp::spawn().await;
-    let (a, b) = (uid(), uid());
-    let conv = app.conversation(a, &[b]).await;
-    let mut alice = app.ws(a).await;
-    let mut bob = app.ws(b).await;
-    alice.join(conv).await;
-    bob.join(conv).await;
+    let Pair {
+        conv,
+        mut alice,
+        mut bob,
+        ..
+    } = app.pair().await;
 
     let first = alice.send_text(conv, "same-id", "once").await;
     assert_eq!(first["duplicate"], false);
@@ -235,12 +236,13 @@ async fn non_members_and_unjoined_connections_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leave_stops_delivery_and_typing_reaches_the_others() {
     let app = TestApp::spawn().await;
-    let (a, b) = (uid(), uid());
-    let conv = app.conversation(a, &[b]).await;
-    let mut alice = app.ws(a).await;
-    let mut bob = app.ws(b).await;
-    alice.join(conv).await;
-    bob.join(conv).await;
+    let Pair {
+        a,
+        conv,
+        mut alice,
+        mut bob,
+        ..
+    } = app.pair().await;
 
     let ack = alice
         .request(json!({"type": "typing", "conversation_id": conv, "is_typing": true}))

@@ -59,6 +59,15 @@ pub fn uid() -> UserId {
     UserId(Uuid::new_v4())
 }
 
+/// What [`TestApp::pair`] sets up.
+pub struct Pair {
+    pub a: UserId,
+    pub b: UserId,
+    pub conv: Uuid,
+    pub alice: Client,
+    pub bob: Client,
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
     pub pool: PgPool,
@@ -161,6 +170,23 @@ impl TestApp {
         assert_eq!(hello["type"], "hello", "{hello}");
         assert_eq!(hello["user_id"], user.to_string());
         c
+    }
+
+    /// Two users in a new conversation, each connected and joined.
+    pub async fn pair(&self) -> Pair {
+        let (a, b) = (uid(), uid());
+        let conv = self.conversation(a, &[b]).await;
+        let mut alice = self.ws(a).await;
+        let mut bob = self.ws(b).await;
+        alice.join(conv).await;
+        bob.join(conv).await;
+        Pair {
+            a,
+            b,
+            conv,
+            alice,
+            bob,
+        }
     }
 
     pub async fn stop(self) {

@@ -37,12 +37,13 @@ async fn wait_stored(app: &TestApp, conv: uuid::Uuid, n: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typing_reaches_the_others_is_rate_limited_and_expires_by_itself() {
     let app = TestApp::spawn_with(quick()).await;
-    let (a, b) = (uid(), uid());
-    let conv = app.conversation(a, &[b]).await;
-    let mut alice = app.ws(a).await;
-    let mut bob = app.ws(b).await;
-    alice.join(conv).await;
-    bob.join(conv).await;
+    let Pair {
+        a,
+        conv,
+        mut alice,
+        mut bob,
+        ..
+    } = app.pair().await;
 
     let ack = alice
         .request(json!({"type": "typing", "conversation_id": conv, "is_typing": true}))
@@ -143,12 +144,13 @@ async fn presence_counts_devices_once_absorbs_flapping_and_is_queryable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn receipts_move_forward_only_reach_the_room_and_drive_unread_counts() {
     let app = TestApp::spawn().await;
-    let (a, b) = (uid(), uid());
-    let conv = app.conversation(a, &[b]).await;
-    let mut alice = app.ws(a).await;
-    let mut bob = app.ws(b).await;
-    alice.join(conv).await;
-    bob.join(conv).await;
+    let Pair {
+        a,
+        b,
+        conv,
+        mut alice,
+        mut bob,
+    } = app.pair().await;
     send_n(&mut alice, conv, "m", 5).await;
     wait_stored(&app, conv, 5).await;
 
@@ -388,12 +390,13 @@ async fn two_devices_of_one_user_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edits_and_deletes_use_versions_and_history_keeps_tombstones() {
     let app = TestApp::spawn().await;
-    let (a, b) = (uid(), uid());
-    let conv = app.conversation(a, &[b]).await;
-    let mut alice = app.ws(a).await;
-    let mut bob = app.ws(b).await;
-    alice.join(conv).await;
-    bob.join(conv).await;
+    let Pair {
+        b,
+        conv,
+        mut alice,
+        mut bob,
+        ..
+    } = app.pair().await;
     let id = alice.send_text(conv, "e1", "first draft").await["message_id"]
         .as_str()
         .unwrap()
