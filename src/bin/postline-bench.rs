@@ -88,6 +88,10 @@ struct Args {
     /// WebSocket, then read its idle RSS.
     #[arg(long)]
     cold_start: Option<usize>,
+    /// This many receiving connections stop reading once joined (slow
+    /// consumers), to measure that they do not slow the others.
+    #[arg(long, default_value_t = 0)]
+    slow_readers: usize,
     /// Runtime threads of the generator (0: one per core).
     #[arg(long, default_value_t = 0)]
     threads: usize,
@@ -204,6 +208,8 @@ struct Plan {
     index: usize,
     /// The gateway this connection uses.
     addr: SocketAddr,
+    /// Never reads after joining.
+    slow: bool,
     /// Whether it is not the gateway the conversation's senders use.
     cross: bool,
     /// One connection per conversation counts `message_persisted`, so
@@ -300,6 +306,12 @@ async fn run_connection(
     let stop_at = start.stop_at.load(Ordering::Relaxed);
     let mut no_obligations = |_: Frame<'_>| async { Ok::<(), WebSocketError>(()) };
 
+    if plan.slow {
+        // Hold the socket, read nothing: the server must cope on its own.
+        tokio::time::sleep(Duration::from_nanos(stop_at.saturating_sub(stats.now_ns()))).await;
+        drop((rx, tx));
+        return Ok(());
+    }
     let reader_stats = stats.clone();
     let observer = plan.observer;
     let cross = plan.cross;
@@ -526,6 +538,7 @@ async fn cold_start_benchmark(args: &Args, runs: usize) -> anyhow::Result<()> {
             index: 0,
             addr,
             cross: false,
+            slow: false,
         };
         let elapsed = loop {
             if t.elapsed() > Duration::from_secs(30) {
@@ -703,6 +716,7 @@ async fn run(args: Arc<Args>) -> anyhow::Result<()> {
             index: i,
             addr: gateways[(i / args.conversations) % gateways.len()],
             cross: !(i / args.conversations).is_multiple_of(gateways.len()),
+            slow: i >= args.connections - args.slow_readers.min(args.connections),
         };
         let start = Start {
             ready: ready_tx.clone(),

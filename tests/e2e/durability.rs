@@ -173,10 +173,7 @@ async fn jobs_that_can_never_succeed_are_dead_lettered_at_once_without_blocking_
     assert_eq!(w.run_once().await.unwrap(), processed(3, 1, 0, 2));
     assert_eq!(stored(&app.pool, conv).await.len(), 1);
     assert_eq!(queue::depth(&app.pool, PERSIST_QUEUE).await.unwrap(), 0);
-    let archived: i64 = sqlx::query_scalar("select count(*) from pgmq.a_postline_persist")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let archived = count(&app.pool, "select count(*) from pgmq.a_postline_persist").await;
     assert_eq!(archived, 2);
     app.stop().await;
 }

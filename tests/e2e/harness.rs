@@ -376,6 +376,11 @@ pub async fn stored(pool: &PgPool, conv: Uuid) -> Vec<(i64, Uuid, String)> {
     .unwrap()
 }
 
+/// A single-number query (`select count(*) ...`).
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
 /// Poll `f` until it returns Some, bounded by WAIT.
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where

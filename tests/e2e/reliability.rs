@@ -126,15 +126,9 @@ async fn a_poison_job_is_retried_then_dead_lettered_while_its_batch_persists_and
     assert_eq!(payload, poison);
     assert!(first < last, "first failure {first} before the last {last}");
     assert_eq!(queue::depth(&app.pool, PERSIST_QUEUE).await.unwrap(), 0);
-    let left: i64 = sqlx::query_scalar("select count(*) from job_failures")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let left = count(&app.pool, "select count(*) from job_failures").await;
     assert_eq!(left, 0, "failure history moves with the dead letter");
-    let archived: i64 = sqlx::query_scalar("select count(*) from pgmq.a_postline_persist")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let archived = count(&app.pool, "select count(*) from pgmq.a_postline_persist").await;
     assert_eq!(archived, 1);
     assert_eq!(stored(&app.pool, conv).await.len(), 2);
 
@@ -325,16 +319,10 @@ async fn cleanup_removes_archived_jobs_past_retention_and_stale_failures() {
         .unwrap();
     let report = w.cleanup_once().await.unwrap();
     assert_eq!((report.archived_rows, report.stale_failures), (1, 1));
-    let left: i64 = sqlx::query_scalar("select count(*) from pgmq.a_postline_persist")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let left = count(&app.pool, "select count(*) from pgmq.a_postline_persist").await;
     assert_eq!(left, 1, "the recent archive row stays");
     // The dead-letter table is the operator's, not the cleaner's.
-    let dead: i64 = sqlx::query_scalar("select count(*) from dead_letters")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let dead = count(&app.pool, "select count(*) from dead_letters").await;
     assert_eq!(dead, 2);
     app.stop().await;
 }
