@@ -306,6 +306,9 @@ pub async fn serve(
     let store = Store::new(pool.clone());
     let wake = Arc::new(Notify::new());
 
+    // Connections close only after the persist buffer is flushed, so the
+    // last sends still get their ack (or `unavailable`) on the socket.
+    let close_connections = CancellationToken::new();
     let flush = TaskTracker::new();
     let enqueue_stop = CancellationToken::new();
     let enqueuer = Enqueuer::spawn(
@@ -341,7 +344,7 @@ pub async fn serve(
         },
         metrics.clone(),
         cfg.gateway,
-        shutdown.clone(),
+        close_connections.clone(),
     );
     let background = background_tasks;
     let (mut hints, listener_task) = crate::notify::listen(&pool, background_stop.clone()).await?;
@@ -370,7 +373,9 @@ pub async fn serve(
     http::serve(listener, ctx, shutdown.clone()).await;
 
     let deadline = tokio::time::Instant::now() + cfg.shutdown_grace;
-    gateway.drain().await;
+    // 1. Accepting stopped (above). 2. Flush what was accepted: new sends on
+    // open connections now get `unavailable`. 3. Close connections, after
+    // their queued frames (acks included), with reconnect notices.
     enqueue_stop.cancel();
     flush.close();
     if tokio::time::timeout_at(deadline, flush.wait())
@@ -379,6 +384,8 @@ pub async fn serve(
     {
         tracing::error!("persist buffer not flushed before the shutdown deadline");
     }
+    close_connections.cancel();
+    gateway.drain().await;
     background_stop.cancel();
     background.close();
     let _ = tokio::time::timeout_at(deadline, background.wait()).await;

@@ -58,6 +58,13 @@ async fn postgres_restarted_during_a_stream_of_sends_loses_and_duplicates_nothin
             start(&cluster).await;
         }
         alice.send(send(conv, i)).await;
+        if i == 60 {
+            // A retry while the original is not yet durable: it must not be
+            // acked before the original is.
+            let mut again = send(conv, 55);
+            again["ref"] = json!("again");
+            alice.send(again).await;
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
@@ -69,7 +76,7 @@ async fn postgres_restarted_during_a_stream_of_sends_loses_and_duplicates_nothin
     }
     // Every send got exactly one reply; with the default buffer, all are acks.
     let mut replies: HashMap<String, Value> = HashMap::new();
-    while replies.len() < n {
+    while replies.len() < n + 1 {
         let r = alice
             .recv_where(|v| v["type"] == "ack" || v["type"] == "error")
             .await;
@@ -78,6 +85,9 @@ async fn postgres_restarted_during_a_stream_of_sends_loses_and_duplicates_nothin
     }
     let errors: Vec<&Value> = replies.values().filter(|r| r["type"] == "error").collect();
     assert!(errors.is_empty(), "{errors:?}");
+    let again = replies.remove("again").unwrap();
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["message_id"], replies["s55"]["message_id"]);
 
     let rows = eventually("every acked message stored", || async {
         let rows = stored(&app.pool, conv).await;

@@ -72,6 +72,18 @@ impl<K: Hash + Eq, V: Clone> BoundedMap<K, V> {
         Ok(())
     }
 
+    /// Remove the entry only if `pred` holds for its value (so a stale
+    /// remover cannot delete a newer entry under the same key).
+    pub fn remove_if(&self, key: &K, pred: impl Fn(&V) -> bool) {
+        let mut shard = self.shard(key);
+        if shard.young.get(key).is_some_and(&pred) {
+            shard.young.remove(key);
+        }
+        if shard.old.get(key).is_some_and(&pred) {
+            shard.old.remove(key);
+        }
+    }
+
     pub fn remove(&self, key: &K) {
         let mut shard = self.shard(key);
         shard.young.remove(key);

@@ -268,6 +268,10 @@ async fn write_loop(
                     return write.flush().await;
                 }
                 _ = shutdown.cancelled() => {
+                    // What is already queued (acks of the last sends) goes first.
+                    while let Ok(frame) = out.try_recv() {
+                        write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
+                    }
                     let notice = server::reconnect(reconnect_after.as_millis() as u64);
                     write.write_frame(Frame::text(Payload::Borrowed(&notice))).await?;
                     write.write_frame(Frame::close(close::GOING_AWAY, b"server shutting down")).await?;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use serde_json::json;
 
 use super::connection::Connection;
@@ -13,7 +14,7 @@ use crate::domain::{now_micros, Content, ConversationId, Message, MessageId, Seq
 use crate::protocol::client::{ClientEvent, SendMessage};
 use crate::protocol::{server, ErrorCode};
 use crate::queue::{BackgroundJob, EnqueueError, PersistJob};
-use crate::rooms::{Member, Push};
+use crate::rooms::{Member, Outbox, Push};
 use crate::store::{Access, EditRefusal, HistoryPage, StoredMessage};
 
 /// How long `sync` waits for messages broadcast before the join to be
@@ -35,6 +36,73 @@ pub(super) struct TypingStates(Arc<Mutex<HashMap<ConversationId, Typing>>>);
 impl TypingStates {
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConversationId, Typing>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A client_message_id being sent: retries wait for the original's fate
+/// instead of being acked before it is durable.
+pub(super) struct Claim {
+    id: MessageId,
+    state: Mutex<ClaimState>,
+}
+
+enum ClaimState {
+    /// Queued, not yet committed: (outbox, ack to send, error to send) of retries.
+    Pending(Vec<(Outbox, Option<Bytes>, Bytes)>),
+    Committed,
+    /// Never made durable; the claim is being removed.
+    Failed,
+}
+
+impl Claim {
+    fn new(id: MessageId) -> Self {
+        Claim {
+            id,
+            state: Mutex::new(ClaimState::Pending(Vec::new())),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ClaimState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A retry of this message: answered now if the original's fate is known,
+    /// else when it is.
+    fn retry(&self, outbox: &Outbox, ack: Option<Bytes>, error: Bytes) {
+        let mut state = self.lock();
+        match &mut *state {
+            ClaimState::Pending(waiters) => waiters.push((outbox.clone(), ack, error)),
+            ClaimState::Committed => {
+                if let Some(ack) = ack {
+                    let _ = outbox.push(ack);
+                }
+            }
+            ClaimState::Failed => {
+                let _ = outbox.push(error);
+            }
+        }
+    }
+
+    fn settle(&self, committed: bool) {
+        let waiters = {
+            let mut state = self.lock();
+            let next = if committed {
+                ClaimState::Committed
+            } else {
+                ClaimState::Failed
+            };
+            match std::mem::replace(&mut *state, next) {
+                ClaimState::Pending(w) => w,
+                _ => Vec::new(),
+            }
+        };
+        for (outbox, ack, error) in waiters {
+            let _ = match (committed, ack) {
+                (true, Some(ack)) => outbox.push(ack),
+                (true, None) => Push::Queued,
+                (false, _) => outbox.push(error),
+            };
+        }
     }
 }
 
@@ -144,6 +212,20 @@ impl Connection {
                         outbox: self.outbox.clone(),
                     },
                 );
+                if new {
+                    // A removal that committed (and evicted) between the check
+                    // above and the join would otherwise be missed: look again.
+                    if !matches!(
+                        gw.store.access(conv, self.user).await,
+                        Ok(Access::Member { .. })
+                    ) {
+                        gw.rooms.leave(conv, self.id);
+                        return Err((
+                            ErrorCode::Forbidden,
+                            "not a member of this conversation".into(),
+                        ));
+                    }
+                }
                 if new || !self.joined.contains_key(&conv) {
                     self.joined.insert(conv, mark);
                     gw.push_user(self.user, &server::joined(conv, last_seq), Some(self.id));
@@ -188,12 +270,21 @@ impl Connection {
         }
         let id = MessageId::new_v7();
         let key = (self.user, conv, send.client_message_id.clone());
-        if let Err(original) = gw.dedup.claim(key.clone(), id) {
+        let claim = Arc::new(Claim::new(id));
+        if let Err(original) = gw.dedup.claim(key.clone(), claim.clone()) {
             gw.metrics.add_duplicate();
-            self.reply_ack(
+            let ack = r.map(|_| {
+                server::ack(
+                    r,
+                    &json!({ "message_id": original.id, "client_message_id": send.client_message_id, "duplicate": true }),
+                )
+            });
+            let error = server::error(
                 r,
-                &json!({ "message_id": original, "client_message_id": send.client_message_id, "duplicate": true }),
+                ErrorCode::Unavailable,
+                "the original of this message could not be made durable; send it again with the same client_message_id",
             );
+            original.retry(&self.outbox, ack, error);
             return;
         }
         let message = Message {
@@ -205,10 +296,14 @@ impl Connection {
             content: send.content,
             created_at: now_micros(),
         };
+        let forget = |gw: &super::Gateway| {
+            claim.settle(false);
+            gw.dedup.remove_if(&key, |c| Arc::ptr_eq(c, &claim));
+        };
         let job = match serde_json::to_value(PersistJob::from_message(&message)) {
             Ok(j) => j,
             Err(e) => {
-                gw.dedup.remove(&key);
+                forget(gw);
                 self.reply_error(
                     r,
                     ErrorCode::Internal,
@@ -224,12 +319,15 @@ impl Connection {
         let outbox = self.outbox.clone();
         let reply_ref = r.map(str::to_owned);
         let gw_done = gw.clone();
-        let done_key = key.clone();
+        let (done_key, done_claim) = (key.clone(), claim.clone());
         let done = Box::new(move |res: Result<(), EnqueueError>| {
+            done_claim.settle(res.is_ok());
             if res.is_err() {
                 // Not queued: a resend with the same client_message_id must be
                 // treated as new, not acked as a duplicate of nothing.
-                gw_done.dedup.remove(&done_key);
+                gw_done
+                    .dedup
+                    .remove_if(&done_key, |c| Arc::ptr_eq(c, &done_claim));
             }
             let _ = match res {
                 Ok(()) if reply_ref.is_some() => outbox.push(ack),
@@ -247,7 +345,7 @@ impl Connection {
             };
         });
         if gw.queues.persist.submit(job, done).is_err() {
-            gw.dedup.remove(&key);
+            forget(gw);
             self.reply_error(
                 r,
                 ErrorCode::Unavailable,
@@ -258,7 +356,8 @@ impl Connection {
         gw.metrics.add_sent();
         let frame = server::new_message(&message);
         gw.rooms.broadcast_message(conv, id, &frame);
-        gw.relay.publish(crate::notify::Target::Room(conv), &frame);
+        gw.relay
+            .publish(crate::notify::Target::Message(conv, id), &frame);
     }
 
     fn typing(&self, r: Option<&str>, conv: ConversationId, on: bool) {
@@ -390,7 +489,6 @@ impl Connection {
             self.reply_ack(r, &result);
             return;
         }
-        gw.receipts.insert(key, (delivered_seq, read_seq));
         let job = serde_json::to_value(BackgroundJob::Receipt {
             v: PersistJob::VERSION,
             conversation_id: conv.0,
@@ -402,12 +500,20 @@ impl Connection {
             self.reply_error(r, ErrorCode::Internal, "could not encode the receipt");
             return;
         };
-        let (outbox, reply_ref) = (self.outbox.clone(), r.map(str::to_owned));
+        // Remember the new positions only once they are queued, so a failed
+        // receipt is not mistaken for a no-op when the client repeats it.
+        let (outbox, reply_ref, gw_done) = (self.outbox.clone(), r.map(str::to_owned), gw.clone());
         let ack = server::ack(r, &result);
         let done = Box::new(move |res: Result<(), EnqueueError>| {
             let _ = match (res, reply_ref) {
-                (Ok(()), Some(_)) => outbox.push(ack),
-                (Ok(()), None) => Push::Queued,
+                (Ok(()), rr) => {
+                    gw_done.receipts.insert(key, (delivered_seq, read_seq));
+                    if rr.is_some() {
+                        outbox.push(ack)
+                    } else {
+                        Push::Queued
+                    }
+                }
                 (Err(e), rr) => outbox.push(server::error(
                     rr.as_deref(),
                     ErrorCode::Unavailable,
@@ -425,13 +531,15 @@ impl Connection {
         }
         let frame = server::receipt(conv, self.user, delivered_seq, read_seq);
         gw.fanout(conv, &frame, Some(self.id));
-        // The user's devices not in the room converge too.
+        // The user's devices not in this room, here and on other gateways,
+        // converge too (those in the room heard it above).
         for other in gw.users.connections(self.user, self.id) {
             if !gw.rooms.is_joined(conv, other) {
-                gw.users.push(self.user, &frame, Some(self.id));
-                break;
+                gw.users.push_to(self.user, other, &frame);
             }
         }
+        gw.relay
+            .publish(crate::notify::Target::User(self.user), &frame);
     }
 
     /// Messages after `after`, with no gap against live delivery and no

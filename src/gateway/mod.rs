@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 
 pub use cache::BoundedMap;
 
-use crate::domain::{ClientMessageId, ConversationId, MessageId, Persisted, UserId};
+use crate::domain::{ClientMessageId, ConversationId, Persisted, UserId};
 use crate::notify::{Hint, Relay, Target};
 use crate::protocol::client::DecodeLimits;
 use crate::protocol::server;
@@ -101,12 +101,13 @@ pub struct Gateway {
     users: Users,
     store: Store,
     queues: Enqueuers,
-    dedup: BoundedMap<(UserId, ConversationId, ClientMessageId), MessageId>,
+    dedup: BoundedMap<(UserId, ConversationId, ClientMessageId), Arc<handlers::Claim>>,
     /// Latest (delivered, read) per member, so a receipt that moves nothing
     /// is not broadcast and a known position needs no query.
     receipts: BoundedMap<(ConversationId, UserId), (i64, i64)>,
     metrics: Arc<Metrics>,
     cfg: GatewayConfig,
+    /// Cancelled when connections must close (after the persist buffer is flushed).
     shutdown: CancellationToken,
     connections: TaskTracker,
 }
@@ -190,6 +191,9 @@ impl Gateway {
                     match e.target {
                         Target::Room(conv) => {
                             self.rooms.broadcast(conv, &e.frame, None);
+                        }
+                        Target::Message(conv, id) => {
+                            self.rooms.broadcast_message(conv, id, &e.frame);
                         }
                         Target::User(user) => {
                             self.users.push(user, &e.frame, None);
@@ -306,7 +310,8 @@ impl Gateway {
                 _ = stop.cancelled() => break,
                 _ = tokio::time::sleep(self.cfg.presence_heartbeat) => {}
             }
-            match self.store.presence_heartbeat(self.id, expiry).await {
+            let local = self.users.snapshot();
+            match self.store.presence_heartbeat(self.id, expiry, &local).await {
                 Ok(gone) => {
                     for user in gone {
                         tracing::info!(%user, "a gateway went silent; its user is offline");

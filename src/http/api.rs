@@ -32,7 +32,7 @@ pub(super) async fn handle(
                 &serde_json::json!({ "conversations": list }),
             ))
         }
-        (Method::GET, ["presence"]) => presence(ctx, req.uri().query().unwrap_or("")).await,
+        (Method::GET, ["presence"]) => presence(ctx, user, req.uri().query().unwrap_or("")).await,
         (Method::POST, ["conversations", conv, "members"]) => {
             let conv = parse_conversation(conv)?;
             add_member(ctx, user, conv, req).await
@@ -158,7 +158,11 @@ async fn add_member(
 const MAX_PRESENCE_IDS: usize = 200;
 
 /// `GET /v1/presence?user_ids=a,b,c`: online or offline, across gateways.
-async fn presence(ctx: &HttpContext, query: &str) -> Result<Response<Body>, ApiError> {
+async fn presence(
+    ctx: &HttpContext,
+    caller: UserId,
+    query: &str,
+) -> Result<Response<Body>, ApiError> {
     let ids = query
         .split('&')
         .filter_map(|kv| kv.split_once('='))
@@ -177,7 +181,24 @@ async fn presence(ctx: &HttpContext, query: &str) -> Result<Response<Body>, ApiE
             Uuid::parse_str(id).map_err(|_| ApiError::Invalid(format!("not a UUID: {id:?}")))?,
         ));
     }
-    let online = ctx.gateway.online(&users).await?;
+    // Only people the caller shares a conversation with, as for pushed
+    // presence; anyone else reads as offline.
+    let contacts = ctx.store.contacts(caller).await?;
+    let visible: Vec<UserId> = users
+        .iter()
+        .copied()
+        .filter(|u| contacts.contains(u) || *u == caller)
+        .collect();
+    let online_visible = ctx.gateway.online(&visible).await?;
+    let online: Vec<bool> = users
+        .iter()
+        .map(|u| {
+            visible
+                .iter()
+                .position(|v| v == u)
+                .is_some_and(|i| online_visible[i])
+        })
+        .collect();
     let out: Vec<serde_json::Value> = users
         .iter()
         .zip(online)

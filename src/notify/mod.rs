@@ -103,49 +103,37 @@ pub async fn listen(
     let (tx, rx) = mpsc::channel(1024);
     let pool = pool.clone();
     let handle = tokio::spawn(async move {
-        let mut lost = false;
         loop {
             let next = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 n = listener.try_recv() => n,
             };
             let hint = match next {
-                Ok(Some(n)) => {
-                    if lost {
-                        lost = false;
-                        if tx.send(Hint::Reconnected).await.is_err() {
-                            break;
+                Ok(Some(n)) => match n.channel() {
+                    PERSISTED_CHANNEL => match decode_persisted(n.payload()) {
+                        Ok(entries) => Hint::Persisted(entries),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignoring malformed persisted hint");
+                            continue;
                         }
-                    }
-                    match n.channel() {
-                        PERSISTED_CHANNEL => match decode_persisted(n.payload()) {
-                            Ok(entries) => Hint::Persisted(entries),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "ignoring malformed persisted hint");
-                                continue;
-                            }
-                        },
-                        _ => match RelayBatch::decode(n.payload(), &pool).await {
-                            Ok(batch) => Hint::Relay(batch),
-                            Err(e) => {
-                                tracing::warn!(error = %e, "ignoring a relay notification");
-                                continue;
-                            }
-                        },
-                    }
-                }
-                Ok(None) => {
-                    // The connection dropped; the next try_recv reconnects and
-                    // re-LISTENs. Whatever was notified meanwhile is lost.
+                    },
+                    _ => match RelayBatch::decode(n.payload(), &pool).await {
+                        Ok(batch) => Hint::Relay(batch),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "ignoring a relay notification");
+                            continue;
+                        }
+                    },
+                },
+                Ok(None) | Err(_) => {
+                    // Reconnect now rather than on the next notification, so
+                    // clients hear at once that they may have missed some.
                     tracing::warn!("LISTEN connection lost; reconnecting");
-                    lost = true;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "LISTEN connection failed; retrying");
-                    lost = true;
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    continue;
+                    match reconnect(&pool, &shutdown).await {
+                        Some(fresh) => listener = fresh,
+                        None => break,
+                    }
+                    Hint::Reconnected
                 }
             };
             if tx.send(hint).await.is_err() {
@@ -154,6 +142,27 @@ pub async fn listen(
         }
     });
     Ok((rx, handle))
+}
+
+/// A new LISTEN connection, retried with backoff until it works or shutdown.
+async fn reconnect(pool: &PgPool, shutdown: &CancellationToken) -> Option<PgListener> {
+    let mut backoff = std::time::Duration::from_millis(50);
+    loop {
+        let attempt = async {
+            let mut l = PgListener::connect_with(pool).await?;
+            l.listen_all([PERSISTED_CHANNEL, EVENTS_CHANNEL]).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        match attempt.await {
+            Ok(l) => return Some(l),
+            Err(e) => tracing::warn!(error = %e, ?backoff, "LISTEN reconnect failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+    }
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::EVENTS_CHANNEL;
-use crate::domain::{ConversationId, UserId};
+use crate::domain::{ConversationId, MessageId, UserId};
 
 /// NOTIFY payloads must be under 8000 bytes; leave room for the envelope.
 const MAX_PAYLOAD: usize = 7800;
@@ -32,6 +32,9 @@ const RELAY_ROW_TTL_SECS: f64 = 60.0;
 pub enum Target {
     /// Every connection joined to the conversation.
     Room(ConversationId),
+    /// A new message for the conversation: receivers track it as pending
+    /// until persisted, so `sync` on their side meets it without gap or duplicate.
+    Message(ConversationId, MessageId),
     /// Every connection of the user.
     User(UserId),
     /// Take the user's connections out of the room (membership ended).
@@ -59,6 +62,8 @@ struct WireEvent<'a> {
     c: Option<Uuid>,
     #[serde(default)]
     u: Option<Uuid>,
+    #[serde(default)]
+    m: Option<Uuid>,
     #[serde(default, borrow)]
     f: Option<&'a RawValue>,
 }
@@ -101,11 +106,12 @@ impl RelayBatch {
             let frame =
                 e.f.map(|f| Bytes::copy_from_slice(f.get().as_bytes()))
                     .unwrap_or_default();
-            let target = match (e.t, e.c, e.u) {
-                ("room", Some(c), _) => Target::Room(ConversationId(c)),
-                ("user", _, Some(u)) => Target::User(UserId(u)),
-                ("evict", Some(c), Some(u)) => Target::Evict(ConversationId(c), UserId(u)),
-                (t, _, _) => return Err(format!("unknown relay event {t:?}")),
+            let target = match (e.t, e.c, e.u, e.m) {
+                ("room", Some(c), _, _) => Target::Room(ConversationId(c)),
+                ("msg", Some(c), _, Some(m)) => Target::Message(ConversationId(c), MessageId(m)),
+                ("user", _, Some(u), _) => Target::User(UserId(u)),
+                ("evict", Some(c), Some(u), _) => Target::Evict(ConversationId(c), UserId(u)),
+                (t, ..) => return Err(format!("unknown relay event {t:?}")),
             };
             events.push(RelayEvent { target, frame });
         }
@@ -122,6 +128,7 @@ fn encode_event(e: &RelayEvent) -> String {
     let frame = if frame.is_empty() { "null" } else { frame };
     match e.target {
         Target::Room(c) => format!(r#"{{"t":"room","c":"{c}","f":{frame}}}"#),
+        Target::Message(c, m) => format!(r#"{{"t":"msg","c":"{c}","m":"{m}","f":{frame}}}"#),
         Target::User(u) => format!(r#"{{"t":"user","u":"{u}","f":{frame}}}"#),
         Target::Evict(c, u) => format!(r#"{{"t":"evict","c":"{c}","u":"{u}"}}"#),
     }
@@ -272,6 +279,12 @@ mod tests {
                 target: Target::Evict(conv, user),
                 frame: Bytes::new(),
             },
+            RelayEvent {
+                target: Target::Message(conv, MessageId::new_v7()),
+                frame: Bytes::from_static(
+                    br#"{"type":"new_message","message":{"content":"a \"quoted\" text"}}"#,
+                ),
+            },
         ];
         let pieces: Vec<String> = events.iter().map(encode_event).collect();
         let batch = RelayBatch::parse(&envelope(g, &pieces)).unwrap();
@@ -279,6 +292,7 @@ mod tests {
         assert_eq!(batch.events[0], events[0]);
         assert_eq!(batch.events[1], events[1]);
         assert_eq!(batch.events[2].target, events[2].target);
+        assert_eq!(batch.events[3], events[3]);
     }
 
     #[test]

@@ -123,6 +123,8 @@ async fn run(
     failing: Arc<AtomicBool>,
 ) {
     let mut batch: Vec<Submission> = Vec::with_capacity(cfg.max_batch);
+    // One flush deadline for everything left at shutdown, not one per batch.
+    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         let first = tokio::select! {
             biased;
@@ -143,9 +145,9 @@ async fn run(
             }
         }
         if !cfg.linger.is_zero() && batch.len() < cfg.max_batch {
-            let deadline = tokio::time::Instant::now() + cfg.linger;
+            let linger_until = tokio::time::Instant::now() + cfg.linger;
             while batch.len() < cfg.max_batch {
-                match tokio::time::timeout_at(deadline, rx.recv()).await {
+                match tokio::time::timeout_at(linger_until, rx.recv()).await {
                     Ok(Some(s)) => batch.push(s),
                     _ => break,
                 }
@@ -155,29 +157,37 @@ async fn run(
             .iter_mut()
             .map(|s| std::mem::take(&mut s.payload))
             .collect();
-        let results =
-            match commit_with_retry(&pool, queue, &payloads, &cfg, &shutdown, &failing).await {
-                Err(Attempt::Refused(_)) if payloads.len() > 1 => {
-                    // One bad job must not hold the others hostage: send them one by one.
-                    let mut results = Vec::with_capacity(payloads.len());
-                    for p in &payloads {
-                        results.push(
-                            commit_with_retry(
-                                &pool,
-                                queue,
-                                std::slice::from_ref(p),
-                                &cfg,
-                                &shutdown,
-                                &failing,
-                            )
-                            .await
-                            .map_err(EnqueueError::from),
-                        );
-                    }
-                    results
+        let results = match commit_with_retry(
+            &pool,
+            queue,
+            &payloads,
+            &cfg,
+            (&shutdown, &mut deadline),
+            &failing,
+        )
+        .await
+        {
+            Err(Attempt::Refused(_)) if payloads.len() > 1 => {
+                // One bad job must not hold the others hostage: send them one by one.
+                let mut results = Vec::with_capacity(payloads.len());
+                for p in &payloads {
+                    results.push(
+                        commit_with_retry(
+                            &pool,
+                            queue,
+                            std::slice::from_ref(p),
+                            &cfg,
+                            (&shutdown, &mut deadline),
+                            &failing,
+                        )
+                        .await
+                        .map_err(EnqueueError::from),
+                    );
                 }
-                other => vec![other.map_err(EnqueueError::from); payloads.len()],
-            };
+                results
+            }
+            other => vec![other.map_err(EnqueueError::from); payloads.len()],
+        };
         if results.iter().any(Result::is_ok) {
             wake.notify_one();
         }
@@ -210,11 +220,10 @@ async fn commit_with_retry(
     queue: &str,
     payloads: &[serde_json::Value],
     cfg: &EnqueueConfig,
-    shutdown: &CancellationToken,
+    (shutdown, deadline): (&CancellationToken, &mut Option<tokio::time::Instant>),
     failing: &AtomicBool,
 ) -> Result<(), Attempt> {
     let mut backoff = Duration::from_millis(20);
-    let mut deadline: Option<tokio::time::Instant> = None;
     loop {
         match send_batch(pool, queue, payloads).await {
             Ok(_) => {

@@ -25,6 +25,10 @@ use crate::domain::{ConversationId, MessageId, UserId};
 /// what a connection already received live. Bounds the memory of a busy room.
 const RECENT_LOG: usize = 1024;
 
+/// A message not confirmed persisted after this long never will be (a
+/// duplicate, a dead letter, a missed hint): stop waiting for it.
+const PENDING_TTL: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A connection on this process; unique for the process lifetime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ConnectionId(pub u64);
@@ -102,13 +106,19 @@ struct Room {
     counter: u64,
     /// (counter, id) of recent broadcasts.
     recent: VecDeque<(u64, MessageId)>,
-    /// Broadcast here but not yet confirmed persisted, with their counter.
-    pending: HashMap<MessageId, u64>,
+    /// Broadcast here but not yet confirmed persisted, with their counter
+    /// and when they were broadcast.
+    pending: HashMap<MessageId, (u64, std::time::Instant)>,
 }
 
 impl Room {
-    fn idle(&self) -> bool {
-        self.members.is_empty() && self.pending.is_empty()
+    /// No members and nothing still expected: the room can be forgotten.
+    fn idle(&mut self) -> bool {
+        if !self.members.is_empty() {
+            return false;
+        }
+        self.pending.retain(|_, (_, at)| at.elapsed() < PENDING_TTL);
+        self.pending.is_empty()
     }
 }
 
@@ -221,7 +231,10 @@ impl Rooms {
         if room.recent.len() > RECENT_LOG {
             room.recent.pop_front();
         }
-        room.pending.insert(id, mark);
+        let now = std::time::Instant::now();
+        room.pending
+            .retain(|_, (_, at)| now.duration_since(*at) < PENDING_TTL);
+        room.pending.insert(id, (mark, now));
         fan_out(&room.members, frame, None)
     }
 
@@ -239,7 +252,10 @@ impl Rooms {
     /// Messages broadcast here up to `mark` and not yet persisted.
     pub fn pending_up_to(&self, conv: ConversationId, mark: u64) -> usize {
         self.shard(conv).get(&conv).map_or(0, |room| {
-            room.pending.values().filter(|m| **m <= mark).count()
+            room.pending
+                .values()
+                .filter(|(m, at)| *m <= mark && at.elapsed() < PENDING_TTL)
+                .count()
         })
     }
 

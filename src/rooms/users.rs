@@ -110,6 +110,26 @@ impl Users {
         })
     }
 
+    /// Queue `frame` on one connection of the user.
+    pub fn push_to(&self, user: UserId, conn: ConnectionId, frame: &Bytes) {
+        if let Some(e) = self.shard(user).get(&user) {
+            if let Some((_, o)) = e.conns.iter().find(|(c, _)| *c == conn) {
+                let _ = o.push(frame.clone());
+            }
+        }
+    }
+
+    /// Every user known here, with their connection count (0 while in the
+    /// offline grace period).
+    pub fn snapshot(&self) -> Vec<(UserId, usize)> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(shard.iter().map(|(u, e)| (*u, e.conns.len())));
+        }
+        out
+    }
+
     /// How many connections the user has here.
     pub fn count(&self, user: UserId) -> usize {
         self.shard(user).get(&user).map_or(0, |e| e.conns.len())

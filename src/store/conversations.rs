@@ -211,15 +211,27 @@ impl Store {
     /// for longer than `expiry`. Returns the users left with no session
     /// anywhere: they just went offline. The delete is atomic, so when several
     /// gateways reap at once each user is returned to exactly one of them.
+    ///
+    /// `local` is who is connected here: their rows are (re)written, so the
+    /// table heals after Postgres lost it (unlogged) or another gateway reaped
+    /// this one during an outage.
     pub async fn presence_heartbeat(
         &self,
         gateway: Uuid,
         expiry: std::time::Duration,
+        local: &[(UserId, usize)],
     ) -> Result<Vec<UserId>, StoreError> {
-        sqlx::query("update presence_sessions set heartbeat_at = now() where gateway_id = $1")
-            .bind(gateway)
-            .execute(&self.pool)
-            .await?;
+        sqlx::query(
+            "insert into presence_sessions (user_id, gateway_id, connections)
+             select u, $1, c from unnest($2::uuid[], $3::int[]) as t(u, c)
+             on conflict (user_id, gateway_id)
+             do update set heartbeat_at = now(), connections = excluded.connections",
+        )
+        .bind(gateway)
+        .bind(local.iter().map(|(u, _)| u.0).collect::<Vec<_>>())
+        .bind(local.iter().map(|(_, c)| *c as i32).collect::<Vec<_>>())
+        .execute(&self.pool)
+        .await?;
         let gone: Vec<Uuid> = sqlx::query_scalar(
             "with dead as (
                  delete from presence_sessions

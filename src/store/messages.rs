@@ -114,6 +114,8 @@ impl Store {
         let sql = format!(
             "update messages set content = $4, version = version + 1, edited_at = now()
              where id = $1 and sender_id = $2 and version = $3 and deleted_at is null and kind = 'text'
+               and exists (select 1 from conversation_members m
+                           where m.conversation_id = messages.conversation_id and m.user_id = $2)
              returning {MESSAGE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, StoredMessage>(&sql)
@@ -139,6 +141,8 @@ impl Store {
         let sql = format!(
             "update messages set content = 'null'::jsonb, version = version + 1, deleted_at = now()
              where id = $1 and sender_id = $2 and version = $3 and deleted_at is null
+               and exists (select 1 from conversation_members m
+                           where m.conversation_id = messages.conversation_id and m.user_id = $2)
              returning {MESSAGE_COLUMNS}"
         );
         let row = sqlx::query_as::<_, StoredMessage>(&sql)
@@ -159,17 +163,22 @@ impl Store {
         sender: UserId,
         editing: bool,
     ) -> Result<EditRefusal, StoreError> {
-        let row: Option<(Uuid, i32, bool, String)> = sqlx::query_as(
-            "select sender_id, version, deleted_at is not null, kind from messages where id = $1",
+        let row: Option<(Uuid, i32, bool, String, bool)> = sqlx::query_as(
+            "select sender_id, version, deleted_at is not null, kind,
+                    exists (select 1 from conversation_members m
+                            where m.conversation_id = messages.conversation_id and m.user_id = $2)
+             from messages where id = $1",
         )
         .bind(id.0)
+        .bind(sender.0)
         .fetch_optional(&self.pool)
         .await?;
         Ok(match row {
             None => EditRefusal::NotFound,
-            Some((s, _, _, _)) if s != sender.0 => EditRefusal::NotSender,
-            Some((_, _, false, kind)) if editing && kind != "text" => EditRefusal::NotText,
-            Some((_, current_version, deleted, _)) => EditRefusal::Conflict {
+            // A former member may no longer change what they said there.
+            Some((s, _, _, _, member)) if s != sender.0 || !member => EditRefusal::NotSender,
+            Some((_, _, false, kind, _)) if editing && kind != "text" => EditRefusal::NotText,
+            Some((_, current_version, deleted, _, _)) => EditRefusal::Conflict {
                 current_version,
                 deleted,
             },
@@ -307,10 +316,10 @@ pub async fn persist_batch(
     if inserted as usize != rows.len() {
         // Only possible if another writer bypassed the row lock; failing the
         // transaction keeps seqs gap-free and the batch is retried.
-        return Err(StoreError::Db(sqlx::Error::Protocol(format!(
+        return Err(StoreError::Invariant(format!(
             "inserted {inserted} of {} messages: a concurrent writer bypassed the conversation lock",
             rows.len()
-        ))));
+        )));
     }
 
     let mut newest: HashMap<Uuid, (i64, DateTime<Utc>)> = HashMap::new();

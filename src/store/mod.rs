@@ -30,6 +30,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("installing pgmq failed: {0}")]
     Pgmq(String),
+    /// Stored data contradicts what the code guarantees; not worth retrying
+    /// as is (the worker splits the batch and, if it persists, dead-letters).
+    #[error("consistency check failed: {0}")]
+    Invariant(String),
 }
 
 /// Handle to the chat tables. Cheap to clone (the pool is an `Arc`).

@@ -229,7 +229,7 @@ async fn clients_are_told_to_resync_when_the_listen_connection_comes_back() {
     .await
     .unwrap();
     assert!(!killed.is_empty(), "found the LISTEN connection");
-    // The next notification triggers the reconnect; the client hears it may have missed some.
+    // The listener reconnects at once and the client hears it may have missed some.
     let ack = c.send_text(conv, "m1", "during the blip").await;
     assert_eq!(ack["type"], "ack");
     let v = c.recv_where(|v| v["type"] == "resync").await;

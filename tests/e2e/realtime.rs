@@ -119,6 +119,8 @@ async fn presence_counts_devices_once_absorbs_flapping_and_is_queryable() {
         .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["presence"][0]["status"], "online");
+    // The outsider is connected, but shares nothing with bob: not his to see.
+    assert_eq!(v["presence"][1]["status"], "offline");
     drop(a3);
     let p = bob.recv_type("presence").await;
     assert_eq!(p["status"], "offline");
@@ -391,11 +393,11 @@ async fn two_devices_of_one_user_converge() {
 async fn edits_and_deletes_use_versions_and_history_keeps_tombstones() {
     let app = TestApp::spawn().await;
     let Pair {
+        a,
         b,
         conv,
         mut alice,
         mut bob,
-        ..
     } = app.pair().await;
     let id = alice.send_text(conv, "e1", "first draft").await["message_id"]
         .as_str()
@@ -465,6 +467,28 @@ async fn edits_and_deletes_use_versions_and_history_keeps_tombstones() {
         (Some("conflict"), Some(true)),
         "{e}"
     );
+
+    // Someone removed from the conversation may not change what they said there.
+    let mine = alice.send_text(conv, "e2", "before I go").await["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_stored(&app, conv, 2).await;
+    let (status, _) = app
+        .http(
+            "DELETE",
+            &format!("/v1/conversations/{conv}/members/{a}"),
+            Some(b),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let e = alice
+        .request(
+            json!({"type": "edit_message", "message_id": mine, "content": "rewrite", "version": 1}),
+        )
+        .await;
+    assert_eq!(e["code"], "forbidden", "{e}");
 
     let (_, v) = app
         .http(
