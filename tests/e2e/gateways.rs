@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::harness::*;
 
 const FAST: &[(&str, &str)] = &[
-    ("POSTLINE_PRESENCE_HEARTBEAT_MS", "200"),
+    ("POSTLINE_PRESENCE_HEARTBEAT_MS", "300"),
     ("POSTLINE_PRESENCE_GRACE_MS", "200"),
     ("POSTLINE_DRAIN_WINDOW_MS", "300"),
 ];
