@@ -590,14 +590,15 @@ impl Connection {
     /// optimistic concurrency in one conditional UPDATE, then broadcast.
     async fn edit(&self, r: Option<&str>, id: MessageId, content: Option<Content>, version: i32) {
         let gw = &self.gw;
-        let result = match &content {
-            Some(c) => {
-                gw.store
-                    .edit_message(id, self.user, version, c.as_json())
-                    .await
-            }
-            None => gw.store.delete_message(id, self.user, version).await,
-        };
+        let result = gw
+            .store
+            .change_message(
+                id,
+                self.user,
+                version,
+                content.as_ref().map(Content::as_json),
+            )
+            .await;
         match result {
             Ok(Ok(row)) => {
                 let conv = ConversationId(row.conversation_id);

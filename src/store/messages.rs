@@ -103,57 +103,44 @@ impl Store {
 }
 
 impl Store {
-    /// Replace a message's content if `version` is current; returns the new row.
-    pub async fn edit_message(
+    /// Change a message if `version` is current, in one conditional UPDATE
+    /// (optimistic concurrency): with `Some(content)` an edit (text only),
+    /// with `None` a delete that leaves a tombstone. Returns the new row, or
+    /// why it was refused. Only a sender who is still a member may do either.
+    pub async fn change_message(
         &self,
         id: MessageId,
         sender: UserId,
         version: i32,
-        content: &serde_json::Value,
+        content: Option<&serde_json::Value>,
     ) -> Result<Result<StoredMessage, EditRefusal>, StoreError> {
+        let change = match content {
+            Some(_) => "content = $4, edited_at = now()",
+            None => "content = 'null'::jsonb, deleted_at = now()",
+        };
+        let only_text = if content.is_some() {
+            "and kind = 'text'"
+        } else {
+            ""
+        };
+        // Both fragments are our own constants; every value is bound.
         let sql = format!(
-            "update messages set content = $4, version = version + 1, edited_at = now()
-             where id = $1 and sender_id = $2 and version = $3 and deleted_at is null and kind = 'text'
+            "update messages set {change}, version = version + 1
+             where id = $1 and sender_id = $2 and version = $3 and deleted_at is null {only_text}
                and exists (select 1 from conversation_members m
                            where m.conversation_id = messages.conversation_id and m.user_id = $2)
              returning {MESSAGE_COLUMNS}"
         );
-        let row = sqlx::query_as::<_, StoredMessage>(&sql)
+        let mut query = sqlx::query_as::<_, StoredMessage>(&sql)
             .bind(id.0)
             .bind(sender.0)
-            .bind(version)
-            .bind(content)
-            .fetch_optional(&self.pool)
-            .await?;
-        match row {
-            Some(r) => Ok(Ok(r)),
-            None => Ok(Err(self.why_refused(id, sender, true).await?)),
+            .bind(version);
+        if let Some(c) = content {
+            query = query.bind(c);
         }
-    }
-
-    /// Turn a message into a tombstone if `version` is current.
-    pub async fn delete_message(
-        &self,
-        id: MessageId,
-        sender: UserId,
-        version: i32,
-    ) -> Result<Result<StoredMessage, EditRefusal>, StoreError> {
-        let sql = format!(
-            "update messages set content = 'null'::jsonb, version = version + 1, deleted_at = now()
-             where id = $1 and sender_id = $2 and version = $3 and deleted_at is null
-               and exists (select 1 from conversation_members m
-                           where m.conversation_id = messages.conversation_id and m.user_id = $2)
-             returning {MESSAGE_COLUMNS}"
-        );
-        let row = sqlx::query_as::<_, StoredMessage>(&sql)
-            .bind(id.0)
-            .bind(sender.0)
-            .bind(version)
-            .fetch_optional(&self.pool)
-            .await?;
-        match row {
+        match query.fetch_optional(&self.pool).await? {
             Some(r) => Ok(Ok(r)),
-            None => Ok(Err(self.why_refused(id, sender, false).await?)),
+            None => Ok(Err(self.why_refused(id, sender, content.is_some()).await?)),
         }
     }
 
