@@ -81,6 +81,9 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Api
         .await
         .map_err(|_| ApiError::TooLarge(MAX_BODY))?
         .to_bytes();
+    let max = crate::protocol::depth::MAX_DEPTH;
+    crate::protocol::depth::check(&body, max)
+        .map_err(|_| ApiError::BadRequest(format!("JSON nested deeper than {max} levels")))?;
     serde_json::from_slice(&body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),
         _ => ApiError::BadRequest(format!("body is not valid JSON: {e}")),

@@ -174,6 +174,14 @@ struct TypingWire {
 
 /// Decode one text frame. simd-json parses in place, hence `&mut`.
 pub fn decode(buf: &mut [u8], limits: DecodeLimits) -> Result<Request, DecodeError> {
+    // Before any parse: the parser and serde recurse per level.
+    super::depth::check(buf, super::depth::MAX_DEPTH).map_err(|_| {
+        DecodeError::new(
+            None,
+            ErrorCode::BadRequest,
+            format!("JSON nested deeper than {} levels", super::depth::MAX_DEPTH),
+        )
+    })?;
     let value = simd_json::to_borrowed_value(buf)
         .map_err(|e| DecodeError::new(None, ErrorCode::BadRequest, format!("not JSON: {e}")))?;
     let obj = value.as_object().ok_or_else(|| {
@@ -663,6 +671,27 @@ mod tests {
             .code,
             ErrorCode::Invalid
         );
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        // Each of these aborted the process with a stack overflow when parsed.
+        let frame = "[".repeat(16_000);
+        assert_eq!(err(&frame).code, ErrorCode::BadRequest);
+        let content = format!(
+            r#"{{"type":"send_message","ref":"d","conversation_id":"{CONV}","client_message_id":"c","content":{}}}"#,
+            "[".repeat(4000)
+        );
+        let e = err(&content);
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("nested deeper"), "{}", e.message);
+        // Nesting within the limit still reaches the event's own checks.
+        let nested = format!(
+            r#"{{"type":"send_message","conversation_id":"{CONV}","client_message_id":"c","kind":"image","content":{{"url":"u","meta":{}{}}}}}"#,
+            "[".repeat(20),
+            "]".repeat(20)
+        );
+        assert_ne!(err(&nested).code, ErrorCode::BadRequest);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! here touches a socket.
 
 pub mod client;
+pub mod depth;
 pub mod server;
 
 use serde::Serialize;

@@ -125,3 +125,47 @@ async fn fragmented_messages_are_reassembled_within_the_limit() {
     assert_eq!(c.expect_close().await, 1009);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deeply_nested_json_is_refused_and_nothing_crashes() {
+    let app = TestApp::spawn().await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    let mut c = app.ws(a).await;
+    c.join(conv).await;
+
+    // 16,000 nested arrays in a 32 KB frame once overflowed a runtime thread's
+    // stack and aborted the process.
+    c.send_raw(WsMessage::Text("[".repeat(16_000).into())).await;
+    let e = c.recv().await;
+    assert_eq!(e["code"], "bad_request", "{e}");
+    assert!(e["message"].as_str().unwrap().contains("nested"), "{e}");
+
+    // The same inside send_message and edit_message content.
+    for ty in ["send_message", "edit_message"] {
+        let frame = format!(
+            r#"{{"type":"{ty}","ref":"deep","conversation_id":"{conv}","message_id":"{conv}","version":1,"client_message_id":"d","content":{}}}"#,
+            "[".repeat(4000)
+        );
+        c.send_raw(WsMessage::Text(frame.into())).await;
+        let e = c.recv().await;
+        // Refused before parsing, so like unparseable JSON it carries no ref.
+        assert_eq!(e["code"], "bad_request", "{e}");
+        assert!(e.get("ref").is_none(), "{e}");
+    }
+
+    // HTTP bodies are guarded the same way.
+    let body = format!(r#"{{"member_ids":{}}}"#, "[".repeat(10_000));
+    let (status, v) = app
+        .http("POST", "/v1/conversations", Some(a), Some(&body))
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["code"], "bad_request", "{v}");
+
+    // The connection, and the process, are still there.
+    let ack = c.send_text(conv, "after", "still here").await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let (status, _) = app.http("GET", "/healthz", None, None).await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
