@@ -118,6 +118,11 @@ impl ClientMessageId {
         Ok(ClientMessageId(s.to_owned()))
     }
 
+    /// Trust an id that was validated before it was stored.
+    pub fn from_stored(s: String) -> Self {
+        ClientMessageId(s)
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -256,6 +261,18 @@ pub struct Message {
     pub kind: MessageKind,
     pub content: Content,
     pub created_at: DateTime<Utc>,
+}
+
+/// A message as stored: what the gateway accepted, plus what storing and
+/// later changes decided. A deleted message is a tombstone: `deleted` true
+/// and its content JSON null.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredMessage {
+    pub message: Message,
+    pub seq: Seq,
+    pub version: i32,
+    pub edited_at: Option<DateTime<Utc>>,
+    pub deleted: bool,
 }
 
 /// A message made durable: what `message_persisted` tells clients.

@@ -1,8 +1,11 @@
-//! One WebSocket connection: a reader that decodes and dispatches events, and
-//! a writer that owns the sink and drains the bounded outbox.
+//! One WebSocket: a reader task that turns frames into whole client
+//! messages, and a writer task that owns the sink and drains the bounded
+//! outbox. Nothing else touches the socket.
+//!
+//! fastwebsockets' `read_frame` is not cancel-safe (bytes read before a
+//! cancellation are lost), so it runs only in the reader task's own loop and
+//! never in a `select!`; the session waits on a channel instead, which is.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,14 +14,11 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use tokio::io::{BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::handlers::TypingStates;
-use super::Gateway;
-use crate::domain::{now_micros, ConversationId, UserId};
-use crate::protocol::client::{decode, Request};
-use crate::protocol::{close, server, ErrorCode};
-use crate::rooms::{ConnectionId, Outbox};
+use crate::protocol::{close, server};
+use crate::rooms::Outbox;
 
 type Io = TokioIo<Upgraded>;
 
@@ -34,267 +34,258 @@ const MAX_FRAMES_PER_FLUSH: usize = 64;
 /// socket is dropped (a peer that stopped reading would block it forever).
 const WRITER_GRACE: Duration = Duration::from_secs(2);
 
+/// Whole messages read ahead of the session. Small: when the session is
+/// busy the reader stops reading and TCP pushes back on the client. Each is
+/// at most `max_frame_bytes`, so this bounds the bytes held too.
+const INBOUND_MESSAGES: usize = 4;
+
 /// Frames the reader owes the peer by protocol (pong, close echo) or decides
 /// to send itself (close with a reason). Tiny: only the reader feeds it.
 type Control = (OpCode, Vec<u8>);
 
-pub(super) async fn run(
-    gw: Arc<Gateway>,
-    user: UserId,
-    upgrade: fastwebsockets::upgrade::UpgradeFut,
-) {
-    let ws = match upgrade.await {
-        Ok(ws) => ws,
-        Err(e) => {
-            tracing::debug!(error = %e, "websocket upgrade failed");
-            return;
-        }
-    };
-    // Frames are written into a buffer and flushed once the outbox is empty,
-    // so a burst (a batch of message_persisted, say) costs one syscall, not one each.
-    let (mut read, write) = ws.split(|io| {
-        let (r, w) = tokio::io::split(io);
-        (r, tokio::io::BufWriter::with_capacity(WRITE_BUFFER, w))
-    });
-    read.set_max_message_size(gw.cfg.max_frame_bytes);
-    read.set_auto_close(true);
-    read.set_auto_pong(true);
-
-    let id = ConnectionId::next();
-    let (outbox, out_rx) = Outbox::new(gw.cfg.outbox_capacity);
-    let (ctl_tx, ctl_rx) = mpsc::channel::<Control>(8);
-    let reader_done = CancellationToken::new();
-    let writer = tokio::spawn(write_loop(
-        write,
-        out_rx,
-        ctl_rx,
-        outbox.slow_signal().clone(),
-        gw.shutdown.clone(),
-        reader_done.clone(),
-        // Spread reconnects over the drain window (no thundering herd).
-        gw.cfg.drain_window.mul_f64(crate::domain::random_unit()),
-    ));
-
-    gw.metrics.connection_opened();
-    let mut conn = Connection {
-        id,
-        user,
-        outbox: outbox.clone(),
-        joined: HashMap::new(),
-        typing: TypingStates::default(),
-        gw: gw.clone(),
-    };
-    conn.push(server::hello(user, &id.0.to_string(), now_micros()));
-    let transition = gw.users.connect(user, id, outbox);
-    gw.on_presence(user, transition);
-
-    conn.read_loop(&mut read, &ctl_tx).await;
-
-    conn.stop_all_typing();
-    for (conv, _) in conn.joined.drain() {
-        gw.rooms.leave(conv, id);
-    }
-    let transition = gw.users.disconnect(user, id);
-    gw.on_presence(user, transition);
-    reader_done.cancel();
-    let mut writer = writer;
-    if tokio::time::timeout(WRITER_GRACE, &mut writer)
-        .await
-        .is_err()
-    {
-        writer.abort();
-    }
-    gw.metrics.connection_closed();
+/// What the reader hands the session.
+#[derive(Debug)]
+pub(super) enum Inbound {
+    /// A complete text message (fragments reassembled, UTF-8 checked).
+    Text(Vec<u8>),
+    Binary,
 }
 
+/// Settings of one socket.
+pub(super) struct SocketLimits {
+    pub max_message_bytes: usize,
+    /// On shutdown the client is told to reconnect after this pause.
+    pub reconnect_after: Duration,
+}
+
+/// The socket of one client, as the session sees it: messages in, frames
+/// out through the outbox.
 pub(super) struct Connection {
-    pub(super) id: ConnectionId,
-    pub(super) user: UserId,
-    pub(super) outbox: Outbox,
-    /// Conversations this connection joined (a superset of its rooms: the
-    /// HTTP API may evict it), each with the room's broadcast mark at the
-    /// join, so `sync` knows what reached this connection live.
-    pub(super) joined: HashMap<ConversationId, u64>,
-    pub(super) typing: TypingStates,
-    pub(super) gw: Arc<Gateway>,
+    inbound: mpsc::Receiver<Inbound>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+    /// Held so the writer keeps its control channel open until it is told
+    /// to stop (by shutdown, slowness or `closed`).
+    _control: mpsc::Sender<Control>,
+    closed: CancellationToken,
 }
 
 impl Connection {
-    pub(super) fn push(&self, frame: Bytes) {
-        // Overflow flags the connection slow and the writer closes it; there
-        // is nothing more to do here.
-        let _ = self.outbox.push(frame);
-    }
-
-    pub(super) fn reply_error(&self, r#ref: Option<&str>, code: ErrorCode, message: &str) {
-        self.push(server::error(r#ref, code, message));
-    }
-
-    pub(super) fn reply_ack(&self, r#ref: Option<&str>, result: &serde_json::Value) {
-        // Acks answer a `ref`; a frame without one asked for no reply.
-        if r#ref.is_some() {
-            self.push(server::ack(r#ref, result));
-        }
-    }
-
-    async fn read_loop(
-        &mut self,
-        read: &mut WebSocketRead<ReadHalf<Io>>,
-        ctl: &mpsc::Sender<Control>,
-    ) {
-        let slow = self.outbox.slow_signal().clone();
-        let shutdown = self.gw.shutdown.clone();
-        let max = self.gw.cfg.max_frame_bytes;
-        // Reassembly of a fragmented message, bounded by the same limit as a frame.
-        let mut fragments: Option<Vec<u8>> = None;
-        loop {
-            let mut obligated = |frame: Frame<'_>| {
-                let sent = ctl.try_send((frame.opcode, Vec::from(frame.payload)));
-                async move { sent.map_err(|_| "control queue full") }
-            };
-            // read_frame is not cancel-safe, but a cancelled read is only ever
-            // followed by closing the connection, so no frame is half-consumed.
-            let frame = tokio::select! {
-                biased;
-                _ = slow.cancelled() => return,
-                _ = shutdown.cancelled() => return,
-                f = read.read_frame(&mut obligated) => f,
-            };
-            let mut frame = match frame {
-                Ok(f) => f,
-                Err(e) => {
-                    let (code, reason): (u16, &[u8]) = match e {
-                        WebSocketError::FrameTooLarge => (close::TOO_BIG, b"frame too large"),
-                        WebSocketError::UnexpectedEOF | WebSocketError::ConnectionClosed => return,
-                        WebSocketError::IoError(_) => return,
-                        _ => (close::PROTOCOL_ERROR, b"protocol error"),
-                    };
-                    let _ = ctl.try_send((OpCode::Close, close_payload(code, reason)));
-                    return;
-                }
-            };
-            match frame.opcode {
-                OpCode::Close => return,
-                OpCode::Text if frame.fin && fragments.is_none() => {
-                    self.handle(frame.payload.to_mut()).await;
-                }
-                OpCode::Text if fragments.is_none() => {
-                    fragments = Some(Vec::from(frame.payload));
-                }
-                OpCode::Continuation => {
-                    let Some(buf) = fragments.as_mut() else {
-                        let _ = ctl.try_send((
-                            OpCode::Close,
-                            close_payload(close::PROTOCOL_ERROR, b"unexpected continuation"),
-                        ));
-                        return;
-                    };
-                    if buf.len() + frame.payload.len() > max {
-                        let _ = ctl.try_send((
-                            OpCode::Close,
-                            close_payload(close::TOO_BIG, b"message too large"),
-                        ));
-                        return;
-                    }
-                    buf.extend_from_slice(&frame.payload);
-                    if frame.fin {
-                        let mut whole = fragments.take().unwrap_or_default();
-                        if std::str::from_utf8(&whole).is_err() {
-                            let _ = ctl
-                                .try_send((OpCode::Close, close_payload(1007, b"invalid utf-8")));
-                            return;
-                        }
-                        self.handle(&mut whole).await;
-                    }
-                }
-                OpCode::Binary => self.reply_error(
-                    None,
-                    ErrorCode::BadRequest,
-                    "binary frames are not supported; send JSON text frames",
-                ),
-                OpCode::Text => {
-                    let _ = ctl.try_send((
-                        OpCode::Close,
-                        close_payload(
-                            close::PROTOCOL_ERROR,
-                            b"new message inside a fragmented one",
-                        ),
-                    ));
-                    return;
-                }
-                OpCode::Ping | OpCode::Pong => {}
+    /// Split the socket and start its reader and writer.
+    pub(super) fn start(
+        ws: fastwebsockets::WebSocket<Io>,
+        limits: SocketLimits,
+        out: mpsc::Receiver<Bytes>,
+        outbox: &Outbox,
+        shutdown: CancellationToken,
+    ) -> Connection {
+        // Frames are written into a buffer and flushed once the outbox is
+        // empty, so a burst costs one syscall, not one each.
+        let (mut read, write) = ws.split(|io| {
+            let (r, w) = tokio::io::split(io);
+            (r, BufWriter::with_capacity(WRITE_BUFFER, w))
+        });
+        read.set_max_message_size(limits.max_message_bytes);
+        read.set_auto_close(true);
+        read.set_auto_pong(true);
+        let (control, control_rx) = mpsc::channel::<Control>(8);
+        let (inbound_tx, inbound) = mpsc::channel(INBOUND_MESSAGES);
+        let closed = CancellationToken::new();
+        let reader = tokio::spawn(read_loop(
+            read,
+            limits.max_message_bytes,
+            inbound_tx,
+            control.clone(),
+        ));
+        let writer = tokio::spawn(
+            Writer {
+                write,
+                out,
+                control: control_rx,
+                slow: outbox.slow_signal().clone(),
+                shutdown,
+                closed: closed.clone(),
+                reconnect_after: limits.reconnect_after,
             }
+            .run(),
+        );
+        Connection {
+            inbound,
+            reader,
+            writer,
+            _control: control,
+            closed,
         }
     }
 
-    /// The one place a client event enters the system.
-    async fn handle(&mut self, buf: &mut [u8]) {
-        match decode(buf, self.gw.cfg.decode_limits()) {
-            Ok(Request { r#ref, event }) => self.dispatch(r#ref.as_deref(), event).await,
-            Err(e) => self.reply_error(e.r#ref.as_deref(), e.code, &e.message),
+    /// The next whole message; `None` once the peer closed or broke the
+    /// protocol (the reader has already queued the close frame). Cancel-safe.
+    pub(super) async fn next(&mut self) -> Option<Inbound> {
+        self.inbound.recv().await
+    }
+
+    /// Stop reading, let the writer finish what it owes (bounded), drop the socket.
+    pub(super) async fn close(self) {
+        self.reader.abort();
+        self.closed.cancel();
+        let mut writer = self.writer;
+        if tokio::time::timeout(WRITER_GRACE, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
         }
     }
 }
 
-fn close_payload(code: u16, reason: &[u8]) -> Vec<u8> {
+fn close_frame(code: u16, reason: &[u8]) -> Control {
     let mut p = code.to_be_bytes().to_vec();
     p.extend_from_slice(reason);
-    p
+    (OpCode::Close, p)
 }
 
-async fn write_loop(
-    mut write: WebSocketWrite<BufWriter<WriteHalf<Io>>>,
-    mut out: mpsc::Receiver<Bytes>,
-    mut ctl: mpsc::Receiver<Control>,
+/// Read frames until the peer closes or breaks the protocol. Ends by
+/// dropping `inbound`, which the session sees as the end of the connection.
+async fn read_loop(
+    mut read: WebSocketRead<ReadHalf<Io>>,
+    max: usize,
+    inbound: mpsc::Sender<Inbound>,
+    control: mpsc::Sender<Control>,
+) {
+    // Reassembly of a fragmented message, bounded by the same limit as a frame.
+    let mut fragments: Option<Vec<u8>> = None;
+    loop {
+        let mut obligated = |frame: Frame<'_>| {
+            let sent = control.try_send((frame.opcode, Vec::from(frame.payload)));
+            async move { sent.map_err(|_| "control queue full") }
+        };
+        let frame = match read.read_frame(&mut obligated).await {
+            Ok(f) => f,
+            Err(e) => {
+                let close = match e {
+                    WebSocketError::FrameTooLarge => {
+                        close_frame(close::TOO_BIG, b"frame too large")
+                    }
+                    WebSocketError::UnexpectedEOF
+                    | WebSocketError::ConnectionClosed
+                    | WebSocketError::IoError(_) => return,
+                    _ => close_frame(close::PROTOCOL_ERROR, b"protocol error"),
+                };
+                let _ = control.try_send(close);
+                return;
+            }
+        };
+        let message = match frame.opcode {
+            OpCode::Close => return,
+            OpCode::Ping | OpCode::Pong => continue,
+            OpCode::Binary => Inbound::Binary,
+            OpCode::Text if fragments.is_some() => {
+                let _ = control.try_send(close_frame(
+                    close::PROTOCOL_ERROR,
+                    b"new message inside a fragmented one",
+                ));
+                return;
+            }
+            OpCode::Text if frame.fin => Inbound::Text(Vec::from(frame.payload)),
+            OpCode::Text => {
+                fragments = Some(Vec::from(frame.payload));
+                continue;
+            }
+            OpCode::Continuation => {
+                let Some(buf) = fragments.as_mut() else {
+                    let _ = control.try_send(close_frame(
+                        close::PROTOCOL_ERROR,
+                        b"unexpected continuation",
+                    ));
+                    return;
+                };
+                if buf.len() + frame.payload.len() > max {
+                    let _ = control.try_send(close_frame(close::TOO_BIG, b"message too large"));
+                    return;
+                }
+                buf.extend_from_slice(&frame.payload);
+                if !frame.fin {
+                    continue;
+                }
+                let whole = fragments.take().unwrap_or_default();
+                if std::str::from_utf8(&whole).is_err() {
+                    let _ = control.try_send(close_frame(1007, b"invalid utf-8"));
+                    return;
+                }
+                Inbound::Text(whole)
+            }
+        };
+        // Waits while the session is busy: the socket is not read meanwhile.
+        if inbound.send(message).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The writing half of a socket and everything that decides what it writes.
+struct Writer {
+    write: WebSocketWrite<BufWriter<WriteHalf<Io>>>,
+    out: mpsc::Receiver<Bytes>,
+    control: mpsc::Receiver<Control>,
     slow: CancellationToken,
     shutdown: CancellationToken,
-    reader_done: CancellationToken,
+    closed: CancellationToken,
     reconnect_after: Duration,
-) {
-    let result: Result<(), WebSocketError> = async {
+}
+
+impl Writer {
+    async fn run(mut self) {
+        if let Err(e) = self.write_until_done().await {
+            tracing::debug!(error = %e, "websocket write failed");
+        }
+    }
+
+    async fn text(&mut self, frame: &[u8]) -> Result<(), WebSocketError> {
+        self.write
+            .write_frame(Frame::text(Payload::Borrowed(frame)))
+            .await
+    }
+
+    async fn write_until_done(&mut self) -> Result<(), WebSocketError> {
         loop {
             tokio::select! {
                 biased;
-                c = ctl.recv() => {
+                c = self.control.recv() => {
                     let Some((opcode, payload)) = c else { return Ok(()) };
-                    write.write_frame(Frame::new(true, opcode, None, Payload::Owned(payload))).await?;
-                    write.flush().await?;
+                    self.write.write_frame(Frame::new(true, opcode, None, Payload::Owned(payload))).await?;
+                    self.write.flush().await?;
                     if opcode == OpCode::Close {
                         return Ok(());
                     }
                 }
-                _ = slow.cancelled() => {
-                    write.write_frame(Frame::close(close::SLOW_CONSUMER, b"slow consumer: reconnect and resync")).await?;
-                    return write.flush().await;
+                _ = self.slow.cancelled() => {
+                    self.write.write_frame(Frame::close(close::SLOW_CONSUMER, b"slow consumer: reconnect and resync")).await?;
+                    return self.write.flush().await;
                 }
-                _ = shutdown.cancelled() => {
+                _ = self.shutdown.cancelled() => {
                     // What is already queued (acks of the last sends) goes first.
-                    while let Ok(frame) = out.try_recv() {
-                        write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
+                    while let Ok(frame) = self.out.try_recv() {
+                        self.text(&frame).await?;
                     }
-                    let notice = server::reconnect(reconnect_after.as_millis() as u64);
-                    write.write_frame(Frame::text(Payload::Borrowed(&notice))).await?;
-                    write.write_frame(Frame::close(close::GOING_AWAY, b"server shutting down")).await?;
-                    return write.flush().await;
+                    let notice = server::reconnect(self.reconnect_after.as_millis() as u64);
+                    self.text(&notice).await?;
+                    self.write.write_frame(Frame::close(close::GOING_AWAY, b"server shutting down")).await?;
+                    return self.write.flush().await;
                 }
-                f = out.recv() => {
+                f = self.out.recv() => {
                     let Some(frame) = f else { return Ok(()) };
-                    write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?;
+                    self.text(&frame).await?;
                     // Whatever else is already queued goes out in the same write.
                     for _ in 1..MAX_FRAMES_PER_FLUSH {
-                        match out.try_recv() {
-                            Ok(frame) => write.write_frame(Frame::text(Payload::Borrowed(&frame))).await?,
+                        match self.out.try_recv() {
+                            Ok(frame) => self.text(&frame).await?,
                             Err(_) => break,
                         }
                     }
-                    write.flush().await?;
+                    self.write.flush().await?;
                 }
-                _ = reader_done.cancelled() => return Ok(()),
+                _ = self.closed.cancelled() => return Ok(()),
             }
         }
-    }
-    .await;
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "websocket write failed");
     }
 }

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::{authenticate, json, ApiError, Body, HttpContext};
 use crate::domain::{ConversationId, UserId};
+use crate::protocol::http as wire;
 use crate::store::{HistoryPage, MAX_INITIAL_MEMBERS};
 
 /// Request bodies are small JSON documents.
@@ -27,10 +28,21 @@ pub(super) async fn handle(
         (Method::POST, ["conversations"]) => create_conversation(ctx, user, req).await,
         (Method::GET, ["conversations"]) => {
             let list = ctx.store.list_conversations(user).await?;
-            Ok(json(
-                StatusCode::OK,
-                &serde_json::json!({ "conversations": list }),
-            ))
+            let conversations = list
+                .iter()
+                .map(|c| wire::ConversationSummary {
+                    id: c.id,
+                    title: c.title.as_deref(),
+                    member_ids: &c.member_ids,
+                    created_at: c.created_at,
+                    last_message_at: c.last_message_at,
+                    last_seq: c.last_seq,
+                    last_delivered_seq: c.last_delivered_seq,
+                    last_read_seq: c.last_read_seq,
+                    unread_count: c.unread_count,
+                })
+                .collect();
+            Ok(json(StatusCode::OK, &wire::Conversations { conversations }))
         }
         (Method::GET, ["presence"]) => presence(ctx, user, req.uri().query().unwrap_or("")).await,
         (Method::POST, ["conversations", conv, "members"]) => {
@@ -47,7 +59,11 @@ pub(super) async fn handle(
             ctx.gateway.on_membership(conv, member, false);
             Ok(json(
                 StatusCode::OK,
-                &serde_json::json!({ "conversation_id": conv, "user_id": member, "removed": true }),
+                &wire::MemberRemoved {
+                    conversation_id: conv,
+                    user_id: member,
+                    removed: true,
+                },
             ))
         }
         (Method::GET, ["conversations", conv, "messages"]) => {
@@ -55,10 +71,11 @@ pub(super) async fn handle(
             let page = parse_page(req.uri().query().unwrap_or(""))?;
             ctx.store.access(conv, user).await?.require_member()?;
             let (messages, has_more) = ctx.store.history(conv, page).await?;
-            Ok(json(
-                StatusCode::OK,
-                &serde_json::json!({ "messages": messages, "has_more": has_more }),
-            ))
+            let history = wire::History {
+                messages: messages.iter().map(Into::into).collect(),
+                has_more,
+            };
+            Ok(json(StatusCode::OK, &history))
         }
         (_, ["conversations"])
         | (_, ["presence"])
@@ -126,7 +143,15 @@ async fn create_conversation(
         .store
         .create_conversation(user, body.title, &members)
         .await?;
-    Ok(json(StatusCode::CREATED, &created))
+    Ok(json(
+        StatusCode::CREATED,
+        &wire::Conversation {
+            id: created.id,
+            title: created.title.as_deref(),
+            member_ids: &created.member_ids,
+            created_at: created.created_at,
+        },
+    ))
 }
 
 #[derive(Deserialize)]
@@ -153,7 +178,11 @@ async fn add_member(
         } else {
             StatusCode::OK
         },
-        &serde_json::json!({ "conversation_id": conv, "user_id": member, "added": added }),
+        &wire::MemberAdded {
+            conversation_id: conv,
+            user_id: member,
+            added,
+        },
     ))
 }
 
@@ -202,15 +231,19 @@ async fn presence(
                 .is_some_and(|i| online_visible[i])
         })
         .collect();
-    let out: Vec<serde_json::Value> = users
+    let presence = users
         .iter()
         .zip(online)
-        .map(|(u, on)| serde_json::json!({ "user_id": u, "status": if on { "online" } else { "offline" } }))
+        .map(|(u, on)| wire::UserPresence {
+            user_id: *u,
+            status: if on {
+                wire::Status::Online
+            } else {
+                wire::Status::Offline
+            },
+        })
         .collect();
-    Ok(json(
-        StatusCode::OK,
-        &serde_json::json!({ "presence": out }),
-    ))
+    Ok(json(StatusCode::OK, &wire::Presence { presence }))
 }
 
 fn parse_page(query: &str) -> Result<HistoryPage, ApiError> {

@@ -24,6 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{self, AuthError, Jwt};
 use crate::domain::UserId;
 use crate::gateway::Gateway;
+use crate::protocol::http as wire;
 use crate::queue::Enqueuer;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -95,9 +96,7 @@ async fn route(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let result = match (req.method(), segments.as_slice()) {
-        (&Method::GET, ["healthz"]) => {
-            Ok(json(StatusCode::OK, &serde_json::json!({"status": "ok"})))
-        }
+        (&Method::GET, ["healthz"]) => Ok(json(StatusCode::OK, &wire::Health { status: "ok" })),
         (&Method::GET, ["readyz"]) => Ok(readyz(ctx).await),
         (&Method::GET, ["metrics"]) => Ok(metrics(ctx).await),
         (&Method::GET, ["ws"]) => upgrade(ctx, req),
@@ -164,16 +163,16 @@ async fn readyz(ctx: &HttpContext) -> Response<Body> {
     };
     json(
         status,
-        &serde_json::json!({
-            "status": if ready { "ready" } else { "unavailable" },
-            "database": if db { "ok" } else { "unreachable" },
-            "worker": worker,
-            "persist_buffer": {
-                "buffered": buffer.buffered,
-                "capacity": buffer.capacity,
-                "state": buffer_state,
+        &wire::Ready {
+            status: if ready { "ready" } else { "unavailable" },
+            database: if db { "ok" } else { "unreachable" },
+            worker,
+            persist_buffer: wire::PersistBuffer {
+                buffered: buffer.buffered,
+                capacity: buffer.capacity,
+                state: buffer_state,
             },
-        }),
+        },
     )
 }
 

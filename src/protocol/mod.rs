@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod depth;
+pub mod http;
 pub mod server;
 
 use serde::Serialize;
@@ -26,6 +27,8 @@ pub enum ErrorCode {
     Unauthorized,
     Conflict,
     Internal,
+    /// HTTP only: the route exists, the method does not.
+    MethodNotAllowed,
 }
 
 impl ErrorCode {
@@ -42,6 +45,7 @@ impl ErrorCode {
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Internal => "internal",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
         }
     }
 }

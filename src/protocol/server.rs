@@ -6,7 +6,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::ErrorCode;
-use crate::domain::{ConversationId, Message, MessageId, Seq, UserId};
+use crate::domain::{
+    ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, Seq, StoredMessage,
+    UserId,
+};
 
 fn encode<T: Serialize>(value: &T) -> Bytes {
     // Serializing these derive-only structs to a Vec cannot fail: no maps with
@@ -22,14 +25,11 @@ enum Event<'a> {
         connection_id: &'a str,
         server_time: DateTime<Utc>,
     },
-    Error {
-        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
-        r#ref: Option<&'a str>,
-        code: ErrorCode,
-        message: &'a str,
-    },
     NewMessage {
-        message: &'a Message,
+        message: MessageView<'a>,
+    },
+    MessageUpdated {
+        message: StoredView<'a>,
     },
     MessagePersisted {
         conversation_id: ConversationId,
@@ -52,8 +52,8 @@ enum Event<'a> {
     Receipt {
         conversation_id: ConversationId,
         user_id: UserId,
-        delivered_seq: i64,
-        read_seq: i64,
+        delivered_seq: Seq,
+        read_seq: Seq,
     },
     Presence {
         user_id: UserId,
@@ -86,8 +86,8 @@ struct Ack<'a, T: Serialize> {
     result: &'a T,
 }
 
-/// `{"type":"ack","ref",...result}`; `result` must serialize as an object.
-pub fn ack<T: Serialize>(r#ref: Option<&str>, result: &T) -> Bytes {
+/// `{"type":"ack","ref",...result}`; `result` is one of the ack shapes below.
+pub fn ack<T: AckBody>(r#ref: Option<&str>, result: &T) -> Bytes {
     encode(&Ack {
         r#type: "ack",
         r#ref,
@@ -95,36 +95,208 @@ pub fn ack<T: Serialize>(r#ref: Option<&str>, result: &T) -> Bytes {
     })
 }
 
-pub fn error(r#ref: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
-    encode(&Event::Error {
-        r#ref,
-        code,
-        message,
-    })
+/// The result of a client event, flattened into its `ack`. Only the shapes
+/// in this module implement it, so an ack can never carry an ad-hoc object.
+pub trait AckBody: Serialize {}
+
+/// `join_conversation`.
+#[derive(Serialize)]
+pub struct Joined {
+    pub conversation_id: ConversationId,
+    pub last_seq: Seq,
 }
 
-/// An error with extra fields (e.g. `current_version` of a `conflict`).
+/// `leave_conversation`.
+#[derive(Serialize)]
+pub struct Left {
+    pub conversation_id: ConversationId,
+}
+
+/// `send_message`: `duplicate` when the client_message_id was seen before,
+/// with the original's id.
+#[derive(Serialize)]
+pub struct Sent<'a> {
+    pub message_id: MessageId,
+    pub client_message_id: &'a ClientMessageId,
+    pub duplicate: bool,
+}
+
+/// Acks with nothing to say (`typing`).
+#[derive(Serialize)]
+pub struct Done {}
+
+/// `delivered` / `read`: the member's positions after the receipt.
+#[derive(Serialize)]
+pub struct Receipted {
+    pub conversation_id: ConversationId,
+    pub delivered_seq: Seq,
+    pub read_seq: Seq,
+}
+
+/// `sync`: one page of a conversation's history.
+#[derive(Serialize)]
+pub struct SyncPage<'a> {
+    pub conversation_id: ConversationId,
+    pub messages: Vec<StoredView<'a>>,
+    pub has_more: bool,
+    pub last_seq: Seq,
+}
+
+/// One conversation's outcome inside a `resume` ack.
+#[derive(Serialize)]
+#[serde(untagged)]
+pub enum Resumed<'a> {
+    Page(SyncPage<'a>),
+    Failed {
+        conversation_id: ConversationId,
+        error: ErrorBody<'a>,
+    },
+}
+
+/// `resume`: one entry per conversation named, in the order named.
+#[derive(Serialize)]
+pub struct Resume<'a> {
+    pub conversations: Vec<Resumed<'a>>,
+}
+
+/// `edit_message` / `delete_message`.
+#[derive(Serialize)]
+pub struct Changed {
+    pub message_id: MessageId,
+    pub version: i32,
+}
+
+/// `ping`.
+#[derive(Serialize)]
+pub struct Pong {
+    pub server_time: DateTime<Utc>,
+}
+
+impl AckBody for Joined {}
+impl AckBody for Left {}
+impl AckBody for Sent<'_> {}
+impl AckBody for Done {}
+impl AckBody for Receipted {}
+impl AckBody for SyncPage<'_> {}
+impl AckBody for Resume<'_> {}
+impl AckBody for Changed {}
+impl AckBody for Pong {}
+
+/// An error nested in a larger reply (a `resume` entry).
+#[derive(Serialize)]
+pub struct ErrorBody<'a> {
+    pub code: ErrorCode,
+    pub message: &'a str,
+}
+
+/// Fields some errors carry beside code and message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ErrorDetail {
+    /// `rate_limited`: when the same request may succeed.
+    RetryAfter { retry_after_ms: u64 },
+    /// `conflict` of an edit or delete.
+    Conflict { current_version: i32, deleted: bool },
+}
+
+#[derive(Serialize)]
+struct ErrorFrame<'a> {
+    r#type: &'static str,
+    #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+    r#ref: Option<&'a str>,
+    code: ErrorCode,
+    message: &'a str,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    detail: Option<ErrorDetail>,
+}
+
+pub fn error(r#ref: Option<&str>, code: ErrorCode, message: &str) -> Bytes {
+    error_with(r#ref, code, message, None)
+}
+
+/// An error with the extra fields its code documents.
 pub fn error_with(
     r#ref: Option<&str>,
     code: ErrorCode,
     message: &str,
-    extra: serde_json::Value,
+    detail: Option<ErrorDetail>,
 ) -> Bytes {
-    let mut v = serde_json::json!({"type": "error", "code": code, "message": message});
-    if let Some(r) = r#ref {
-        v["ref"] = serde_json::Value::from(r);
+    encode(&ErrorFrame {
+        r#type: "error",
+        r#ref,
+        code,
+        message,
+        detail,
+    })
+}
+
+/// A message as pushed live in `new_message`: what the gateway accepted,
+/// before storage gave it a seq.
+#[derive(Serialize)]
+pub struct MessageView<'a> {
+    pub id: MessageId,
+    pub conversation_id: ConversationId,
+    pub sender_id: UserId,
+    pub client_message_id: &'a ClientMessageId,
+    pub kind: MessageKind,
+    pub content: &'a Content,
+    pub created_at: DateTime<Utc>,
+}
+
+impl<'a> From<&'a Message> for MessageView<'a> {
+    fn from(m: &'a Message) -> Self {
+        MessageView {
+            id: m.id,
+            conversation_id: m.conversation_id,
+            sender_id: m.sender_id,
+            client_message_id: &m.client_message_id,
+            kind: m.kind,
+            content: &m.content,
+            created_at: m.created_at,
+        }
     }
-    if let (Some(obj), serde_json::Value::Object(more)) = (v.as_object_mut(), extra) {
-        obj.extend(more);
+}
+
+/// A stored message, as in history pages, `sync` and `message_updated`.
+#[derive(Serialize)]
+pub struct StoredView<'a> {
+    pub id: MessageId,
+    pub conversation_id: ConversationId,
+    pub seq: Seq,
+    pub sender_id: UserId,
+    pub client_message_id: &'a ClientMessageId,
+    pub kind: MessageKind,
+    pub content: &'a Content,
+    pub created_at: DateTime<Utc>,
+    pub version: i32,
+    pub edited_at: Option<DateTime<Utc>>,
+    pub deleted: bool,
+}
+
+impl<'a> From<&'a StoredMessage> for StoredView<'a> {
+    fn from(s: &'a StoredMessage) -> Self {
+        let m = &s.message;
+        StoredView {
+            id: m.id,
+            conversation_id: m.conversation_id,
+            seq: s.seq,
+            sender_id: m.sender_id,
+            client_message_id: &m.client_message_id,
+            kind: m.kind,
+            content: &m.content,
+            created_at: m.created_at,
+            version: s.version,
+            edited_at: s.edited_at,
+            deleted: s.deleted,
+        }
     }
-    encode(&v)
 }
 
 pub fn receipt(
     conversation_id: ConversationId,
     user_id: UserId,
-    delivered_seq: i64,
-    read_seq: i64,
+    delivered_seq: Seq,
+    read_seq: Seq,
 ) -> Bytes {
     encode(&Event::Receipt {
         conversation_id,
@@ -141,17 +313,9 @@ pub fn presence(user_id: UserId, online: bool) -> Bytes {
     })
 }
 
-/// `message` is the stored row (its latest version); the store's type is not
-/// named here so the protocol stays below the store.
-pub fn message_updated<T: Serialize>(message: &T) -> Bytes {
-    #[derive(Serialize)]
-    struct Updated<'a, T: Serialize> {
-        r#type: &'static str,
-        message: &'a T,
-    }
-    encode(&Updated {
-        r#type: "message_updated",
-        message,
+pub fn message_updated(message: &StoredMessage) -> Bytes {
+    encode(&Event::MessageUpdated {
+        message: message.into(),
     })
 }
 
@@ -199,7 +363,9 @@ pub fn hello(user_id: UserId, connection_id: &str, server_time: DateTime<Utc>) -
 }
 
 pub fn new_message(message: &Message) -> Bytes {
-    encode(&Event::NewMessage { message })
+    encode(&Event::NewMessage {
+        message: message.into(),
+    })
 }
 
 pub fn message_persisted(
@@ -248,10 +414,19 @@ mod tests {
 
     #[test]
     fn ack_flattens_result_and_keeps_ref() {
-        let v = parse(&ack(Some("r"), &json!({"server_time": "t"})));
-        assert_eq!(v, json!({"type": "ack", "ref": "r", "server_time": "t"}));
-        let v = parse(&ack(None, &json!({"x": 1})));
-        assert_eq!(v, json!({"type": "ack", "x": 1}));
+        let conv = ConversationId::new_v7();
+        let v = parse(&ack(
+            Some("r"),
+            &Left {
+                conversation_id: conv,
+            },
+        ));
+        assert_eq!(
+            v,
+            json!({"type": "ack", "ref": "r", "conversation_id": conv})
+        );
+        let v = parse(&ack(None, &Done {}));
+        assert_eq!(v, json!({"type": "ack"}));
     }
 
     #[test]
@@ -260,6 +435,18 @@ mod tests {
         assert_eq!(
             v,
             json!({"type": "error", "ref": "r", "code": "not_joined", "message": "join first"})
+        );
+        let v = parse(&error_with(
+            None,
+            ErrorCode::RateLimited,
+            "slow down",
+            Some(ErrorDetail::RetryAfter {
+                retry_after_ms: 250,
+            }),
+        ));
+        assert_eq!(
+            v,
+            json!({"type": "error", "code": "rate_limited", "message": "slow down", "retry_after_ms": 250})
         );
     }
 

@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::send_batch;
+use super::{send_batch_encoded, Payload};
 
 #[derive(Debug, Clone, Copy)]
 pub struct EnqueueConfig {
@@ -61,7 +61,7 @@ pub struct Rejected;
 pub type Done = Box<dyn FnOnce(Result<(), EnqueueError>) + Send>;
 
 struct Submission {
-    payload: serde_json::Value,
+    payload: Payload,
     done: Done,
 }
 
@@ -106,7 +106,7 @@ impl Enqueuer {
         }
     }
 
-    pub fn submit(&self, payload: serde_json::Value, done: Done) -> Result<(), Rejected> {
+    pub fn submit(&self, payload: Payload, done: Done) -> Result<(), Rejected> {
         self.tx
             .try_send(Submission { payload, done })
             .map_err(|_| Rejected)
@@ -153,10 +153,8 @@ async fn run(
                 }
             }
         }
-        let payloads: Vec<serde_json::Value> = batch
-            .iter_mut()
-            .map(|s| std::mem::take(&mut s.payload))
-            .collect();
+        let (payloads, dones): (Vec<Payload>, Vec<Done>) =
+            batch.drain(..).map(|s| (s.payload, s.done)).unzip();
         let results = match commit_with_retry(
             &pool,
             queue,
@@ -191,8 +189,8 @@ async fn run(
         if results.iter().any(Result::is_ok) {
             wake.notify_one();
         }
-        for (s, result) in batch.drain(..).zip(results) {
-            (s.done)(result);
+        for (done, result) in dones.into_iter().zip(results) {
+            done(result);
         }
     }
 }
@@ -218,14 +216,14 @@ impl From<Attempt> for EnqueueError {
 async fn commit_with_retry(
     pool: &PgPool,
     queue: &str,
-    payloads: &[serde_json::Value],
+    payloads: &[Payload],
     cfg: &EnqueueConfig,
     (shutdown, deadline): (&CancellationToken, &mut Option<tokio::time::Instant>),
     failing: &AtomicBool,
 ) -> Result<(), Attempt> {
     let mut backoff = Duration::from_millis(20);
     loop {
-        match send_batch(pool, queue, payloads).await {
+        match send_batch_encoded(pool, queue, payloads).await {
             Ok(_) => {
                 failing.store(false, Ordering::Relaxed);
                 return Ok(());

@@ -12,6 +12,7 @@ pub use enqueuer::{EnqueueConfig, EnqueueError, Enqueuer, PersistBuffer, Rejecte
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use sqlx::PgExecutor;
 use uuid::Uuid;
 
@@ -87,51 +88,74 @@ pub struct RawJob {
     pub message: serde_json::Value,
 }
 
+/// A job's payload, serialized once where the job is made: the enqueuer
+/// hands these bytes to Postgres without building a JSON tree again.
+pub type Payload = Box<RawValue>;
+
 /// The payload of a persist job: the message exactly as the gateway accepted
-/// and broadcast it. Versioned so a worker can refuse a format it does not know.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PersistJob {
-    pub v: u8,
-    pub id: Uuid,
-    pub conversation_id: Uuid,
-    pub sender_id: Uuid,
-    pub client_message_id: String,
-    pub kind: String,
-    pub content: serde_json::Value,
-    pub created_at: DateTime<Utc>,
+/// and broadcast it, borrowed, so encoding it copies nothing but bytes.
+/// Versioned so a worker can refuse a format it does not know.
+#[derive(Debug, Serialize)]
+pub struct PersistJob<'a> {
+    v: u8,
+    id: MessageId,
+    conversation_id: ConversationId,
+    sender_id: UserId,
+    client_message_id: &'a ClientMessageId,
+    kind: MessageKind,
+    content: &'a Content,
+    created_at: DateTime<Utc>,
 }
 
-impl PersistJob {
+/// [`PersistJob`] as read back by the worker.
+#[derive(Deserialize)]
+struct PersistJobOwned {
+    v: u8,
+    id: MessageId,
+    conversation_id: ConversationId,
+    sender_id: UserId,
+    client_message_id: String,
+    kind: MessageKind,
+    content: serde_json::Value,
+    created_at: DateTime<Utc>,
+}
+
+impl<'a> PersistJob<'a> {
     pub const VERSION: u8 = 1;
 
-    pub fn from_message(m: &Message) -> Self {
+    pub fn from_message(m: &'a Message) -> Self {
         PersistJob {
             v: Self::VERSION,
-            id: m.id.0,
-            conversation_id: m.conversation_id.0,
-            sender_id: m.sender_id.0,
-            client_message_id: m.client_message_id.as_str().to_owned(),
-            kind: m.kind.as_str().to_owned(),
-            content: m.content.as_json().clone(),
+            id: m.id,
+            conversation_id: m.conversation_id,
+            sender_id: m.sender_id,
+            client_message_id: &m.client_message_id,
+            kind: m.kind,
+            content: &m.content,
             created_at: m.created_at,
         }
+    }
+
+    /// The job's payload for the enqueuer.
+    pub fn encode(m: &Message) -> Result<Payload, serde_json::Error> {
+        serde_json::value::to_raw_value(&PersistJob::from_message(m))
     }
 
     /// Read a job's payload back into a message; an error means the job is
     /// malformed (written by something other than a gateway) and can never succeed.
     pub fn decode(payload: &serde_json::Value) -> Result<Message, String> {
-        let job: PersistJob = serde_json::from_value(payload.clone())
+        let job = PersistJobOwned::deserialize(payload)
             .map_err(|e| format!("malformed persist job: {e}"))?;
         if job.v != Self::VERSION {
             return Err(format!("unknown persist job version {}", job.v));
         }
         Ok(Message {
-            id: MessageId(job.id),
-            conversation_id: ConversationId(job.conversation_id),
-            sender_id: UserId(job.sender_id),
+            id: job.id,
+            conversation_id: job.conversation_id,
+            sender_id: job.sender_id,
             client_message_id: ClientMessageId::parse(&job.client_message_id)
                 .map_err(|e| e.to_string())?,
-            kind: MessageKind::parse(&job.kind).map_err(|e| e.to_string())?,
+            kind: job.kind,
             content: Content::from_stored(job.content),
             created_at: job.created_at,
         })
@@ -190,10 +214,35 @@ pub async fn send_batch<'e>(
     queue: &str,
     payloads: &[serde_json::Value],
 ) -> Result<Vec<i64>, QueueError> {
+    let encoded: Vec<String> = payloads.iter().map(|p| p.to_string()).collect();
+    send_batch_text(ex, queue, &encoded).await
+}
+
+/// [`send_batch`] of payloads already serialized (what the enqueuer sends).
+pub async fn send_batch_encoded<'e>(
+    ex: impl PgExecutor<'e>,
+    queue: &str,
+    payloads: &[Payload],
+) -> Result<Vec<i64>, QueueError> {
+    let texts: Vec<&str> = payloads.iter().map(|p| p.get()).collect();
+    send_batch_text(ex, queue, &texts).await
+}
+
+async fn send_batch_text<'e, T>(
+    ex: impl PgExecutor<'e>,
+    queue: &str,
+    payloads: &[T],
+) -> Result<Vec<i64>, QueueError>
+where
+    T: AsRef<str>,
+{
+    let texts: Vec<&str> = payloads.iter().map(AsRef::as_ref).collect();
     Ok(
-        sqlx::query_scalar("select * from pgmq.send_batch($1::text, $2::jsonb[])")
+        // Postgres parses the text into jsonb: the bytes made at the gateway
+        // are the only encoding of the job.
+        sqlx::query_scalar("select * from pgmq.send_batch($1::text, $2::text[]::jsonb[])")
             .bind(queue)
-            .bind(payloads)
+            .bind(texts)
             .fetch_all(ex)
             .await?,
     )
@@ -317,17 +366,17 @@ mod tests {
     #[test]
     fn malformed_jobs_are_refused() {
         assert!(PersistJob::decode(&json!({"hello": 1})).is_err());
-        let mut ok = serde_json::to_value(PersistJob {
-            v: 1,
-            id: Uuid::now_v7(),
-            conversation_id: Uuid::now_v7(),
-            sender_id: Uuid::new_v4(),
-            client_message_id: "c".into(),
-            kind: "text".into(),
-            content: json!("x"),
+        let m = Message {
+            id: MessageId::new_v7(),
+            conversation_id: ConversationId::new_v7(),
+            sender_id: UserId(Uuid::new_v4()),
+            client_message_id: ClientMessageId::parse("c").unwrap(),
+            kind: MessageKind::Text,
+            content: Content::parse(MessageKind::Text, json!("x"), 100).unwrap(),
             created_at: Utc::now(),
-        })
-        .unwrap();
+        };
+        let encoded = PersistJob::encode(&m).unwrap();
+        let mut ok: serde_json::Value = serde_json::from_str(encoded.get()).unwrap();
         assert!(PersistJob::decode(&ok).is_ok());
         ok["v"] = json!(9);
         assert!(PersistJob::decode(&ok).unwrap_err().contains("version"));

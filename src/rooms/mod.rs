@@ -6,11 +6,14 @@
 //! Shard locks are `std::sync::Mutex`, held only for non-blocking work
 //! (`try_send`), never across an `.await`.
 
+mod ledger;
 mod users;
+
+use ledger::Ledger;
 
 pub use users::{Transition, Users};
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hash};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -20,14 +23,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{ConversationId, MessageId, UserId};
-
-/// Message ids remembered per room, newest last, so a `sync` can leave out
-/// what a connection already received live. Bounds the memory of a busy room.
-const RECENT_LOG: usize = 1024;
-
-/// A message not confirmed persisted after this long never will be (a
-/// duplicate, a dead letter, a missed hint): stop waiting for it.
-const PENDING_TTL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A connection on this process; unique for the process lifetime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,23 +97,13 @@ pub struct Member {
 #[derive(Default)]
 struct Room {
     members: Vec<Member>,
-    /// Messages broadcast here so far; a join remembers the value at that moment.
-    counter: u64,
-    /// (counter, id) of recent broadcasts.
-    recent: VecDeque<(u64, MessageId)>,
-    /// Broadcast here but not yet confirmed persisted, with their counter
-    /// and when they were broadcast.
-    pending: HashMap<MessageId, (u64, std::time::Instant)>,
+    ledger: Ledger,
 }
 
 impl Room {
     /// No members and nothing still expected: the room can be forgotten.
     fn idle(&mut self) -> bool {
-        if !self.members.is_empty() {
-            return false;
-        }
-        self.pending.retain(|_, (_, at)| at.elapsed() < PENDING_TTL);
-        self.pending.is_empty()
+        self.members.is_empty() && self.ledger.idle()
     }
 }
 
@@ -162,10 +147,10 @@ impl Rooms {
         let mut shard = self.shard(conv);
         let room = shard.entry(conv).or_default();
         if room.members.iter().any(|m| m.conn == member.conn) {
-            return (false, room.counter);
+            return (false, room.ledger.mark());
         }
         room.members.push(member);
-        (true, room.counter)
+        (true, room.ledger.mark())
     }
 
     /// Remove a connection from a room; false if it was not there.
@@ -225,16 +210,7 @@ impl Rooms {
     pub fn broadcast_message(&self, conv: ConversationId, id: MessageId, frame: &Bytes) -> usize {
         let mut shard = self.shard(conv);
         let room = shard.entry(conv).or_default();
-        room.counter += 1;
-        let mark = room.counter;
-        room.recent.push_back((mark, id));
-        if room.recent.len() > RECENT_LOG {
-            room.recent.pop_front();
-        }
-        let now = std::time::Instant::now();
-        room.pending
-            .retain(|_, (_, at)| now.duration_since(*at) < PENDING_TTL);
-        room.pending.insert(id, (mark, now));
+        room.ledger.broadcast(id);
         fan_out(&room.members, frame, None)
     }
 
@@ -242,7 +218,7 @@ impl Rooms {
     pub fn persisted(&self, conv: ConversationId, id: MessageId) {
         let mut shard = self.shard(conv);
         if let Some(room) = shard.get_mut(&conv) {
-            room.pending.remove(&id);
+            room.ledger.persisted(id);
             if room.idle() {
                 shard.remove(&conv);
             }
@@ -251,25 +227,45 @@ impl Rooms {
 
     /// Messages broadcast here up to `mark` and not yet persisted.
     pub fn pending_up_to(&self, conv: ConversationId, mark: u64) -> usize {
-        self.shard(conv).get(&conv).map_or(0, |room| {
-            room.pending
-                .values()
-                .filter(|(m, at)| *m <= mark && at.elapsed() < PENDING_TTL)
-                .count()
-        })
+        self.shard(conv)
+            .get(&conv)
+            .map_or(0, |room| room.ledger.pending_up_to(mark))
+    }
+
+    /// Wait until every message broadcast here up to `mark` is persisted, or
+    /// `deadline`; true if they all were. Woken by [`Rooms::persisted`].
+    pub async fn settled(
+        &self,
+        conv: ConversationId,
+        mark: u64,
+        deadline: tokio::time::Instant,
+    ) -> bool {
+        loop {
+            let Some(signal) = self
+                .shard(conv)
+                .get(&conv)
+                .map(|room| room.ledger.settled_signal())
+            else {
+                return true;
+            };
+            let woken = signal.notified();
+            tokio::pin!(woken);
+            // Registered before the check, so a confirmation in between still wakes us.
+            woken.as_mut().enable();
+            if self.pending_up_to(conv, mark) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, woken).await.is_err() {
+                return self.pending_up_to(conv, mark) == 0;
+            }
+        }
     }
 
     /// Ids of messages broadcast after `mark` (within the recent log).
     pub fn live_since(&self, conv: ConversationId, mark: u64) -> HashSet<MessageId> {
         self.shard(conv)
             .get(&conv)
-            .map_or_else(HashSet::new, |room| {
-                room.recent
-                    .iter()
-                    .filter(|(m, _)| *m > mark)
-                    .map(|(_, id)| *id)
-                    .collect()
-            })
+            .map_or_else(HashSet::new, |room| room.ledger.live_since(mark))
     }
 
     /// Number of connections joined to `conv` on this process.
@@ -383,6 +379,28 @@ mod tests {
         assert_eq!(rooms.live_since(conv, mark), HashSet::from([m2]));
         rooms.persisted(conv, m1);
         assert_eq!(rooms.pending_up_to(conv, mark), 0);
+    }
+
+    #[tokio::test]
+    async fn settled_is_woken_by_the_confirmation_not_by_polling() {
+        let rooms = std::sync::Arc::new(Rooms::new(2));
+        let conv = ConversationId::new_v7();
+        let m = MessageId::new_v7();
+        rooms.broadcast_message(conv, m, &Bytes::from_static(b"1"));
+        let far = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let waiter = {
+            let rooms = rooms.clone();
+            tokio::spawn(async move { rooms.settled(conv, 1, far).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        rooms.persisted(conv, m);
+        assert!(waiter.await.unwrap());
+        // Nothing pending up to the mark: settled at once; a deadline in the
+        // past with something pending: not settled.
+        assert!(rooms.settled(conv, 1, far).await);
+        rooms.broadcast_message(conv, MessageId::new_v7(), &Bytes::from_static(b"2"));
+        assert!(!rooms.settled(conv, 2, tokio::time::Instant::now()).await);
     }
 
     #[test]

@@ -1,7 +1,6 @@
 //! Conversations and their members.
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use uuid::Uuid;
 
 use super::{Store, StoreError};
@@ -11,7 +10,7 @@ use crate::domain::{ConversationId, Seq, UserId};
 /// an unbounded number of rows.
 pub const MAX_INITIAL_MEMBERS: usize = 1000;
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone)]
 pub struct NewConversation {
     pub id: ConversationId,
     pub title: Option<String>,
@@ -19,18 +18,48 @@ pub struct NewConversation {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+/// A conversation as one of its members sees it in a list.
+#[derive(Debug, Clone)]
 pub struct ConversationSummary {
-    pub id: Uuid,
+    pub id: ConversationId,
     pub title: Option<String>,
-    pub member_ids: Vec<Uuid>,
+    pub member_ids: Vec<UserId>,
     pub created_at: DateTime<Utc>,
     pub last_message_at: Option<DateTime<Utc>>,
-    pub last_seq: i64,
+    pub last_seq: Seq,
     /// The caller's own positions, and what they have not read.
-    pub last_delivered_seq: i64,
-    pub last_read_seq: i64,
+    pub last_delivered_seq: Seq,
+    pub last_read_seq: Seq,
     pub unread_count: i64,
+}
+
+#[derive(sqlx::FromRow)]
+struct SummaryRow {
+    id: Uuid,
+    title: Option<String>,
+    member_ids: Vec<Uuid>,
+    created_at: DateTime<Utc>,
+    last_message_at: Option<DateTime<Utc>>,
+    last_seq: i64,
+    last_delivered_seq: i64,
+    last_read_seq: i64,
+    unread_count: i64,
+}
+
+impl From<SummaryRow> for ConversationSummary {
+    fn from(r: SummaryRow) -> Self {
+        ConversationSummary {
+            id: ConversationId(r.id),
+            title: r.title,
+            member_ids: r.member_ids.into_iter().map(UserId).collect(),
+            created_at: r.created_at,
+            last_message_at: r.last_message_at,
+            last_seq: Seq(r.last_seq),
+            last_delivered_seq: Seq(r.last_delivered_seq),
+            last_read_seq: Seq(r.last_read_seq),
+            unread_count: r.unread_count,
+        }
+    }
 }
 
 /// What a user may do with a conversation.
@@ -100,7 +129,7 @@ impl Store {
         &self,
         user: UserId,
     ) -> Result<Vec<ConversationSummary>, StoreError> {
-        let rows = sqlx::query_as::<_, ConversationSummary>(
+        let rows = sqlx::query_as::<_, SummaryRow>(
             "select c.id, c.title, c.created_at, c.last_message_at, c.last_seq,
                     m.last_delivered_seq, m.last_read_seq,
                     greatest(c.last_seq - m.last_read_seq, 0) as unread_count,
@@ -114,7 +143,7 @@ impl Store {
         .bind(user.0)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows)
+        Ok(rows.into_iter().map(ConversationSummary::from).collect())
     }
 
     /// Whether the conversation exists and `user` belongs to it; one indexed

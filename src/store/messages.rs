@@ -4,32 +4,58 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{Store, StoreError};
-use crate::domain::{ConversationId, Message, MessageId, Persisted, Seq, UserId};
+use crate::domain::{
+    ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, Persisted, Seq,
+    StoredMessage, UserId,
+};
 
-/// A message as stored, with its seq and version. A deleted message is a
-/// tombstone: `deleted` true, `content` null.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow, PartialEq)]
-pub struct StoredMessage {
-    pub id: Uuid,
-    pub conversation_id: Uuid,
-    pub seq: i64,
-    pub sender_id: Uuid,
-    pub client_message_id: String,
-    pub kind: String,
-    pub content: serde_json::Value,
-    pub created_at: DateTime<Utc>,
-    pub version: i32,
-    pub edited_at: Option<DateTime<Utc>>,
-    pub deleted: bool,
+/// A `messages` row as selected by [`MESSAGE_COLUMNS`]; turned into the
+/// typed [`StoredMessage`] before it leaves the store.
+#[derive(sqlx::FromRow)]
+struct MessageRow {
+    id: Uuid,
+    conversation_id: Uuid,
+    seq: i64,
+    sender_id: Uuid,
+    client_message_id: String,
+    kind: String,
+    content: serde_json::Value,
+    created_at: DateTime<Utc>,
+    version: i32,
+    edited_at: Option<DateTime<Utc>>,
+    deleted: bool,
 }
 
-/// Columns of [`StoredMessage`], in a select from `messages`.
-pub const MESSAGE_COLUMNS: &str = "id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at, version, edited_at, deleted_at is not null as deleted";
+impl TryFrom<MessageRow> for StoredMessage {
+    type Error = StoreError;
+
+    fn try_from(r: MessageRow) -> Result<Self, StoreError> {
+        let kind = MessageKind::parse(&r.kind)
+            .map_err(|e| StoreError::Invariant(format!("message {}: {e}", r.id)))?;
+        Ok(StoredMessage {
+            message: Message {
+                id: MessageId(r.id),
+                conversation_id: ConversationId(r.conversation_id),
+                sender_id: UserId(r.sender_id),
+                client_message_id: ClientMessageId::from_stored(r.client_message_id),
+                kind,
+                content: Content::from_stored(r.content),
+                created_at: r.created_at,
+            },
+            seq: Seq(r.seq),
+            version: r.version,
+            edited_at: r.edited_at,
+            deleted: r.deleted,
+        })
+    }
+}
+
+/// Columns of a [`MessageRow`], in a select from `messages`.
+const MESSAGE_COLUMNS: &str = "id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at, version, edited_at, deleted_at is not null as deleted";
 
 /// Why an edit or delete was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -86,13 +112,17 @@ impl Store {
             "select {MESSAGE_COLUMNS} from messages where conversation_id = $1 and seq > $2 and seq < $3
              order by seq {order} limit $4"
         );
-        let mut rows = sqlx::query_as::<_, StoredMessage>(&sql)
+        let rows = sqlx::query_as::<_, MessageRow>(&sql)
             .bind(conv.0)
             .bind(after)
             .bind(before)
             .bind(fetch)
             .fetch_all(&self.pool)
             .await?;
+        let mut rows = rows
+            .into_iter()
+            .map(StoredMessage::try_from)
+            .collect::<Result<Vec<_>, _>>()?;
         let has_more = rows.len() as i64 > page.limit;
         rows.truncate(page.limit as usize);
         if page.after_seq.is_none() {
@@ -131,7 +161,7 @@ impl Store {
                            where m.conversation_id = messages.conversation_id and m.user_id = $2)
              returning {MESSAGE_COLUMNS}"
         );
-        let mut query = sqlx::query_as::<_, StoredMessage>(&sql)
+        let mut query = sqlx::query_as::<_, MessageRow>(&sql)
             .bind(id.0)
             .bind(sender.0)
             .bind(version);
@@ -139,7 +169,7 @@ impl Store {
             query = query.bind(c);
         }
         match query.fetch_optional(&self.pool).await? {
-            Some(r) => Ok(Ok(r)),
+            Some(r) => Ok(Ok(r.try_into()?)),
             None => Ok(Err(self.why_refused(id, sender, content.is_some()).await?)),
         }
     }

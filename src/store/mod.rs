@@ -10,7 +10,6 @@ mod messages;
 pub use conversations::{Access, ConversationSummary, NewConversation, MAX_INITIAL_MEMBERS};
 pub use messages::{
     advance_receipts, persist_batch, EditRefusal, HistoryPage, PersistOutcome, ReceiptUpdate,
-    StoredMessage, MESSAGE_COLUMNS,
 };
 
 use std::time::Duration;

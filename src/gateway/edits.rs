@@ -1,0 +1,41 @@
+//! `edit_message` and `delete_message`: applied with optimistic concurrency
+//! in one conditional UPDATE, then published to the room.
+
+use super::error::HandlerError;
+use super::session::Session;
+use crate::domain::{Content, MessageId};
+use crate::protocol::server;
+
+impl Session {
+    /// An edit (`Some(content)`) or a delete (`None`) of one of the user's messages.
+    pub(super) async fn change(
+        &self,
+        id: MessageId,
+        content: Option<Content>,
+        version: i32,
+    ) -> Result<server::Changed, HandlerError> {
+        let gw = &self.gw;
+        let editing = content.is_some();
+        let row = gw
+            .store
+            .change_message(
+                id,
+                self.user,
+                version,
+                content.as_ref().map(Content::as_json),
+            )
+            .await
+            .map_err(|e| HandlerError::database("changing a message", e))??;
+        let conv = row.message.conversation_id;
+        let frame = if editing {
+            server::message_updated(&row)
+        } else {
+            server::message_deleted(conv, id, row.version)
+        };
+        gw.publish_to_room(conv, &frame, None);
+        Ok(server::Changed {
+            message_id: id,
+            version: row.version,
+        })
+    }
+}

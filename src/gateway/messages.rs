@@ -1,0 +1,190 @@
+//! `send_message`: broadcast at once, ack once the persist job is committed
+//! to the queue, so an acked message survives any crash; a retry of the same
+//! client_message_id waits for the original's fate instead of being stored
+//! or acked twice.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+
+use super::error::HandlerError;
+use super::session::Session;
+use crate::domain::{now_micros, ClientMessageId, ConversationId, Message, MessageId, UserId};
+use crate::notify::Target;
+use crate::protocol::client::SendMessage;
+use crate::protocol::server;
+use crate::queue::{EnqueueError, PersistJob};
+use crate::rooms::Outbox;
+
+/// The dedup key: one message per sender, conversation and client id.
+pub(super) type DedupKey = (UserId, ConversationId, ClientMessageId);
+
+/// A client_message_id being sent: retries wait for the original's fate
+/// instead of being acked before it is durable.
+pub(super) struct Claim {
+    id: MessageId,
+    state: Mutex<ClaimState>,
+}
+
+/// What a retry is owed once the original's fate is known.
+struct Waiter {
+    outbox: Outbox,
+    /// Sent if the original was committed (None: the retry had no ref).
+    ack: Option<Bytes>,
+    /// Sent if it never was.
+    error: Bytes,
+}
+
+enum ClaimState {
+    /// Queued, not yet committed.
+    Pending(Vec<Waiter>),
+    Committed,
+    /// Never made durable; the claim is being removed.
+    Failed,
+}
+
+impl Claim {
+    fn new(id: MessageId) -> Self {
+        Claim {
+            id,
+            state: Mutex::new(ClaimState::Pending(Vec::new())),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ClaimState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A retry of this message: answered now if the original's fate is known,
+    /// else when it is.
+    fn retry(&self, waiter: Waiter) {
+        let mut state = self.lock();
+        match &mut *state {
+            ClaimState::Pending(waiters) => waiters.push(waiter),
+            ClaimState::Committed => {
+                if let Some(ack) = waiter.ack {
+                    let _ = waiter.outbox.push(ack);
+                }
+            }
+            ClaimState::Failed => {
+                let _ = waiter.outbox.push(waiter.error);
+            }
+        }
+    }
+
+    fn settle(&self, committed: bool) {
+        let next = if committed {
+            ClaimState::Committed
+        } else {
+            ClaimState::Failed
+        };
+        let waiters = match std::mem::replace(&mut *self.lock(), next) {
+            ClaimState::Pending(w) => w,
+            _ => Vec::new(),
+        };
+        for w in waiters {
+            let frame = if committed { w.ack } else { Some(w.error) };
+            if let Some(frame) = frame {
+                let _ = w.outbox.push(frame);
+            }
+        }
+    }
+}
+
+impl Session {
+    pub(super) fn send_message(&self, r: Option<&str>, send: SendMessage) {
+        if let Err(e) = self.require_joined(send.conversation_id) {
+            return self.reply::<server::Done>(r, Err(e));
+        }
+        let gw = &self.gw;
+        let conv = send.conversation_id;
+        let id = MessageId::new_v7();
+        let key: DedupKey = (self.user, conv, send.client_message_id.clone());
+        let claim = Arc::new(Claim::new(id));
+        if let Err(original) = gw.dedup.claim(key.clone(), claim.clone()) {
+            gw.metrics.add_duplicate();
+            let ack = r.map(|_| {
+                server::ack(
+                    r,
+                    &server::Sent {
+                        message_id: original.id,
+                        client_message_id: &send.client_message_id,
+                        duplicate: true,
+                    },
+                )
+            });
+            original.retry(Waiter {
+                outbox: self.outbox.clone(),
+                ack,
+                error: HandlerError::OriginalNotDurable.frame(r),
+            });
+            return;
+        }
+        let message = Message {
+            id,
+            conversation_id: conv,
+            sender_id: self.user,
+            client_message_id: send.client_message_id,
+            kind: send.kind,
+            content: send.content,
+            created_at: now_micros(),
+        };
+        // Not queued: a resend with the same client_message_id must be
+        // treated as new, not acked as a duplicate of nothing.
+        let forget = {
+            let (gw, key, claim) = (gw.clone(), key, claim.clone());
+            move || {
+                claim.settle(false);
+                gw.dedup.remove_if(&key, |c| Arc::ptr_eq(c, &claim));
+            }
+        };
+        // Serialized once for the queue, once for the clients; the content is
+        // never copied between them.
+        let job = match PersistJob::encode(&message) {
+            Ok(job) => job,
+            Err(e) => {
+                forget();
+                return self.reply::<server::Done>(
+                    r,
+                    Err(HandlerError::Unstorable(format!("cannot encode: {e}"))),
+                );
+            }
+        };
+        let frame = server::new_message(&message);
+        let ack = server::ack(
+            r,
+            &server::Sent {
+                message_id: id,
+                client_message_id: &message.client_message_id,
+                duplicate: false,
+            },
+        );
+        let (outbox, reply_ref) = (self.outbox.clone(), r.map(str::to_owned));
+        let forget_on_failure = forget.clone();
+        let done = Box::new(move |res: Result<(), EnqueueError>| {
+            let reply = match res {
+                Ok(()) => {
+                    claim.settle(true);
+                    reply_ref.is_some().then_some(ack)
+                }
+                Err(e) => {
+                    forget_on_failure();
+                    let e = match e {
+                        EnqueueError::Unavailable => HandlerError::NotDurable,
+                        EnqueueError::Refused(reason) => HandlerError::Unstorable(reason),
+                    };
+                    Some(e.frame(reply_ref.as_deref()))
+                }
+            };
+            if let Some(frame) = reply {
+                let _ = outbox.push(frame);
+            }
+        });
+        if gw.queues.persist.submit(job, done).is_err() {
+            forget();
+            return self.reply::<server::Done>(r, Err(HandlerError::PersistBufferFull));
+        }
+        gw.metrics.add_sent();
+        gw.publish(Target::Message(conv, id), &frame, None);
+    }
+}

@@ -1,0 +1,113 @@
+//! Where frames leave for clients: [`Gateway::publish`] delivers to the
+//! connections here and relays to every other gateway, so no caller pairs
+//! the two by hand; [`Gateway::on_hint`] delivers what Postgres told us
+//! (other gateways' events, persisted confirmations) to the connections here.
+
+use bytes::Bytes;
+
+use super::Gateway;
+use crate::domain::{ConversationId, Persisted, UserId};
+use crate::notify::{Hint, Target};
+use crate::protocol::server;
+use crate::rooms::ConnectionId;
+
+impl Gateway {
+    /// Deliver `frame` to `target` here (but `except`) and on every other gateway.
+    pub(super) fn publish(&self, target: Target, frame: &Bytes, except: Option<ConnectionId>) {
+        self.deliver(&target, frame, except);
+        self.relay.publish(target, frame);
+    }
+
+    pub(super) fn publish_to_room(
+        &self,
+        conv: ConversationId,
+        frame: &Bytes,
+        except: Option<ConnectionId>,
+    ) {
+        self.publish(Target::Room(conv), frame, except);
+    }
+
+    pub(super) fn publish_to_user(
+        &self,
+        user: UserId,
+        frame: &Bytes,
+        except: Option<ConnectionId>,
+    ) {
+        self.publish(Target::User(user), frame, except);
+    }
+
+    /// A receipt: the room (but the sender's connection) and the user's other
+    /// devices that are not in the room, so every device converges.
+    pub(super) fn publish_receipt(
+        &self,
+        conv: ConversationId,
+        user: UserId,
+        frame: &Bytes,
+        from: ConnectionId,
+    ) {
+        self.publish_to_room(conv, frame, Some(from));
+        for other in self.users.connections(user, from) {
+            if !self.rooms.is_joined(conv, other) {
+                self.users.push_to(user, other, frame);
+            }
+        }
+        self.relay.publish(Target::User(user), frame);
+    }
+
+    /// Delivery to the connections of this process only.
+    fn deliver(&self, target: &Target, frame: &Bytes, except: Option<ConnectionId>) {
+        match *target {
+            Target::Room(conv) => {
+                self.rooms.broadcast(conv, frame, except);
+            }
+            Target::Message(conv, id) => {
+                self.rooms.broadcast_message(conv, id, frame);
+            }
+            Target::User(user) => {
+                self.users.push(user, frame, except);
+            }
+            Target::Evict(conv, user) => {
+                self.rooms.evict_user(conv, user);
+            }
+        }
+    }
+
+    /// What the LISTEN connection heard.
+    pub fn on_hint(&self, hint: Hint) {
+        match hint {
+            Hint::Persisted(entries) => self.on_persisted(&entries),
+            Hint::Relay(batch) if batch.gateway == self.id => {}
+            Hint::Relay(batch) => {
+                for e in batch.events {
+                    self.deliver(&e.target, &e.frame, None);
+                }
+            }
+            Hint::Reconnected => self.users.push_all(&server::resync()),
+        }
+    }
+
+    /// Tell each room that these messages are durable. Every gateway hears
+    /// the worker's NOTIFY itself, so this is never relayed.
+    fn on_persisted(&self, entries: &[Persisted]) {
+        for p in entries {
+            self.rooms.persisted(p.conversation_id, p.message_id);
+            let frame = server::message_persisted(p.conversation_id, p.message_id, p.seq);
+            self.rooms.broadcast(p.conversation_id, &frame, None);
+        }
+        self.metrics.add_persisted_notified(entries.len() as u64);
+    }
+
+    /// Membership changed through the HTTP API: tell the room, and take a
+    /// removed user's connections out of it, on every gateway.
+    pub fn on_membership(&self, conv: ConversationId, user: UserId, joined: bool) {
+        let frame: Bytes = if joined {
+            server::member_joined(conv, user)
+        } else {
+            server::member_left(conv, user)
+        };
+        self.publish_to_room(conv, &frame, None);
+        if !joined {
+            self.publish(Target::Evict(conv, user), &Bytes::new(), None);
+        }
+    }
+}

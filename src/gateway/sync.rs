@@ -1,0 +1,208 @@
+//! `sync` and `resume`: history after a seq, then live delivery, with no gap
+//! and no duplicate between the two (the bookkeeping is the rooms' ledger).
+//!
+//! Both run beside the session, never on it: a connection keeps answering
+//! pings and sends while Postgres is slow. Each connection has a few at a
+//! time; `resume` pages conversations a few at a time and answers by a
+//! deadline whatever happens.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::error::HandlerError;
+use super::session::Session;
+use crate::domain::{ConversationId, Seq, StoredMessage};
+use crate::protocol::server::{self, ErrorBody, Resumed};
+use crate::store::HistoryPage;
+
+/// How long `sync` waits for messages broadcast before the join to be
+/// persisted, so none falls between history and live delivery.
+const SYNC_SETTLE: Duration = Duration::from_secs(3);
+
+/// The most a `resume` takes before it answers; conversations not paged by
+/// then are reported as failed, to be synced on their own.
+const RESUME_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Conversations of one `resume` paged at once (each holds a pool connection).
+const RESUME_CONCURRENCY: usize = 4;
+
+/// What to wait before retrying a sync refused for too many in flight.
+const SYNC_RETRY_AFTER_MS: u64 = 100;
+
+/// One conversation's page, before it is shaped for the wire.
+struct Page {
+    conversation_id: ConversationId,
+    messages: Vec<StoredMessage>,
+    has_more: bool,
+    last_seq: Seq,
+}
+
+impl Page {
+    fn wire(&self) -> server::SyncPage<'_> {
+        server::SyncPage {
+            conversation_id: self.conversation_id,
+            messages: self.messages.iter().map(Into::into).collect(),
+            has_more: self.has_more,
+            last_seq: self.last_seq,
+        }
+    }
+}
+
+impl Session {
+    /// A slot for one more `sync`/`resume` of this connection, or why not.
+    fn sync_slot(&self) -> Result<OwnedSemaphorePermit, HandlerError> {
+        self.syncs
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| HandlerError::RateLimited {
+                what: "too many sync or resume requests in flight on this connection",
+                retry_after_ms: SYNC_RETRY_AFTER_MS,
+            })
+    }
+
+    pub(super) fn sync(&self, r: Option<&str>, conv: ConversationId, after: Seq, limit: i64) {
+        let permit = match self.sync_slot() {
+            Ok(p) => p,
+            Err(e) => return self.reply::<server::Done>(r, Err(e)),
+        };
+        let (session, r) = (self.clone(), r.map(str::to_owned));
+        tokio::spawn(async move {
+            let page = session.page(conv, after, limit).await;
+            match &page {
+                Ok(page) => session.reply(r.as_deref(), Ok(page.wire())),
+                Err(e) => session.reply::<server::Done>(r.as_deref(), Err(e.clone())),
+            }
+            drop(permit);
+        });
+    }
+
+    pub(super) fn resume(
+        &self,
+        r: Option<&str>,
+        conversations: Vec<(ConversationId, Seq)>,
+        limit: i64,
+    ) {
+        let permit = match self.sync_slot() {
+            Ok(p) => p,
+            Err(e) => return self.reply::<server::Done>(r, Err(e)),
+        };
+        let (session, r) = (self.clone(), r.map(str::to_owned));
+        tokio::spawn(async move {
+            let deadline = Instant::now() + RESUME_DEADLINE;
+            let pages = session.pages(&conversations, limit, deadline).await;
+            let failures: Vec<Option<(crate::protocol::ErrorCode, String)>> = pages
+                .iter()
+                .map(|p| p.as_ref().err().map(|e| (e.code(), e.to_string())))
+                .collect();
+            let entries = conversations
+                .iter()
+                .zip(pages.iter().zip(&failures))
+                .map(|((conv, _), (page, failure))| match (page, failure) {
+                    (Ok(p), _) => Resumed::Page(p.wire()),
+                    (Err(_), failure) => {
+                        let (code, message) = failure
+                            .as_ref()
+                            .map_or((crate::protocol::ErrorCode::Internal, ""), |(c, m)| {
+                                (*c, m.as_str())
+                            });
+                        Resumed::Failed {
+                            conversation_id: *conv,
+                            error: ErrorBody { code, message },
+                        }
+                    }
+                })
+                .collect();
+            session.reply(
+                r.as_deref(),
+                Ok(server::Resume {
+                    conversations: entries,
+                }),
+            );
+            drop(permit);
+        });
+    }
+
+    /// Pages for each conversation, a few at a time, in the order given.
+    async fn pages(
+        &self,
+        conversations: &[(ConversationId, Seq)],
+        limit: i64,
+        deadline: Instant,
+    ) -> Vec<Result<Page, HandlerError>> {
+        let mut results: Vec<Result<Page, HandlerError>> = conversations
+            .iter()
+            .map(|_| Err(HandlerError::TimedOut))
+            .collect();
+        let gate = Arc::new(Semaphore::new(RESUME_CONCURRENCY));
+        let mut tasks = JoinSet::new();
+        for (i, &(conv, after)) in conversations.iter().enumerate() {
+            let (session, gate) = (self.clone(), gate.clone());
+            tasks.spawn(async move {
+                let _slot = gate.acquire_owned().await;
+                (i, session.page(conv, after, limit).await)
+            });
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, tasks.join_next()).await {
+                Ok(Some(Ok((i, page)))) => results[i] = page,
+                Ok(Some(Err(e))) => tracing::warn!(error = %e, "a resume page task failed"),
+                Ok(None) => break,
+                // What is left stays TimedOut; dropping the set aborts it.
+                Err(_) => break,
+            }
+        }
+        results
+    }
+
+    /// Messages after `after`, with no gap against live delivery and no
+    /// duplicate of what reached this connection live since it joined.
+    async fn page(
+        &self,
+        conv: ConversationId,
+        after: Seq,
+        limit: i64,
+    ) -> Result<Page, HandlerError> {
+        let mark = match self.join_mark(conv) {
+            Some(mark) => mark,
+            None => {
+                self.join(conv).await?;
+                self.join_mark(conv).unwrap_or(0)
+            }
+        };
+        let gw = &self.gw;
+        // Messages broadcast before the join reached other connections live
+        // but not this one: wait until they are in the table history is read
+        // from. Past the deadline the page is served anyway (a dead letter or
+        // a missed hint must not stall sync); the client's next sync by seq
+        // fills any hole.
+        gw.rooms
+            .settled(conv, mark, Instant::now() + SYNC_SETTLE)
+            .await;
+        let page = HistoryPage {
+            after_seq: Some(after.0),
+            before_seq: None,
+            limit,
+        };
+        let (rows, has_more) = gw
+            .store
+            .history(conv, page)
+            .await
+            .map_err(|e| HandlerError::database("sync", e))?;
+        let last_seq = rows.last().map_or(after, |m| m.seq);
+        let live = gw.rooms.live_since(conv, mark);
+        let messages = rows
+            .into_iter()
+            .filter(|m| !live.contains(&m.message.id))
+            .collect();
+        Ok(Page {
+            conversation_id: conv,
+            messages,
+            has_more,
+            last_seq,
+        })
+    }
+}
