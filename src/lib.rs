@@ -6,19 +6,26 @@
 //! # Layout
 //! Imports flow down this list, never up.
 //! - [`config`]: one `Config`, flags mirrored by env vars, validated once.
-//! - [`domain`]: ids, `Seq`, validated values. No I/O.
-//! - [`protocol`]: client event decoding and server event encoding. No sockets.
+//! - [`domain`]: ids, `Seq`, validated values, the message at each stage
+//!   (`Message` accepted, `StoredMessage` with its seq). No I/O.
+//! - [`protocol`]: every wire shape. `client` decodes frames into events
+//!   (nesting depth checked first by `depth`); `server` encodes each server
+//!   frame once into shared `Bytes`; `http` types the API's bodies. No sockets.
 //! - [`auth`]: HS256 JWT verify/issue. [`telemetry`]: logs and counters.
 //! - [`rooms`]: conversation -> joined connections; fan-out of pre-encoded
-//!   frames into bounded outboxes. Memory only, never awaits under a lock.
+//!   frames into bounded outboxes; the ledger `sync` relies on for no gap and
+//!   no duplicate. Memory only, never awaits under a lock.
 //! - [`store`]: the chat tables and the schema. [`queue`]: pgmq, every call
 //!   taking an executor, and the gateway's batching enqueuer. [`notify`]:
-//!   LISTEN/NOTIFY hints. Only these three touch sqlx.
+//!   LISTEN/NOTIFY hints and the relay between gateways.
 //! - [`worker`]: queue -> messages table, job delete and NOTIFY in one
-//!   transaction. Never touches a socket.
-//! - [`gateway`]: WebSocket connections and event dispatch; the one place an
-//!   event enters. [`http`]: hyper server, `/v1` API, health, `/ws` hand-off.
-//!   Only these two touch hyper and fastwebsockets.
+//!   transaction, through `store`, `queue` and `notify` (it also runs its own
+//!   transaction with sqlx). Never touches a socket.
+//! - [`gateway`]: WebSocket sessions; the one place an event enters
+//!   (`session`), handlers by concern, and the one place a frame is
+//!   published, here and to other gateways (`publish`). [`http`]: hyper
+//!   server, `/v1` API, health, `/ws` hand-off. Only these two touch hyper
+//!   and fastwebsockets; only `store`, `queue`, `notify` and `worker` touch sqlx.
 //! - [`cli`]: the composition root and shutdown order.
 //! - [`pglocal`]: a throwaway local Postgres for `--dev` and tests.
 

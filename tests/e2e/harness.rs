@@ -305,6 +305,11 @@ impl Client {
         }
     }
 
+    /// Whether a frame matching `pred` was already received and kept aside.
+    pub fn pending_has(&self, pred: impl Fn(&Value) -> bool) -> bool {
+        self.pending.iter().any(pred)
+    }
+
     pub async fn recv_type(&mut self, ty: &str) -> Value {
         self.recv_where(|v| v["type"] == ty).await
     }

@@ -577,3 +577,55 @@ async fn a_slow_reader_is_closed_and_does_not_hold_up_the_room() {
     assert!(code.is_none() || code == Some(4008), "closed with {code:?}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_resume_does_not_hold_up_pings_or_sends() {
+    let app = TestApp::spawn().await;
+    let Pair {
+        a, conv, mut alice, ..
+    } = app.pair().await;
+    let first = alice.send_text(conv, "m1", "before").await;
+    assert_eq!(first["type"], "ack", "{first}");
+    eventually("the first message stored", || async {
+        (!stored(&app.pool, conv).await.is_empty()).then_some(())
+    })
+    .await;
+    // Another device of Alice's: "before" did not reach it live, so its
+    // resume must bring it.
+    let mut alice = {
+        let mut device = app.ws(a).await;
+        device.join(conv).await;
+        device
+    };
+
+    // History reads now block behind a lock held by another transaction.
+    let mut lock = app.pool.begin().await.unwrap();
+    sqlx::query("lock table messages in access exclusive mode")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    alice
+        .send(
+            json!({"type": "resume", "ref": "slow", "conversations": [{"conversation_id": conv}]}),
+        )
+        .await;
+
+    // The connection still answers while the resume waits on Postgres.
+    let pong = alice.request(json!({"type": "ping"})).await;
+    assert_eq!(pong["type"], "ack", "{pong}");
+    assert!(pong["server_time"].is_string(), "{pong}");
+    let sent = alice.send_text(conv, "m2", "during").await;
+    assert_eq!(sent["type"], "ack", "{sent}");
+    assert!(
+        !alice.pending_has(|v| v["ref"] == "slow"),
+        "the resume cannot have answered while history is locked"
+    );
+
+    lock.rollback().await.unwrap();
+    let resumed = alice.recv_where(|v| v["ref"] == "slow").await;
+    assert_eq!(resumed["type"], "ack", "{resumed}");
+    let page = &resumed["conversations"][0];
+    assert_eq!(page["conversation_id"], conv.to_string(), "{resumed}");
+    assert_eq!(page["messages"][0]["content"], "before", "{resumed}");
+    app.stop().await;
+}
