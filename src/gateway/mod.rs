@@ -204,7 +204,7 @@ impl Gateway {
                     }
                 }
             }
-            Hint::Reconnected => self.users.push_all(&server::resync()),
+            Hint::Reconnected | Hint::Missed => self.users.push_all(&server::resync()),
         }
     }
 

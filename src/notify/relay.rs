@@ -78,26 +78,51 @@ struct Wire<'a> {
     r: Option<i64>,
 }
 
+/// What the LISTEN task needs from a relay notification to route it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Peek {
+    /// The gateway that sent it.
+    pub sender: Uuid,
+    /// Set when the batch came by reference: its `relay_payloads` row.
+    pub reference: Option<i64>,
+}
+
+/// Read the sender (and the row id of a batch sent by reference) from the
+/// fixed prefix every envelope starts with, `{"g":"<uuid>",` (see
+/// `envelope` and `publish`), without parsing the events: the LISTEN
+/// task must not spend time on batches it is about to drop, its own above all.
+pub(crate) fn peek(payload: &str) -> Option<Peek> {
+    let rest = payload.strip_prefix(r#"{"g":""#)?;
+    let sender = Uuid::try_parse(rest.get(..36)?).ok()?;
+    let rest = rest.get(36..)?.strip_prefix('"')?;
+    let reference = match rest.strip_prefix(r#","r":"#) {
+        Some(id) => Some(id.strip_suffix('}')?.parse().ok()?),
+        None => None,
+    };
+    Some(Peek { sender, reference })
+}
+
 impl RelayBatch {
-    /// Decode a notification, fetching it first if it came by reference.
-    pub async fn decode(payload: &str, pool: &PgPool) -> Result<RelayBatch, String> {
+    /// Parse a batch that came inline in its notification.
+    pub fn parse(payload: &str) -> Result<RelayBatch, String> {
         let wire: Wire<'_> = serde_json::from_str(payload).map_err(|e| e.to_string())?;
         if let Some(id) = wire.r {
-            let full: Option<String> =
-                sqlx::query_scalar("select payload from relay_payloads where id = $1")
-                    .bind(id)
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            let full = full.ok_or_else(|| format!("relay payload {id} is gone"))?;
-            return Self::parse(&full);
+            return Err(format!("relay batch {id} came by reference: fetch it"));
         }
         Self::from_wire(wire)
     }
 
-    fn parse(payload: &str) -> Result<RelayBatch, String> {
-        let wire: Wire<'_> = serde_json::from_str(payload).map_err(|e| e.to_string())?;
-        Self::from_wire(wire)
+    /// Fetch and parse a batch sent by reference (`relay_payloads` row `id`).
+    /// Called by the hint consumer, never by the LISTEN task.
+    pub async fn fetch(pool: &PgPool, id: i64) -> Result<RelayBatch, String> {
+        let full: Option<String> =
+            sqlx::query_scalar("select payload from relay_payloads where id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| e.to_string())?;
+        let full = full.ok_or_else(|| format!("relay payload {id} is gone"))?;
+        Self::parse(&full)
     }
 
     fn from_wire(wire: Wire<'_>) -> Result<RelayBatch, String> {
@@ -293,6 +318,39 @@ mod tests {
         assert_eq!(batch.events[1], events[1]);
         assert_eq!(batch.events[2].target, events[2].target);
         assert_eq!(batch.events[3], events[3]);
+    }
+
+    #[test]
+    fn peek_reads_the_sender_and_the_reference_without_the_events() {
+        let g = Uuid::new_v4();
+        let inline = envelope(g, &["not even json".to_owned()]);
+        assert_eq!(
+            peek(&inline),
+            Some(Peek {
+                sender: g,
+                reference: None
+            })
+        );
+        let by_ref = format!(r#"{{"g":"{g}","r":42}}"#);
+        assert_eq!(
+            peek(&by_ref),
+            Some(Peek {
+                sender: g,
+                reference: Some(42)
+            })
+        );
+        assert_eq!(peek(""), None);
+        assert_eq!(peek(r#"{"g":"not-a-uuid"}"#), None);
+        assert_eq!(peek(&format!(r#"{{"g":"{g}","r":x}}"#)), None);
+        assert_eq!(peek(&format!(r#"{{"e":[],"g":"{g}"}}"#)), None);
+        // A multi-byte character where the uuid should be is refused, not a panic.
+        assert_eq!(peek(r#"{"g":"ééééééééééééééééééééééééééééééééééé"}"#), None);
+    }
+
+    #[test]
+    fn a_reference_is_not_parsed_as_an_empty_batch() {
+        let p = format!(r#"{{"g":"{}","r":7}}"#, Uuid::new_v4());
+        assert!(RelayBatch::parse(&p).is_err());
     }
 
     #[test]
