@@ -198,6 +198,11 @@ impl Gateway {
                         Target::User(user) => {
                             self.users.push(user, &e.frame, None);
                         }
+                        Target::Users(users) => {
+                            for user in users {
+                                self.users.push(user, &e.frame, None);
+                            }
+                        }
                         Target::Evict(conv, user) => {
                             self.rooms.evict_user(conv, user);
                         }
@@ -290,9 +295,11 @@ impl Gateway {
             }
         };
         let frame = server::presence(user, online);
-        for contact in contacts {
-            self.push_user(contact, &frame, None);
+        for contact in &contacts {
+            self.users.push(*contact, &frame, None);
         }
+        // One relay event per few hundred contacts, the frame in each once.
+        self.relay.publish_users(&contacts, &frame);
     }
 
     /// Until `shutdown`: refresh this gateway's presence sessions and take
