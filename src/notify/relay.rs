@@ -256,8 +256,16 @@ impl Relay {
     }
 
     fn send(&self, event: RelayEvent) {
-        if self.tx.try_send(event).is_err() {
-            tracing::warn!("relay queue full; a live event was not relayed to other gateways");
+        match self.tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("relay queue full; a live event was not relayed to other gateways")
+            }
+            // Shutdown stopped the publisher before the last announcements;
+            // not a capacity problem, so not a warning.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::debug!("relay stopped; a live event was not relayed")
+            }
         }
     }
 }
