@@ -347,7 +347,8 @@ pub async fn serve(
         close_connections.clone(),
     );
     let background = background_tasks;
-    let (mut hints, listener_task) = crate::notify::listen(&pool, background_stop.clone()).await?;
+    let (mut hints, listener_task) =
+        crate::notify::listen(&pool, cfg.gateway_id, background_stop.clone()).await?;
     let gw = gateway.clone();
     background.spawn(async move {
         while let Some(hint) = hints.recv().await {

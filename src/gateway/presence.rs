@@ -80,10 +80,7 @@ impl Gateway {
                 return;
             }
         };
-        let frame = server::presence(user, online);
-        for contact in contacts {
-            self.publish_to_user(contact, &frame, None);
-        }
+        self.publish_to_users(&contacts, &server::presence(user, online));
     }
 
     /// Until `stop`: refresh this gateway's presence sessions and take dead

@@ -36,6 +36,15 @@ impl Gateway {
         self.publish(Target::User(user), frame, except);
     }
 
+    /// One frame for many users (a presence change to all contacts): the
+    /// relay carries the frame once per few hundred users, not once each.
+    pub(super) fn publish_to_users(&self, users: &[UserId], frame: &Bytes) {
+        for user in users {
+            self.users.push(*user, frame, None);
+        }
+        self.relay.publish_users(users, frame);
+    }
+
     /// A receipt: the room (but the sender's connection) and the user's other
     /// devices that are not in the room, so every device converges.
     pub(super) fn publish_receipt(
@@ -66,6 +75,11 @@ impl Gateway {
             Target::User(user) => {
                 self.users.push(user, frame, except);
             }
+            Target::Users(ref users) => {
+                for user in users {
+                    self.users.push(*user, frame, except);
+                }
+            }
             Target::Evict(conv, user) => {
                 self.rooms.evict_user(conv, user);
             }
@@ -82,7 +96,7 @@ impl Gateway {
                     self.deliver(&e.target, &e.frame, None);
                 }
             }
-            Hint::Reconnected => self.users.push_all(&server::resync()),
+            Hint::Reconnected | Hint::Missed => self.users.push_all(&server::resync()),
         }
     }
 

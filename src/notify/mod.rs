@@ -4,15 +4,20 @@
 //! NOTIFY takes a cluster-wide lock at commit), packing many `Persisted`
 //! entries per payload. Notifications are at-most-once; the messages table
 //! is the truth and a client that missed one recovers by seq.
+//!
+//! - `relay`: gateway-to-gateway live events, their wire format, publishing.
+//! - `listen`: the LISTEN task (drains and routes, never waits on anyone)
+//!   and [`Hints`], the consumer side that decodes and fetches.
+//! - `inbox`: the byte-bounded, coalescing buffer between the two.
 
+mod inbox;
+mod listen;
 mod relay;
 
+pub use listen::{listen, Hints};
 pub use relay::{Relay, RelayBatch, RelayEvent, Target};
 
-use sqlx::postgres::PgListener;
-use sqlx::{PgConnection, PgPool};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use sqlx::PgConnection;
 
 use crate::domain::{ConversationId, MessageId, Persisted, Seq};
 
@@ -29,6 +34,10 @@ pub enum Hint {
     /// The LISTEN connection was lost and is back: notifications sent
     /// meanwhile are gone, so clients should resync by seq.
     Reconnected,
+    /// Hints were lost on this side: the consumer fell so far behind that
+    /// the oldest were dropped, or a batch sent by reference could not be
+    /// fetched. Clients should resync by seq, as after `Reconnected`.
+    Missed,
 }
 
 /// NOTIFY payloads must be under 8000 bytes; leave room for the envelope.
@@ -86,83 +95,6 @@ pub async fn publish_persisted(
             .await?;
     }
     Ok(())
-}
-
-/// Listen on a dedicated connection and forward decoded hints into a
-/// bounded channel. The task only drains and forwards (fetching a relay
-/// payload sent by reference is the one query it makes), so the listener
-/// connection never falls behind on the server side.
-pub async fn listen(
-    pool: &PgPool,
-    shutdown: CancellationToken,
-) -> Result<(mpsc::Receiver<Hint>, tokio::task::JoinHandle<()>), sqlx::Error> {
-    let mut listener = PgListener::connect_with(pool).await?;
-    listener
-        .listen_all([PERSISTED_CHANNEL, EVENTS_CHANNEL])
-        .await?;
-    let (tx, rx) = mpsc::channel(1024);
-    let pool = pool.clone();
-    let handle = tokio::spawn(async move {
-        loop {
-            let next = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                n = listener.try_recv() => n,
-            };
-            let hint = match next {
-                Ok(Some(n)) => match n.channel() {
-                    PERSISTED_CHANNEL => match decode_persisted(n.payload()) {
-                        Ok(entries) => Hint::Persisted(entries),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignoring malformed persisted hint");
-                            continue;
-                        }
-                    },
-                    _ => match RelayBatch::decode(n.payload(), &pool).await {
-                        Ok(batch) => Hint::Relay(batch),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "ignoring a relay notification");
-                            continue;
-                        }
-                    },
-                },
-                Ok(None) | Err(_) => {
-                    // Reconnect now rather than on the next notification, so
-                    // clients hear at once that they may have missed some.
-                    tracing::warn!("LISTEN connection lost; reconnecting");
-                    match reconnect(&pool, &shutdown).await {
-                        Some(fresh) => listener = fresh,
-                        None => break,
-                    }
-                    Hint::Reconnected
-                }
-            };
-            if tx.send(hint).await.is_err() {
-                break;
-            }
-        }
-    });
-    Ok((rx, handle))
-}
-
-/// A new LISTEN connection, retried with backoff until it works or shutdown.
-async fn reconnect(pool: &PgPool, shutdown: &CancellationToken) -> Option<PgListener> {
-    let mut backoff = std::time::Duration::from_millis(50);
-    loop {
-        let attempt = async {
-            let mut l = PgListener::connect_with(pool).await?;
-            l.listen_all([PERSISTED_CHANNEL, EVENTS_CHANNEL]).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        match attempt.await {
-            Ok(l) => return Some(l),
-            Err(e) => tracing::warn!(error = %e, ?backoff, "LISTEN reconnect failed"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(backoff) => {}
-        }
-        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
-    }
 }
 
 #[cfg(test)]

@@ -7,6 +7,10 @@
 //! batch is written to `relay_payloads` and only the row id is notified.
 //! Delivery is at most once, like NOTIFY itself; the messages table is the
 //! truth and clients resync by seq.
+//!
+//! A frame for many users (a presence change for every contact) is one
+//! `users` event carrying the frame once and the list of ids, split so each
+//! part fits a payload: 5,000 contacts cost ~26 NOTIFYs, not 5,000.
 
 use std::time::Duration;
 
@@ -28,7 +32,7 @@ const MAX_PAYLOAD: usize = 7800;
 const RELAY_ROW_TTL_SECS: f64 = 60.0;
 
 /// Where a relayed frame goes on the receiving gateway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// Every connection joined to the conversation.
     Room(ConversationId),
@@ -37,6 +41,10 @@ pub enum Target {
     Message(ConversationId, MessageId),
     /// Every connection of the user.
     User(UserId),
+    /// Every connection of each of these users: one frame, many recipients.
+    /// Built by [`Relay::publish_users`], which keeps each list short enough
+    /// for its event to fit a payload.
+    Users(Vec<UserId>),
     /// Take the user's connections out of the room (membership ended).
     Evict(ConversationId, UserId),
 }
@@ -64,6 +72,9 @@ struct WireEvent<'a> {
     u: Option<Uuid>,
     #[serde(default)]
     m: Option<Uuid>,
+    /// The recipients of a `users` event.
+    #[serde(default)]
+    us: Option<Vec<Uuid>>,
     #[serde(default, borrow)]
     f: Option<&'a RawValue>,
 }
@@ -78,26 +89,51 @@ struct Wire<'a> {
     r: Option<i64>,
 }
 
+/// What the LISTEN task needs from a relay notification to route it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Peek {
+    /// The gateway that sent it.
+    pub sender: Uuid,
+    /// Set when the batch came by reference: its `relay_payloads` row.
+    pub reference: Option<i64>,
+}
+
+/// Read the sender (and the row id of a batch sent by reference) from the
+/// fixed prefix every envelope starts with, `{"g":"<uuid>",` (see
+/// `envelope` and `publish`), without parsing the events: the LISTEN
+/// task must not spend time on batches it is about to drop, its own above all.
+pub(crate) fn peek(payload: &str) -> Option<Peek> {
+    let rest = payload.strip_prefix(r#"{"g":""#)?;
+    let sender = Uuid::try_parse(rest.get(..36)?).ok()?;
+    let rest = rest.get(36..)?.strip_prefix('"')?;
+    let reference = match rest.strip_prefix(r#","r":"#) {
+        Some(id) => Some(id.strip_suffix('}')?.parse().ok()?),
+        None => None,
+    };
+    Some(Peek { sender, reference })
+}
+
 impl RelayBatch {
-    /// Decode a notification, fetching it first if it came by reference.
-    pub async fn decode(payload: &str, pool: &PgPool) -> Result<RelayBatch, String> {
+    /// Parse a batch that came inline in its notification.
+    pub fn parse(payload: &str) -> Result<RelayBatch, String> {
         let wire: Wire<'_> = serde_json::from_str(payload).map_err(|e| e.to_string())?;
         if let Some(id) = wire.r {
-            let full: Option<String> =
-                sqlx::query_scalar("select payload from relay_payloads where id = $1")
-                    .bind(id)
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            let full = full.ok_or_else(|| format!("relay payload {id} is gone"))?;
-            return Self::parse(&full);
+            return Err(format!("relay batch {id} came by reference: fetch it"));
         }
         Self::from_wire(wire)
     }
 
-    fn parse(payload: &str) -> Result<RelayBatch, String> {
-        let wire: Wire<'_> = serde_json::from_str(payload).map_err(|e| e.to_string())?;
-        Self::from_wire(wire)
+    /// Fetch and parse a batch sent by reference (`relay_payloads` row `id`).
+    /// Called by the hint consumer, never by the LISTEN task.
+    pub async fn fetch(pool: &PgPool, id: i64) -> Result<RelayBatch, String> {
+        let full: Option<String> =
+            sqlx::query_scalar("select payload from relay_payloads where id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await
+                .map_err(|e| e.to_string())?;
+        let full = full.ok_or_else(|| format!("relay payload {id} is gone"))?;
+        Self::parse(&full)
     }
 
     fn from_wire(wire: Wire<'_>) -> Result<RelayBatch, String> {
@@ -106,11 +142,12 @@ impl RelayBatch {
             let frame =
                 e.f.map(|f| Bytes::copy_from_slice(f.get().as_bytes()))
                     .unwrap_or_default();
-            let target = match (e.t, e.c, e.u, e.m) {
-                ("room", Some(c), _, _) => Target::Room(ConversationId(c)),
-                ("msg", Some(c), _, Some(m)) => Target::Message(ConversationId(c), MessageId(m)),
-                ("user", _, Some(u), _) => Target::User(UserId(u)),
-                ("evict", Some(c), Some(u), _) => Target::Evict(ConversationId(c), UserId(u)),
+            let target = match (e.t, e.c, e.u, e.m, e.us) {
+                ("room", Some(c), ..) => Target::Room(ConversationId(c)),
+                ("msg", Some(c), _, Some(m), _) => Target::Message(ConversationId(c), MessageId(m)),
+                ("user", _, Some(u), ..) => Target::User(UserId(u)),
+                ("users", .., Some(us)) => Target::Users(us.into_iter().map(UserId).collect()),
+                ("evict", Some(c), Some(u), ..) => Target::Evict(ConversationId(c), UserId(u)),
                 (t, ..) => return Err(format!("unknown relay event {t:?}")),
             };
             events.push(RelayEvent { target, frame });
@@ -126,11 +163,51 @@ impl RelayBatch {
 fn encode_event(e: &RelayEvent) -> String {
     let frame = std::str::from_utf8(&e.frame).unwrap_or("null");
     let frame = if frame.is_empty() { "null" } else { frame };
-    match e.target {
+    match &e.target {
         Target::Room(c) => format!(r#"{{"t":"room","c":"{c}","f":{frame}}}"#),
         Target::Message(c, m) => format!(r#"{{"t":"msg","c":"{c}","m":"{m}","f":{frame}}}"#),
         Target::User(u) => format!(r#"{{"t":"user","u":"{u}","f":{frame}}}"#),
+        Target::Users(us) => {
+            let mut s = String::with_capacity(32 + us.len() * USER_ID_BYTES + frame.len());
+            s.push_str(r#"{"t":"users","us":["#);
+            for (i, u) in us.iter().enumerate() {
+                if i > 0 {
+                    s.push(',');
+                }
+                s.push('"');
+                s.push_str(&u.0.to_string());
+                s.push('"');
+            }
+            s.push_str(r#"],"f":"#);
+            s.push_str(frame);
+            s.push('}');
+            s
+        }
         Target::Evict(c, u) => format!(r#"{{"t":"evict","c":"{c}","u":"{u}"}}"#),
+    }
+}
+
+/// Bytes one id adds to a `users` event: 36 for the uuid, 2 quotes, a comma.
+const USER_ID_BYTES: usize = 39;
+/// The envelope (`{"g":"<uuid>","e":[...]}`, 51 bytes) plus a `users`
+/// event's own keys (30 bytes), rounded up.
+const USERS_EVENT_OVERHEAD: usize = 96;
+/// With a frame so big that fewer ids than this fit beside it, the event
+/// goes by reference instead: a few dozen NOTIFYs of a handful of ids each
+/// would cost more commits than one row.
+const MIN_INLINE_USERS: usize = 16;
+/// Ids per event once it goes by reference anyway: one `relay_payloads`
+/// row of ~160 KB plus the frame, which bounds the row and the receivers' fetch.
+const USERS_PER_REFERENCED_EVENT: usize = 4096;
+
+/// How many recipients one `users` event carries beside a frame of
+/// `frame_len` bytes: as many as keep it under the NOTIFY limit.
+fn users_per_event(frame_len: usize) -> usize {
+    let room = MAX_PAYLOAD.saturating_sub(USERS_EVENT_OVERHEAD + frame_len.max(4)) / USER_ID_BYTES;
+    if room >= MIN_INLINE_USERS {
+        room
+    } else {
+        USERS_PER_REFERENCED_EVENT
     }
 }
 
@@ -163,18 +240,47 @@ impl Relay {
         self.gateway
     }
 
-    pub fn publish(&self, target: Target, frame: &Bytes) {
-        if self
-            .tx
-            .try_send(RelayEvent {
-                target,
-                frame: frame.clone(),
-            })
-            .is_err()
-        {
-            tracing::warn!("relay queue full; a live event was not relayed to other gateways");
+    /// The same frame for every connection of each of `users`: the frame is
+    /// relayed once per part of the list, not once per user.
+    pub fn publish_users(&self, users: &[UserId], frame: &Bytes) {
+        for event in users_events(users, frame) {
+            self.send(event);
         }
     }
+
+    pub fn publish(&self, target: Target, frame: &Bytes) {
+        self.send(RelayEvent {
+            target,
+            frame: frame.clone(),
+        });
+    }
+
+    fn send(&self, event: RelayEvent) {
+        match self.tx.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                tracing::warn!("relay queue full; a live event was not relayed to other gateways")
+            }
+            // Shutdown stopped the publisher before the last announcements;
+            // not a capacity problem, so not a warning.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::debug!("relay stopped; a live event was not relayed")
+            }
+        }
+    }
+}
+
+/// One `users` event per part of `users`, each sharing `frame`.
+fn users_events<'a>(
+    users: &'a [UserId],
+    frame: &'a Bytes,
+) -> impl Iterator<Item = RelayEvent> + 'a {
+    users
+        .chunks(users_per_event(frame.len()))
+        .map(|part| RelayEvent {
+            target: Target::Users(part.to_vec()),
+            frame: frame.clone(),
+        })
 }
 
 async fn run(
@@ -293,6 +399,108 @@ mod tests {
         assert_eq!(batch.events[1], events[1]);
         assert_eq!(batch.events[2].target, events[2].target);
         assert_eq!(batch.events[3], events[3]);
+    }
+
+    fn presence_frame() -> Bytes {
+        Bytes::from_static(br#"{"type":"presence","user_id":"x","status":"online"}"#)
+    }
+
+    #[test]
+    fn a_users_event_round_trips_with_the_frame_once() {
+        let g = Uuid::new_v4();
+        let users: Vec<UserId> = (0..3).map(|_| UserId(Uuid::new_v4())).collect();
+        let frame = presence_frame();
+        let events: Vec<RelayEvent> = users_events(&users, &frame).collect();
+        assert_eq!(events.len(), 1, "three ids fit one event");
+        let piece = encode_event(&events[0]);
+        assert_eq!(
+            piece.matches("presence").count(),
+            1,
+            "the frame once: {piece}"
+        );
+        let batch = RelayBatch::parse(&envelope(g, &[piece])).unwrap();
+        assert_eq!(batch.events[0].target, Target::Users(users));
+        assert_eq!(batch.events[0].frame, frame);
+    }
+
+    #[test]
+    fn a_long_users_list_is_split_into_events_that_each_fit_a_notify() {
+        let g = Uuid::new_v4();
+        let users: Vec<UserId> = (0..5000).map(|_| UserId(Uuid::new_v4())).collect();
+        let frame = presence_frame();
+        let events: Vec<RelayEvent> = users_events(&users, &frame).collect();
+        assert!(
+            (20..40).contains(&events.len()),
+            "5000 ids in a few dozen events, not thousands: {}",
+            events.len()
+        );
+        let mut back = Vec::new();
+        for e in &events {
+            assert!(
+                e.frame.as_ptr() == frame.as_ptr(),
+                "the frame is shared, not copied"
+            );
+            // Alone in its envelope, as `run` sends an event that fills a payload.
+            let payload = envelope(g, &[encode_event(e)]);
+            assert!(
+                payload.len() < MAX_PAYLOAD,
+                "payload of {} bytes",
+                payload.len()
+            );
+            let batch = RelayBatch::parse(&payload).unwrap();
+            match &batch.events[0].target {
+                Target::Users(us) => back.extend_from_slice(us),
+                other => panic!("not a users event: {other:?}"),
+            }
+            assert_eq!(batch.events[0].frame, frame);
+        }
+        assert_eq!(back, users, "every id once, in order");
+        assert_eq!(users_events(&[], &frame).count(), 0);
+    }
+
+    #[test]
+    fn a_users_event_with_a_huge_frame_goes_by_reference_in_few_parts() {
+        let frame = Bytes::from(format!(r#""{}""#, "x".repeat(7700)));
+        let users: Vec<UserId> = (0..5000).map(|_| UserId(Uuid::new_v4())).collect();
+        let events: Vec<RelayEvent> = users_events(&users, &frame).collect();
+        assert_eq!(
+            events.len(),
+            2,
+            "no room beside the frame: big parts, by reference"
+        );
+    }
+
+    #[test]
+    fn peek_reads_the_sender_and_the_reference_without_the_events() {
+        let g = Uuid::new_v4();
+        let inline = envelope(g, &["not even json".to_owned()]);
+        assert_eq!(
+            peek(&inline),
+            Some(Peek {
+                sender: g,
+                reference: None
+            })
+        );
+        let by_ref = format!(r#"{{"g":"{g}","r":42}}"#);
+        assert_eq!(
+            peek(&by_ref),
+            Some(Peek {
+                sender: g,
+                reference: Some(42)
+            })
+        );
+        assert_eq!(peek(""), None);
+        assert_eq!(peek(r#"{"g":"not-a-uuid"}"#), None);
+        assert_eq!(peek(&format!(r#"{{"g":"{g}","r":x}}"#)), None);
+        assert_eq!(peek(&format!(r#"{{"e":[],"g":"{g}"}}"#)), None);
+        // A multi-byte character where the uuid should be is refused, not a panic.
+        assert_eq!(peek(r#"{"g":"ééééééééééééééééééééééééééééééééééé"}"#), None);
+    }
+
+    #[test]
+    fn a_reference_is_not_parsed_as_an_empty_batch() {
+        let p = format!(r#"{{"g":"{}","r":7}}"#, Uuid::new_v4());
+        assert!(RelayBatch::parse(&p).is_err());
     }
 
     #[test]

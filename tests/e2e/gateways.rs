@@ -242,3 +242,101 @@ async fn clients_are_told_to_resync_when_the_listen_connection_comes_back() {
     assert_eq!(p["seq"], 2);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_reaches_many_contacts_elsewhere_in_few_multi_user_events_and_big_frames_go_by_reference(
+) {
+    let (db_url, pool) = fresh_database().await;
+    // Watch the relay channel itself, to see how events travel, not only that they arrive.
+    let mut wire = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    wire.listen(postline::notify::EVENTS_CHANNEL).await.unwrap();
+    let (_gw_a, a_addr) = gateway(&db_url).await;
+    let (_gw_b, b_addr) = gateway(&db_url).await;
+
+    // Alice shares a conversation with 300 users (more than one relay event
+    // holds); three of them, spread over the list, are connected to B.
+    let alice = uid();
+    let alice_s = alice.to_string();
+    let contacts: Vec<postline::domain::UserId> = (0..300).map(|_| uid()).collect();
+    let conv = create_conversation(a_addr, alice, &contacts).await;
+    let mut on_b = Vec::new();
+    for u in [contacts[0], contacts[150], contacts[299]] {
+        let mut c = client(b_addr, u).await;
+        c.join(conv).await;
+        on_b.push(c);
+    }
+
+    let mut a = client(a_addr, alice).await;
+    for c in &mut on_b {
+        let p = c
+            .recv_where(|v| v["type"] == "presence" && v["user_id"] == alice_s.as_str())
+            .await;
+        assert_eq!(p["status"], "online", "presence crosses gateways");
+    }
+    // On the wire: a couple of `users` events, the frame in each once, that
+    // together name every contact; no event per contact.
+    let mut reached: HashSet<String> = HashSet::new();
+    let mut notifies = 0;
+    while reached.len() < contacts.len() {
+        let n = tokio::time::timeout(WAIT, wire.recv())
+            .await
+            .expect("alice's presence on the relay channel in time")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(n.payload()).unwrap();
+        let mut carried = false;
+        for e in v["e"].as_array().into_iter().flatten() {
+            let f = &e["f"];
+            if f["type"] == "presence" && f["user_id"] == alice_s.as_str() {
+                assert_eq!(e["t"], "users", "one event for many users: {e}");
+                assert_eq!(f["status"], "online");
+                carried = true;
+                reached.extend(
+                    e["us"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|u| u.as_str().unwrap().to_owned()),
+                );
+            }
+        }
+        notifies += usize::from(carried);
+    }
+    let all: HashSet<String> = contacts.iter().map(|u| u.to_string()).collect();
+    assert_eq!(reached, all, "every contact named, none twice over");
+    assert!(notifies <= 2, "300 contacts in {notifies} NOTIFYs");
+
+    // A message whose frame exceeds a NOTIFY payload (4000 quotes are 8000
+    // bytes once JSON-escaped) still reaches the other gateway, by reference.
+    a.join(conv).await;
+    let big = "\"".repeat(4000);
+    let ack = a.send_text(conv, "big", &big).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let id = ack["message_id"].as_str().unwrap().to_owned();
+    for c in &mut on_b {
+        let m = c
+            .recv_where(|v| v["type"] == "new_message" && v["message"]["id"] == id.as_str())
+            .await;
+        assert_eq!(m["message"]["content"], big.as_str());
+    }
+    let row = loop {
+        let n = tokio::time::timeout(WAIT, wire.recv())
+            .await
+            .expect("the big batch's reference on the relay channel in time")
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(n.payload()).unwrap();
+        if let Some(row) = v["r"].as_i64() {
+            break row;
+        }
+    };
+    let payload: String = sqlx::query_scalar("select payload from relay_payloads where id = $1")
+        .bind(row)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(
+        payload.contains(&id),
+        "the referenced row holds the message"
+    );
+}
