@@ -85,7 +85,9 @@ impl Connection {
             let (r, w) = tokio::io::split(io);
             (r, BufWriter::with_capacity(WRITE_BUFFER, w))
         });
-        read.set_max_message_size(limits.max_message_bytes);
+        // fastwebsockets refuses a frame whose length equals its limit; ours
+        // is the largest size accepted.
+        read.set_max_message_size(limits.max_message_bytes.saturating_add(1));
         read.set_auto_close(true);
         read.set_auto_pong(true);
         let (control, control_rx) = mpsc::channel::<Control>(8);
@@ -144,6 +146,15 @@ fn close_frame(code: u16, reason: &[u8]) -> Control {
     (OpCode::Close, p)
 }
 
+/// Whether the client masked this frame. fastwebsockets keeps the mask after
+/// unmasking but exposes it only through the header it would write, whose
+/// mask bit says so; formatting a header changes nothing in the frame.
+fn was_masked(frame: &mut Frame<'_>) -> bool {
+    let mut head = [0u8; 14];
+    frame.fmt_head(&mut head);
+    head[1] & 0x80 != 0
+}
+
 /// Read frames until the peer closes or breaks the protocol. Ends by
 /// dropping `inbound`, which the session sees as the end of the connection.
 async fn read_loop(
@@ -155,16 +166,23 @@ async fn read_loop(
     // Reassembly of a fragmented message, bounded by the same limit as a frame.
     let mut fragments: Option<Vec<u8>> = None;
     loop {
+        // Waiting for room (rather than failing when full) means a ping flood
+        // only slows this reader down to the writer's pace; it never drops
+        // the connection.
         let mut obligated = |frame: Frame<'_>| {
-            let sent = control.try_send((frame.opcode, Vec::from(frame.payload)));
-            async move { sent.map_err(|_| "control queue full") }
+            let owed = (frame.opcode, Vec::from(frame.payload));
+            let control = control.clone();
+            async move { control.send(owed).await.map_err(|_| "connection closing") }
         };
-        let frame = match read.read_frame(&mut obligated).await {
+        let mut frame = match read.read_frame(&mut obligated).await {
             Ok(f) => f,
             Err(e) => {
                 let close = match e {
                     WebSocketError::FrameTooLarge => {
                         close_frame(close::TOO_BIG, b"frame too large")
+                    }
+                    WebSocketError::InvalidUTF8 => {
+                        close_frame(close::INVALID_PAYLOAD, b"invalid utf-8")
                     }
                     WebSocketError::UnexpectedEOF
                     | WebSocketError::ConnectionClosed
@@ -175,6 +193,14 @@ async fn read_loop(
                 return;
             }
         };
+        // RFC 6455 5.1: a server must close on an unmasked client frame.
+        if !was_masked(&mut frame) {
+            let _ = control.try_send(close_frame(
+                close::PROTOCOL_ERROR,
+                b"client frames must be masked",
+            ));
+            return;
+        }
         let message = match frame.opcode {
             OpCode::Close => return,
             OpCode::Ping | OpCode::Pong => continue,
@@ -209,7 +235,7 @@ async fn read_loop(
                 }
                 let whole = fragments.take().unwrap_or_default();
                 if std::str::from_utf8(&whole).is_err() {
-                    let _ = control.try_send(close_frame(1007, b"invalid utf-8"));
+                    let _ = control.try_send(close_frame(close::INVALID_PAYLOAD, b"invalid utf-8"));
                     return;
                 }
                 Inbound::Text(whole)

@@ -56,8 +56,10 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// A frame was larger than the limit: do not resend it.
     pub const TOO_BIG: u16 = 1009;
-    /// Protocol violation (bad framing, invalid UTF-8): fix the client.
+    /// Protocol violation (bad framing, unmasked client frame): fix the client.
     pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text message that is not valid UTF-8: fix the client.
+    pub const INVALID_PAYLOAD: u16 = 1007;
     /// The connection could not keep up with its outbound traffic: reconnect
     /// and resync by seq.
     pub const SLOW_CONSUMER: u16 = 4008;

@@ -1,4 +1,6 @@
+use postline::config::Config;
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::harness::*;
@@ -167,5 +169,81 @@ async fn deeply_nested_json_is_refused_and_nothing_crashes() {
     assert_eq!(ack["type"], "ack", "{ack}");
     let (status, _) = app.http("GET", "/healthz", None, None).await;
     assert_eq!(status, 200);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_of_exactly_the_maximum_size_is_accepted() {
+    let app = TestApp::spawn().await;
+    let max = Config::with_secret(SECRET).gateway.max_frame_bytes;
+    let mut c = app.ws(uid()).await;
+    let head = r#"{"type":"ping","ref":"max","pad":""#;
+    let tail = r#""}"#;
+    let frame = format!("{head}{}{tail}", "x".repeat(max - head.len() - tail.len()));
+    assert_eq!(frame.len(), max);
+    c.send_raw(WsMessage::Text(frame.into())).await;
+    let r = c.recv().await;
+    assert_eq!(
+        (r["type"].as_str(), r["ref"].as_str()),
+        (Some("ack"), Some("max")),
+        "{r}"
+    );
+    // One byte more is over the limit.
+    c.send_raw(WsMessage::Text("y".repeat(max + 1).into()))
+        .await;
+    assert_eq!(c.expect_close().await, 1009);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_in_one_frame_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let app = TestApp::spawn().await;
+    let mut c = app.ws(uid()).await;
+    c.send_raw(WsMessage::Frame(Frame::message(
+        vec![b'"', 0xff, 0xfe, b'"'],
+        OpCode::Data(Data::Text),
+        true,
+    )))
+    .await;
+    assert_eq!(c.expect_close().await, 1007);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmasked_client_frame_closes_with_1002() {
+    let app = TestApp::spawn().await;
+    let mut s = raw_ws(app.addr, &app.token(uid())).await;
+    let payload = br#"{"type":"ping","ref":"bare"}"#;
+    let mut frame = vec![0x81, payload.len() as u8];
+    frame.extend_from_slice(payload);
+    s.write_all(&frame).await.unwrap();
+    // Frames until the close: hello, then a close frame with 1002 (no ack).
+    let code = loop {
+        let (opcode, body) = read_server_frame(&mut s).await;
+        match opcode {
+            0x8 => break u16::from_be_bytes([body[0], body[1]]),
+            0x1 => assert!(
+                !String::from_utf8_lossy(&body).contains("bare"),
+                "an unmasked frame was answered"
+            ),
+            _ => {}
+        }
+    };
+    assert_eq!(code, 1002);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_pings_never_drops_the_connection() {
+    let app = TestApp::spawn().await;
+    let mut c = app.ws(uid()).await;
+    for i in 0..200u32 {
+        c.send_raw(WsMessage::Ping(i.to_be_bytes().to_vec().into()))
+            .await;
+    }
+    let r = c.request(json!({"type": "ping"})).await;
+    assert_eq!(r["type"], "ack", "{r}");
     app.stop().await;
 }

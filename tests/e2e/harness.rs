@@ -228,6 +228,57 @@ pub async fn raw_http(
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+/// A WebSocket upgraded by hand over a raw TCP stream, for frames no client
+/// library will send (unmasked, malformed). The 101 response is consumed.
+pub async fn raw_ws(addr: SocketAddr, token: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .expect("upgrade response timed out")
+            .unwrap();
+        assert_eq!(n, 1, "connection closed during the upgrade");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// One unmasked server frame from a raw stream: (opcode, payload).
+pub async fn read_server_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    tokio::time::timeout(WAIT, s.read_exact(&mut h))
+        .await
+        .expect("frame timed out")
+        .unwrap();
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l).await.unwrap();
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            s.read_exact(&mut l).await.unwrap();
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    (h[0] & 0x0f, body)
+}
+
 pub struct Client {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// Frames received while waiting for a specific one.
