@@ -118,7 +118,7 @@ pub struct Gateway {
     dedup: BoundedMap<messages::DedupKey, Arc<messages::Claim>>,
     /// Latest (delivered, read) per member, so a receipt that moves nothing
     /// is not broadcast and a known position needs no query.
-    receipts: BoundedMap<(ConversationId, UserId), (i64, i64)>,
+    receipts: BoundedMap<(ConversationId, UserId), crate::store::ReceiptState>,
     metrics: Arc<Metrics>,
     cfg: GatewayConfig,
     /// Cancelled when connections must close (after the persist buffer is flushed).

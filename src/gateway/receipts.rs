@@ -7,6 +7,7 @@ use super::session::Session;
 use crate::domain::{ConversationId, Seq};
 use crate::protocol::server;
 use crate::queue::{BackgroundJob, EnqueueError, PersistJob};
+use crate::store::ReceiptState;
 
 impl Session {
     /// `delivered` (read = None) or `read`.
@@ -32,24 +33,32 @@ impl Session {
         self.require_joined(conv)?;
         let gw = &self.gw;
         let key = (conv, self.user);
-        let known = match gw.receipts.get(&key) {
+        let mut known = match gw.receipts.get(&key) {
             Some(k) => k,
-            None => gw
-                .store
-                .receipt_state(conv, self.user)
-                .await
-                .map_err(|e| HandlerError::database("reading receipt state", e))?
-                .ok_or(HandlerError::NotMember)?,
+            None => self.receipt_state(conv).await?,
         };
-        let read_seq = known.1.max(read.map_or(0, |s| s.0));
+        let wanted = seq.max(read.unwrap_or(Seq(0)));
+        if wanted > known.last_seq {
+            // Messages may have been stored since the cached state was read.
+            known = self.receipt_state(conv).await?;
+        }
+        // Nobody has received or read past the last stored message: what is
+        // acked and broadcast is what the worker will store.
+        let cap = |s: Seq| s.min(known.last_seq);
+        let read_seq = known.read.max(read.map_or(Seq(0), cap));
         // Reading a message implies having received it.
-        let delivered_seq = known.0.max(seq.0).max(read_seq);
+        let delivered_seq = known.delivered.max(cap(seq)).max(read_seq);
         let result = server::Receipted {
             conversation_id: conv,
-            delivered_seq: Seq(delivered_seq),
-            read_seq: Seq(read_seq),
+            delivered_seq,
+            read_seq,
         };
-        if (delivered_seq, read_seq) == known {
+        let moved = ReceiptState {
+            delivered: delivered_seq,
+            read: read_seq,
+            last_seq: known.last_seq,
+        };
+        if moved == known {
             gw.receipts.insert(key, known);
             self.reply(r, Ok(result));
             return Ok(());
@@ -58,8 +67,8 @@ impl Session {
             v: PersistJob::VERSION,
             conversation_id: conv.0,
             user_id: self.user.0,
-            delivered_seq,
-            read_seq,
+            delivered_seq: delivered_seq.0,
+            read_seq: read_seq.0,
         };
         let job = serde_json::value::to_raw_value(&job)
             .map_err(|e| HandlerError::Unstorable(format!("cannot encode the receipt: {e}")))?;
@@ -70,7 +79,7 @@ impl Session {
         let done = Box::new(move |res: Result<(), EnqueueError>| {
             let reply = match res {
                 Ok(()) => {
-                    gw_done.receipts.insert(key, (delivered_seq, read_seq));
+                    gw_done.receipts.insert(key, moved);
                     reply_ref.is_some().then_some(ack)
                 }
                 Err(_) => Some(HandlerError::ReceiptNotStored.frame(reply_ref.as_deref())),
@@ -82,8 +91,17 @@ impl Session {
         if gw.queues.background.submit(job, done).is_err() {
             return Err(HandlerError::BackgroundBufferFull);
         }
-        let frame = server::receipt(conv, self.user, Seq(delivered_seq), Seq(read_seq));
+        let frame = server::receipt(conv, self.user, delivered_seq, read_seq);
         gw.publish_receipt(conv, self.user, &frame, self.id);
         Ok(())
+    }
+
+    async fn receipt_state(&self, conv: ConversationId) -> Result<ReceiptState, HandlerError> {
+        self.gw
+            .store
+            .receipt_state(conv, self.user)
+            .await
+            .map_err(|e| HandlerError::database("reading receipt state", e))?
+            .ok_or(HandlerError::NotMember)
     }
 }

@@ -57,6 +57,15 @@ impl TryFrom<MessageRow> for StoredMessage {
 /// Columns of a [`MessageRow`], in a select from `messages`.
 const MESSAGE_COLUMNS: &str = "id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at, version, edited_at, deleted_at is not null as deleted";
 
+/// Where a member stands in a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptState {
+    pub delivered: Seq,
+    pub read: Seq,
+    /// The conversation's last stored seq: no receipt may pass it.
+    pub last_seq: Seq,
+}
+
 /// Why an edit or delete was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EditRefusal {
@@ -202,20 +211,27 @@ impl Store {
         })
     }
 
-    /// A member's receipt positions: (last_delivered_seq, last_read_seq).
+    /// A member's receipt positions and the conversation's last stored seq,
+    /// which caps them; None if `user` is not a member.
     pub async fn receipt_state(
         &self,
         conv: ConversationId,
         user: UserId,
-    ) -> Result<Option<(i64, i64)>, StoreError> {
-        Ok(sqlx::query_as(
-            "select last_delivered_seq, last_read_seq from conversation_members
-             where conversation_id = $1 and user_id = $2",
+    ) -> Result<Option<ReceiptState>, StoreError> {
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(
+            "select m.last_delivered_seq, m.last_read_seq, c.last_seq
+             from conversation_members m join conversations c on c.id = m.conversation_id
+             where m.conversation_id = $1 and m.user_id = $2",
         )
         .bind(conv.0)
         .bind(user.0)
         .fetch_optional(&self.pool)
-        .await?)
+        .await?;
+        Ok(row.map(|(delivered, read, last)| ReceiptState {
+            delivered: Seq(delivered),
+            read: Seq(read),
+            last_seq: Seq(last),
+        }))
     }
 }
 

@@ -9,7 +9,8 @@ mod messages;
 
 pub use conversations::{Access, ConversationSummary, NewConversation, MAX_INITIAL_MEMBERS};
 pub use messages::{
-    advance_receipts, persist_batch, EditRefusal, HistoryPage, PersistOutcome, ReceiptUpdate,
+    advance_receipts, persist_batch, EditRefusal, HistoryPage, PersistOutcome, ReceiptState,
+    ReceiptUpdate,
 };
 
 use std::time::Duration;

@@ -629,3 +629,49 @@ async fn a_slow_resume_does_not_hold_up_pings_or_sends() {
     assert_eq!(page["messages"][0]["content"], "before", "{resumed}");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_past_the_last_stored_seq_are_capped_and_freeze_nothing() {
+    let app = TestApp::spawn().await;
+    let Pair {
+        b,
+        conv,
+        mut alice,
+        mut bob,
+        ..
+    } = app.pair().await;
+    send_n(&mut alice, conv, "m", 1).await;
+    wait_stored(&app, conv, 1).await;
+
+    // The conversation is at seq 1; a receipt for 2^62 counts as 1.
+    let ack = bob
+        .request(json!({"type": "read", "conversation_id": conv, "seq": 1i64 << 62}))
+        .await;
+    assert_eq!(
+        (ack["read_seq"].as_i64(), ack["delivered_seq"].as_i64()),
+        (Some(1), Some(1)),
+        "{ack}"
+    );
+    let r = alice.recv_type("receipt").await;
+    assert_eq!(
+        (r["read_seq"].as_i64(), r["delivered_seq"].as_i64()),
+        (Some(1), Some(1)),
+        "{r}"
+    );
+
+    // Later, real reads still move the position and the unread count.
+    send_n(&mut alice, conv, "n", 2).await;
+    wait_stored(&app, conv, 3).await;
+    let ack = bob
+        .request(json!({"type": "read", "conversation_id": conv, "seq": 3}))
+        .await;
+    assert_eq!(ack["read_seq"], 3, "{ack}");
+    let unread = eventually("bob's unread count back to 0", || async {
+        let (_, list) = app.http("GET", "/v1/conversations", Some(b), None).await;
+        let c = &list["conversations"][0];
+        (c["last_read_seq"] == 3).then(|| c["unread_count"].as_i64())
+    })
+    .await;
+    assert_eq!(unread, Some(0));
+    app.stop().await;
+}
