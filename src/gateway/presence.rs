@@ -56,8 +56,16 @@ impl Gateway {
                     Ok(_) => {} // already online through another gateway
                     Err(e) => tracing::warn!(error = %e, "presence: could not record a session"),
                 },
+                // While draining, sessions are left for the other gateways:
+                // their heartbeat reaps them three beats after ours stops,
+                // after the relay here is gone, and announces only the users
+                // who did not reconnect elsewhere (exactly once, cluster-wide).
+                Transition::MaybeOffline(_) if gw.shutdown.is_cancelled() => {}
                 Transition::MaybeOffline(generation) => {
                     tokio::time::sleep(gw.cfg.presence_grace).await;
+                    if gw.shutdown.is_cancelled() {
+                        return;
+                    }
                     if gw.users.expire(user, generation) {
                         match gw.store.set_presence(user, gw.id, 0).await {
                             Ok(0) => gw.announce(user, false).await,
@@ -109,11 +117,9 @@ impl Gateway {
                 Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
             }
         }
-        // Leaving cleanly: this gateway's users are offline unless connected elsewhere.
-        if let Ok(gone) = self.store.clear_presence(self.id).await {
-            for user in gone {
-                self.announce(user, false).await;
-            }
-        }
+        // Leaving: the sessions stay until they expire. Clearing them here
+        // would announce offline too early (the drained clients are
+        // reconnecting elsewhere) through a relay that is stopping, and
+        // leave nothing for another gateway to reap.
     }
 }

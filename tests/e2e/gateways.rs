@@ -340,3 +340,43 @@ async fn presence_reaches_many_contacts_elsewhere_in_few_multi_user_events_and_b
         "the referenced row holds the message"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_of_a_drained_gateway_who_do_not_return_go_offline_once_elsewhere() {
+    let (db_url, _pool) = fresh_database().await;
+    let (_gw_a, a_addr) = gateway(&db_url).await;
+    let (gw_b, b_addr) = gateway(&db_url).await;
+    let (carol, erin, frank) = (uid(), uid(), uid());
+    create_conversation(a_addr, carol, &[erin, frank]).await;
+    let mut c = client(a_addr, carol).await;
+    let _e = client(b_addr, erin).await;
+    let _f = client(b_addr, frank).await;
+    for _ in 0..2 {
+        let p = c.recv_type("presence").await;
+        assert_eq!(p["status"], "online", "{p}");
+    }
+
+    signal(&gw_b, "-TERM");
+    assert!(wait_exit(gw_b).await.success(), "drained and exited 0");
+    // Frank comes back through the other gateway; Erin does not.
+    let _f = client(a_addr, frank).await;
+
+    // Three missed heartbeats (300 ms each) and a reap later, and then some.
+    let frames = c.frames_for(Duration::from_secs(3)).await;
+    let offline = |user: postline::domain::UserId| {
+        frames
+            .iter()
+            .filter(|v| {
+                v["type"] == "presence"
+                    && v["user_id"] == user.to_string().as_str()
+                    && v["status"] == "offline"
+            })
+            .count()
+    };
+    assert_eq!(
+        offline(erin),
+        1,
+        "erin announced offline exactly once: {frames:?}"
+    );
+    assert_eq!(offline(frank), 0, "frank reconnected; no flap: {frames:?}");
+}

@@ -356,6 +356,18 @@ impl Client {
         }
     }
 
+    /// Every frame that arrives within `d` (after those kept aside).
+    pub async fn frames_for(&mut self, d: Duration) -> Vec<Value> {
+        let mut out: Vec<Value> = self.pending.drain(..).collect();
+        let until = tokio::time::Instant::now() + d;
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(until, self.ws.next()).await {
+            if let WsMessage::Text(t) = msg {
+                out.push(serde_json::from_str(&t).expect("server frames are JSON"));
+            }
+        }
+        out
+    }
+
     /// Whether a frame matching `pred` was already received and kept aside.
     pub fn pending_has(&self, pred: impl Fn(&Value) -> bool) -> bool {
         self.pending.iter().any(pred)
