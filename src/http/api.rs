@@ -98,10 +98,16 @@ async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, Api
         .await
         .map_err(|_| ApiError::TooLarge(MAX_BODY))?
         .to_bytes();
+    parse_body(&body)
+}
+
+/// A request body as `T`: nesting checked before serde recurses, then
+/// not-JSON (`bad_request`) told apart from wrong fields (`invalid`).
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let max = crate::protocol::depth::MAX_DEPTH;
-    crate::protocol::depth::check(&body, max)
+    crate::protocol::depth::check(body, max)
         .map_err(|_| ApiError::BadRequest(format!("JSON nested deeper than {max} levels")))?;
-    serde_json::from_slice(&body).map_err(|e| match e.classify() {
+    serde_json::from_slice(body).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => ApiError::Invalid(e.to_string()),
         _ => ApiError::BadRequest(format!("body is not valid JSON: {e}")),
     })
@@ -279,6 +285,26 @@ fn parse_page(query: &str) -> Result<HistoryPage, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::fuzz::{self, json_like};
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(fuzz::config())]
+
+        /// Whatever arrives as a body, the parser answers with a value or a
+        /// 400/422, and never panics or recurses without bound.
+        #[test]
+        fn any_body_is_parsed_or_refused(body in json_like()) {
+            for result in [
+                parse_body::<CreateConversation>(&body).map(|_| ()),
+                parse_body::<AddMember>(&body).map(|_| ()),
+            ] {
+                if let Err(e) = result {
+                    prop_assert!(matches!(e, ApiError::BadRequest(_) | ApiError::Invalid(_)), "{e:?}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn page_parsing_checks_numbers_and_bounds() {

@@ -1,5 +1,7 @@
 //! Decoding tests, kept beside the decoder they exercise.
 use super::*;
+use crate::protocol::fuzz::{self, json_like};
+use proptest::prelude::*;
 
 const LIMITS: DecodeLimits = DecodeLimits {
     max_content_bytes: 16,
@@ -311,4 +313,22 @@ fn deep_nesting_is_refused_before_parsing() {
 fn unknown_fields_are_ignored_for_forward_compatibility() {
     let r = dec(r#"{"type":"ping","future_field":{"a":1}}"#).unwrap();
     assert_eq!(r.event, ClientEvent::Ping);
+}
+
+proptest! {
+    #![proptest_config(fuzz::config())]
+
+    /// No frame a client can send panics or aborts the decoder; whatever it
+    /// refuses, it refuses with a contract code.
+    #[test]
+    fn any_frame_decodes_or_is_refused(mut frame in json_like()) {
+        let deep = crate::protocol::depth::check(&frame, crate::protocol::depth::MAX_DEPTH).is_err();
+        match decode(&mut frame, LIMITS) {
+            Ok(_) => prop_assert!(!deep),
+            Err(e) => {
+                prop_assert!(matches!(e.code, ErrorCode::BadRequest | ErrorCode::Invalid | ErrorCode::TooLarge), "{e:?}");
+                prop_assert!(!e.message.is_empty());
+            }
+        }
+    }
 }

@@ -7,6 +7,8 @@
 
 pub mod client;
 pub mod depth;
+#[cfg(test)]
+pub(crate) mod fuzz;
 pub mod http;
 pub mod server;
 
