@@ -416,8 +416,10 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 /// Run a server on `listener` until `shutdown`, then stop in order: stop
-/// accepting, close WebSockets (1001), flush the persist buffer, stop the
-/// worker and the listener. The whole is bounded by `cfg.shutdown_grace`.
+/// accepting and finish in-flight requests, flush the persist buffer, close
+/// WebSockets (1001), stop the background tasks (worker included) and the
+/// LISTEN task. Returns by `cfg.shutdown_grace` after `shutdown` fires,
+/// whatever hangs: each stage is bounded by that one deadline.
 pub async fn serve(
     cfg: Config,
     run_worker: bool,
@@ -493,26 +495,43 @@ pub async fn serve(
         enqueuer,
         worker: heartbeat,
     });
-    http::serve(listener, ctx, shutdown.clone()).await;
+    let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
+    let http_ended = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => false,
+        r = &mut http => {
+            // Only a panic ends it before shutdown; stop the rest in order.
+            tracing::error!(error = ?r.err(), "the HTTP server ended on its own; shutting down");
+            shutdown.cancel();
+            true
+        }
+    };
 
-    let deadline = tokio::time::Instant::now() + cfg.shutdown_grace;
-    // 1. Accepting stopped (above). 2. Flush what was accepted: new sends on
-    // open connections now get `unavailable`. 3. Close connections, after
-    // their queued frames (acks included), with reconnect notices.
+    // The one deadline, fixed the moment shutdown is requested. Every stage
+    // below is bounded by it, in order, so the whole stays within the grace
+    // period however long any one stage would take; a stage cut short is
+    // logged by name and later stages still run (at once, if time is up).
+    let deadline = Instant::now() + cfg.shutdown_grace;
+    // 1. Stop accepting (done as shutdown fired) and finish in-flight requests.
+    if !http_ended {
+        stage("HTTP: in-flight requests", deadline, http).await;
+    }
+    // 2. Flush what was accepted: new sends on open connections now get
+    // `unavailable`.
     enqueue_stop.cancel();
     flush.close();
-    if tokio::time::timeout_at(deadline, flush.wait())
-        .await
-        .is_err()
-    {
-        tracing::error!("persist buffer not flushed before the shutdown deadline");
-    }
+    stage("persist flush", deadline, flush.wait()).await;
+    // 3. Close connections, after their queued frames (acks included), with
+    // reconnect notices. Gateway::drain logs its own cut-short line.
     close_connections.cancel();
     gateway.drain(deadline).await;
+    // 4. Background tasks: the hint forwarder, the presence keeper (which
+    // clears this gateway's sessions) and the worker (which ends its batch).
     background_stop.cancel();
     background.close();
-    let _ = tokio::time::timeout_at(deadline, background.wait()).await;
-    let _ = listener_task.await;
+    stage("background tasks", deadline, background.wait()).await;
+    // 5. The LISTEN connection, last: hints matter until connections are gone.
+    stage("LISTEN task", deadline, listener_task).await;
     tracing::info!("shutdown complete");
     Ok(())
 }
