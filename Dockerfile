@@ -2,16 +2,19 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 # Dependencies first, so source edits do not rebuild them.
+# The workspace's manifests: bench/ is a member (the load generator), so its
+# manifest must exist for cargo to load the workspace, though it is not built.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src/bin benches \
+COPY bench/Cargo.toml bench/
+RUN mkdir -p src benches bench/src \
     && echo 'fn main() {}' > src/main.rs \
-    && echo 'fn main() {}' > src/bin/postline-bench.rs \
+    && echo 'fn main() {}' > bench/src/main.rs \
     && echo 'fn main() {}' > benches/hot_paths.rs \
     && touch src/lib.rs \
-    && cargo build --release --locked --bin postline \
-    && rm -rf src benches
+    && cargo build --release --locked -p postline --bin postline \
+    && rm -rf src benches bench/src
 COPY . .
-RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin postline
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked -p postline --bin postline
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -7,7 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-postgres.sh
-cargo build --release --locked --bins >&2
+# The server and the load generator (its own crate in bench/; one target dir).
+cargo build --release --locked -p postline -p postline-bench >&2
 scenario=${1:?usage: scripts/bench.sh S1|S2|S3|S4|S5|S6 [postline-bench flags]}
 shift
 bench=./target/release/postline-bench

@@ -2,6 +2,7 @@
 //! shutdown order. Tests call [`serve`] directly with a listener bound to
 //! port 0 and their own shutdown token.
 
+use std::future::Future;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,11 +12,15 @@ use clap::{Parser, Subcommand};
 use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Jwt;
-use crate::config::{Config, ServerArgs, DEV_JWT_SECRET};
+use crate::config::{
+    Config, DatabaseArgs, DatabaseUrl, RuntimeArgs, RuntimeConfig, ServerArgs, WorkerArgs,
+    WorkerConfig, DEV_JWT_SECRET,
+};
 use crate::domain::UserId;
 use crate::gateway::{Enqueuers, Gateway};
 use crate::http::{self, HttpContext};
@@ -52,17 +57,21 @@ enum Command {
     /// Run the persistence worker alone.
     Worker {
         #[command(flatten)]
-        args: ServerArgs,
+        database: DatabaseArgs,
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[command(flatten)]
+        runtime: RuntimeArgs,
     },
     /// Apply the schema (pgmq from its SQL, then migrations/) and exit.
     Migrate {
-        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-        database_url: String,
+        #[command(flatten)]
+        database: DatabaseUrl,
     },
     /// Inspect and re-drive dead letters.
     Dlq {
-        #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-        database_url: String,
+        #[command(flatten)]
+        database: DatabaseUrl,
         #[command(subcommand)]
         action: DlqAction,
     },
@@ -173,21 +182,125 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(secs))
 }
 
+/// A command line, validated: everything a command needs, checked before
+/// the runtime starts or anything connects.
+enum Job {
+    Serve {
+        // Boxed: it is most of the enum's size, and built once.
+        cfg: Box<Config>,
+        database_url: Option<String>,
+        run_worker: bool,
+        migrate: bool,
+        threads: Option<usize>,
+    },
+    Worker {
+        database_url: String,
+        max_connections: u32,
+        worker: WorkerConfig,
+        runtime: RuntimeConfig,
+    },
+    Migrate {
+        database_url: String,
+    },
+    Dlq {
+        database_url: String,
+        action: DlqAction,
+    },
+    Token {
+        user: uuid::Uuid,
+        ttl: Duration,
+        jwt_secret: String,
+    },
+}
+
+impl Job {
+    fn from_cli(cli: Cli) -> Result<Job, crate::config::ConfigError> {
+        Ok(match cli.command {
+            Command::Serve {
+                args,
+                no_worker,
+                no_migrate,
+            } => Job::Serve {
+                cfg: Box::new(Config::from_args(
+                    &args,
+                    std::env::var("PORT").ok().as_deref(),
+                )?),
+                threads: RuntimeConfig::try_from(&args.runtime)?.threads,
+                database_url: args.database.url.database_url,
+                run_worker: !no_worker,
+                migrate: !no_migrate,
+            },
+            Command::Worker {
+                database,
+                worker,
+                runtime,
+            } => Job::Worker {
+                database_url: database.url.required()?.to_owned(),
+                max_connections: database.max_connections()?,
+                worker: WorkerConfig::try_from(&worker)?,
+                runtime: RuntimeConfig::try_from(&runtime)?,
+            },
+            Command::Migrate { database } => Job::Migrate {
+                database_url: database.required()?.to_owned(),
+            },
+            Command::Dlq { database, action } => Job::Dlq {
+                database_url: database.required()?.to_owned(),
+                action,
+            },
+            Command::Token {
+                user,
+                ttl,
+                jwt_secret,
+            } => Job::Token {
+                user,
+                ttl,
+                jwt_secret: jwt_secret.unwrap_or_else(|| DEV_JWT_SECRET.to_owned()),
+            },
+        })
+    }
+
+    /// POSTLINE_THREADS, for the commands that take it.
+    fn threads(&self) -> Option<usize> {
+        match self {
+            Job::Serve { threads, .. } => *threads,
+            Job::Worker { runtime, .. } => runtime.threads,
+            _ => None,
+        }
+    }
+}
+
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     telemetry::init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let job = match Job::from_cli(cli) {
+        Ok(job) => job,
+        Err(e) => {
+            eprintln!("postline: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let runtime = match job.threads() {
+        // One thread: everything on the main thread (blocking calls still
+        // get tokio's separate blocking pool).
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n);
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build();
+    let runtime = match runtime {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("postline: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
+    match runtime.block_on(run(job)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("postline: {e:#}");
@@ -196,83 +309,93 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
-        Command::Token {
+async fn run(job: Job) -> anyhow::Result<()> {
+    match job {
+        Job::Token {
             user,
             ttl,
             jwt_secret,
         } => {
-            let secret = jwt_secret.unwrap_or_else(|| DEV_JWT_SECRET.to_owned());
-            println!("{}", Jwt::new(secret.as_bytes()).issue(UserId(user), ttl));
+            println!(
+                "{}",
+                Jwt::new(jwt_secret.as_bytes()).issue(UserId(user), ttl)
+            );
             Ok(())
         }
-        Command::Dlq {
+        Job::Dlq {
             database_url,
             action,
         } => dlq(&database_url, action).await,
-        Command::Migrate { database_url } => {
+        Job::Migrate { database_url } => {
             let pool = store::connect(&database_url, 2).await?;
             store::migrate(&pool).await?;
             println!("schema is up to date");
             Ok(())
         }
-        Command::Serve {
-            args,
-            no_worker,
-            no_migrate,
+        Job::Serve {
+            cfg,
+            database_url,
+            run_worker,
+            migrate,
+            threads: _,
         } => {
-            let cfg = Config::from_args(&args, std::env::var("PORT").ok().as_deref())?;
-            let (pool, _cluster) = open_database(&args, cfg.db_max_connections).await?;
-            if !no_migrate {
+            let (pool, _cluster) = open_database(database_url, cfg.db_max_connections).await?;
+            if migrate {
                 store::migrate(&pool).await.context("applying the schema")?;
             }
             let listener = TcpListener::bind(cfg.listen)
                 .await
                 .with_context(|| format!("binding {}", cfg.listen))?;
-            tracing::info!(addr = %listener.local_addr()?, worker = !no_worker, "postline serving");
+            tracing::info!(addr = %listener.local_addr()?, worker = run_worker, "postline serving");
             tracing::debug!(config = ?cfg, "configuration");
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            serve(cfg, !no_worker, listener, pool, shutdown).await
+            serve(*cfg, run_worker, listener, pool, shutdown).await
         }
-        Command::Worker { mut args } => {
-            // A worker verifies no tokens; do not demand a secret it never uses.
-            args.jwt_secret
-                .get_or_insert_with(|| DEV_JWT_SECRET.to_owned());
-            let cfg = Config::from_args(&args, None)?;
-            let (pool, _cluster) = open_database(&args, cfg.db_max_connections).await?;
+        Job::Worker {
+            database_url,
+            max_connections,
+            worker,
+            runtime,
+        } => {
+            let pool = store::connect(&database_url, max_connections)
+                .await
+                .context("connecting to DATABASE_URL")?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
             tracing::info!("postline worker running");
-            Worker::new(pool, cfg.worker, Arc::new(Notify::new()))
-                .run(shutdown)
-                .await;
+            let mut task = tokio::spawn(
+                Worker::new(pool, worker, Arc::new(Notify::new())).run(shutdown.clone()),
+            );
+            tokio::select! {
+                r = &mut task => return r.context("the worker task failed"),
+                () = shutdown.cancelled() => {}
+            }
+            let deadline = Instant::now() + runtime.shutdown_grace;
+            stage("worker: finish the batch in hand", deadline, task).await;
             Ok(())
         }
     }
 }
 
-/// The configured database, or with --dev and no DATABASE_URL, a throwaway
-/// local cluster (returned so it lives as long as the caller).
-async fn open_database(args: &ServerArgs, max: u32) -> anyhow::Result<(PgPool, Option<Cluster>)> {
-    match (&args.database_url, args.dev) {
-        (Some(url), _) => Ok((
-            store::connect(url, max)
+/// The configured database, or without one (`serve --dev`; validation
+/// refused it otherwise) a throwaway local cluster, returned so it lives as
+/// long as the caller.
+async fn open_database(url: Option<String>, max: u32) -> anyhow::Result<(PgPool, Option<Cluster>)> {
+    match url {
+        Some(url) => Ok((
+            store::connect(&url, max)
                 .await
                 .context("connecting to DATABASE_URL")?,
             None,
         )),
-        (None, true) => {
+        None => {
             let cluster =
                 tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await??;
             let url = cluster.url("postgres");
             tracing::info!(%url, "started a throwaway local Postgres (removed at exit)");
             Ok((store::connect(&url, max).await?, Some(cluster)))
         }
-        (None, false) => anyhow::bail!(
-            "DATABASE_URL is required (or run with --dev for a throwaway local Postgres)"
-        ),
     }
 }
 
@@ -293,8 +416,10 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
 }
 
 /// Run a server on `listener` until `shutdown`, then stop in order: stop
-/// accepting, close WebSockets (1001), flush the persist buffer, stop the
-/// worker and the listener. The whole is bounded by `cfg.shutdown_grace`.
+/// accepting and finish in-flight requests, flush the persist buffer, close
+/// WebSockets (1001), stop the background tasks (worker included) and the
+/// LISTEN task. Returns by `cfg.shutdown_grace` after `shutdown` fires,
+/// whatever hangs: each stage is bounded by that one deadline.
 pub async fn serve(
     cfg: Config,
     run_worker: bool,
@@ -371,28 +496,55 @@ pub async fn serve(
         enqueuer,
         worker: heartbeat,
     });
-    http::serve(listener, ctx, shutdown.clone()).await;
+    let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
+    let http_ended = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => false,
+        r = &mut http => {
+            // Only a panic ends it before shutdown; stop the rest in order.
+            tracing::error!(error = ?r.err(), "the HTTP server ended on its own; shutting down");
+            shutdown.cancel();
+            true
+        }
+    };
 
-    let deadline = tokio::time::Instant::now() + cfg.shutdown_grace;
-    // 1. Accepting stopped (above). 2. Flush what was accepted: new sends on
-    // open connections now get `unavailable`. 3. Close connections, after
-    // their queued frames (acks included), with reconnect notices.
+    // The one deadline, fixed the moment shutdown is requested. Every stage
+    // below is bounded by it, in order, so the whole stays within the grace
+    // period however long any one stage would take; a stage cut short is
+    // logged by name and later stages still run (at once, if time is up).
+    let deadline = Instant::now() + cfg.shutdown_grace;
+    // 1. Stop accepting (done as shutdown fired) and finish in-flight requests.
+    if !http_ended {
+        stage("HTTP: in-flight requests", deadline, http).await;
+    }
+    // 2. Flush what was accepted: new sends on open connections now get
+    // `unavailable`.
     enqueue_stop.cancel();
     flush.close();
-    if tokio::time::timeout_at(deadline, flush.wait())
-        .await
-        .is_err()
-    {
-        tracing::error!("persist buffer not flushed before the shutdown deadline");
-    }
+    stage("persist flush", deadline, flush.wait()).await;
+    // 3. Close connections, after their queued frames (acks included), with
+    // reconnect notices. Gateway::drain logs its own cut-short line.
     close_connections.cancel();
-    gateway.drain().await;
+    gateway.drain(deadline).await;
+    // 4. Background tasks: the hint forwarder, the presence keeper (which
+    // clears this gateway's sessions) and the worker (which ends its batch).
     background_stop.cancel();
     background.close();
-    let _ = tokio::time::timeout_at(deadline, background.wait()).await;
-    let _ = listener_task.await;
+    stage("background tasks", deadline, background.wait()).await;
+    // 5. The LISTEN connection, last: hints matter until connections are gone.
+    stage("LISTEN task", deadline, listener_task).await;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// One shutdown stage, bounded by the shared deadline; a stage cut short is
+/// logged by name, and what it left unfinished is abandoned.
+async fn stage<F: Future>(name: &'static str, deadline: Instant, work: F) -> Option<F::Output> {
+    let out = tokio::time::timeout_at(deadline, work).await.ok();
+    if out.is_none() {
+        tracing::error!(stage = name, "shutdown stage cut short by the deadline");
+    }
+    out
 }
 
 #[cfg(test)]

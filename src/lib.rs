@@ -5,7 +5,9 @@
 //!
 //! # Layout
 //! Imports flow down this list, never up.
-//! - [`config`]: one `Config`, flags mirrored by env vars, validated once.
+//! - [`config`]: one `Config` and every part's settings; flags mirrored by
+//!   env vars, each default written once, bad values refused at start.
+//!   Imports nothing from the crate.
 //! - [`domain`]: ids, `Seq`, validated values, the message at each stage
 //!   (`Message` accepted, `StoredMessage` with its seq). No I/O.
 //! - [`protocol`]: every wire shape. `client` decodes frames into events

@@ -28,11 +28,11 @@ mod sync;
 mod typing;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+pub use crate::config::GatewayConfig;
 pub use cache::BoundedMap;
 
 use crate::domain::{ConversationId, UserId};
@@ -44,51 +44,7 @@ use crate::rooms::{Rooms, Users};
 use crate::store::Store;
 use crate::telemetry::Metrics;
 
-#[derive(Debug, Clone, Copy)]
-pub struct GatewayConfig {
-    /// Largest WebSocket message accepted (after reassembling fragments).
-    /// Larger ones close the connection with 1009: the client is abusive or broken.
-    pub max_frame_bytes: usize,
-    /// Largest message content; larger ones are refused with `too_large`.
-    pub max_content_bytes: usize,
-    /// Frames queued per connection before it counts as a slow consumer.
-    pub outbox_capacity: usize,
-    /// Recent client_message_ids remembered for dedup, across all users.
-    pub dedup_capacity: usize,
-    /// How long shutdown waits for connections to finish closing.
-    pub close_grace: Duration,
-    /// A user whose last connection closed stays online this long, so a
-    /// reconnect (page reload, network switch) does not flap offline/online.
-    pub presence_grace: Duration,
-    /// A typing indicator not refreshed for this long is turned off by the server.
-    pub typing_ttl: Duration,
-    /// At most one `typing: true` per conversation and connection this often.
-    pub typing_interval: Duration,
-    /// On shutdown, clients are told to reconnect after a random pause within
-    /// this window, so they do not all arrive at the other gateways at once.
-    pub drain_window: Duration,
-    /// How often this gateway refreshes its presence sessions; a gateway
-    /// silent for three of these is taken for dead and its users go offline.
-    pub presence_heartbeat: Duration,
-}
-
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        GatewayConfig {
-            max_frame_bytes: 64 * 1024,
-            max_content_bytes: 4096,
-            outbox_capacity: 1024,
-            dedup_capacity: 200_000,
-            close_grace: Duration::from_secs(5),
-            presence_grace: Duration::from_secs(5),
-            typing_ttl: Duration::from_secs(6),
-            typing_interval: Duration::from_millis(1000),
-            drain_window: Duration::from_secs(5),
-            presence_heartbeat: Duration::from_secs(5),
-        }
-    }
-}
-
+// Built here, not in config: config sits below protocol and may not import it.
 impl GatewayConfig {
     fn decode_limits(&self) -> DecodeLimits {
         DecodeLimits {
@@ -159,16 +115,18 @@ impl Gateway {
             .spawn(async move { session::run(gw, user, upgrade).await });
     }
 
-    /// Wait (bounded) for every connection to finish closing after shutdown.
-    pub async fn drain(&self) {
+    /// Wait for every connection to finish closing after shutdown, until
+    /// `deadline` at most (the one shutdown deadline, shared by every stage).
+    pub async fn drain(&self, deadline: tokio::time::Instant) {
         self.connections.close();
-        if tokio::time::timeout(self.cfg.close_grace, self.connections.wait())
+        if tokio::time::timeout_at(deadline, self.connections.wait())
             .await
             .is_err()
         {
-            tracing::warn!(
+            tracing::error!(
+                stage = "close connections",
                 remaining = self.connections.len(),
-                "connections still open after the close grace period"
+                "shutdown stage cut short by the deadline: connections still open"
             );
         }
     }

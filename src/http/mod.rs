@@ -47,6 +47,8 @@ pub struct HttpContext {
 const WORKER_STUCK_AFTER: Duration = Duration::from_secs(30);
 
 /// Accept connections until `shutdown`, then let in-flight requests finish.
+/// Waits for them without a bound of its own: the caller bounds this by the
+/// shutdown deadline it shares with the other stages (`cli::serve`).
 pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: CancellationToken) {
     let conns = TaskTracker::new();
     loop {
@@ -89,7 +91,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: Cance
         });
     }
     conns.close();
-    let _ = tokio::time::timeout(Duration::from_secs(5), conns.wait()).await;
+    conns.wait().await;
 }
 
 async fn route(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {

@@ -15,32 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{send_batch_encoded, Payload};
-
-#[derive(Debug, Clone, Copy)]
-pub struct EnqueueConfig {
-    /// Jobs buffered in memory while a batch is in flight or Postgres is slow.
-    pub capacity: usize,
-    /// Most jobs in one `send_batch` (one statement, one commit).
-    pub max_batch: usize,
-    /// How long a batch may wait for more jobs before it is sent. Zero sends
-    /// at once; batches still form under load, from the jobs that arrive
-    /// while the previous batch is in flight. (Tokio's timers are
-    /// millisecond-grained, so small values round up to 1 ms.)
-    pub linger: Duration,
-    /// After shutdown is requested, how long to keep retrying the last jobs.
-    pub flush_timeout: Duration,
-}
-
-impl Default for EnqueueConfig {
-    fn default() -> Self {
-        EnqueueConfig {
-            capacity: 8192,
-            max_batch: 512,
-            linger: Duration::ZERO,
-            flush_timeout: Duration::from_secs(5),
-        }
-    }
-}
+use crate::config::EnqueueConfig;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum EnqueueError {

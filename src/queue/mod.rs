@@ -8,7 +8,8 @@
 pub mod dead_letters;
 mod enqueuer;
 
-pub use enqueuer::{EnqueueConfig, EnqueueError, Enqueuer, PersistBuffer, Rejected};
+pub use crate::config::EnqueueConfig;
+pub use enqueuer::{EnqueueError, Enqueuer, PersistBuffer, Rejected};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

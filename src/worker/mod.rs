@@ -19,7 +19,7 @@
 
 mod retry;
 
-pub use retry::RetryPolicy;
+pub use crate::config::{RetryPolicy, WorkerConfig};
 
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -33,44 +33,6 @@ use crate::domain::Message;
 use crate::queue::{self, dead_letters, BackgroundJob, Queue, RawJob};
 use crate::store::{self, ReceiptUpdate, StoreError};
 use crate::telemetry::{Metrics, QueueCounters};
-
-#[derive(Debug, Clone, Copy)]
-pub struct WorkerConfig {
-    /// Jobs read (and written) per transaction.
-    pub batch_size: i32,
-    /// How long a read job stays hidden before another reader may take it:
-    /// the time a crashed worker's batch waits before it is retried.
-    pub visibility_timeout: Duration,
-    /// How often an idle worker polls when nothing wakes it.
-    pub poll_interval: Duration,
-    /// After draining the queue, wait this long before reading again, so the
-    /// next batch gathers several messages: fewer transactions and NOTIFYs for
-    /// Postgres, at the cost of this much `message_persisted` latency.
-    pub linger: Duration,
-    pub retry: RetryPolicy,
-    /// High-priority batches in a row after which a waiting low-priority
-    /// batch gets one turn, so background jobs never starve.
-    pub starvation_limit: u32,
-    /// How often archived jobs past `retention` are removed.
-    pub cleanup_interval: Duration,
-    /// How long pgmq's archive keeps dead-lettered and archived jobs.
-    pub retention: Duration,
-}
-
-impl Default for WorkerConfig {
-    fn default() -> Self {
-        WorkerConfig {
-            batch_size: 500,
-            visibility_timeout: Duration::from_secs(30),
-            poll_interval: Duration::from_millis(250),
-            linger: Duration::from_millis(10),
-            retry: RetryPolicy::default(),
-            starvation_limit: 4,
-            cleanup_interval: Duration::from_secs(600),
-            retention: Duration::from_secs(7 * 86_400),
-        }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {

@@ -2,26 +2,9 @@
 
 use std::time::Duration;
 
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    /// Delay after the first failed attempt.
-    pub base: Duration,
-    /// Longest delay between attempts.
-    pub cap: Duration,
-    /// Attempts (reads) after which a failing job is dead-lettered.
-    pub max_attempts: i32,
-}
+use crate::config::RetryPolicy;
 
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            base: Duration::from_secs(1),
-            cap: Duration::from_secs(300),
-            max_attempts: 8,
-        }
-    }
-}
-
+// The numbers live in config (below every layer); the arithmetic lives here.
 impl RetryPolicy {
     /// The delay before attempt `attempt + 1`: `base * 2^(attempt-1)`, capped,
     /// with "equal jitter" (half fixed, half random) so jobs that failed

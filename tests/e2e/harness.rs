@@ -189,6 +189,19 @@ impl TestApp {
         }
     }
 
+    /// Request shutdown and wait for `serve` to return, failing the test if
+    /// it takes longer than `bound`; returns how long it took.
+    pub async fn stop_within(self, bound: Duration) -> Duration {
+        let started = tokio::time::Instant::now();
+        self.shutdown.cancel();
+        tokio::time::timeout(bound, self.server)
+            .await
+            .unwrap_or_else(|_| panic!("serve() still running {bound:?} after shutdown"))
+            .expect("server task")
+            .expect("server result");
+        started.elapsed()
+    }
+
     pub async fn stop(self) {
         self.shutdown.cancel();
         tokio::time::timeout(WAIT, self.server)

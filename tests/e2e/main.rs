@@ -12,3 +12,4 @@ mod http_api;
 mod process;
 mod realtime;
 mod reliability;
+mod shutdown;

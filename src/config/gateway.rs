@@ -1,0 +1,121 @@
+//! The gateway's options (`serve` only) and the settings they become.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{defaults, millis, positive, ConfigError};
+
+/// Recent client_message_ids remembered for dedup, across all users. Not a
+/// flag: it bounds memory (about 100 bytes an entry) and only needs to outlast
+/// a client's retry window, which this does by orders of magnitude.
+const DEDUP_CAPACITY: usize = 200_000;
+
+/// At most one `typing: true` per conversation and connection this often.
+/// Not a flag: it is part of the protocol's contract (docs/PROTOCOL.md).
+const TYPING_INTERVAL: Duration = Duration::from_millis(1000);
+
+/// A presence heartbeat shorter than this would turn the presence table into
+/// a hot spot (one write per gateway per heartbeat) for no gain.
+const MIN_PRESENCE_HEARTBEAT_MS: u64 = 10;
+
+#[derive(Debug, Clone, Args)]
+pub struct GatewayArgs {
+    /// Largest message content in bytes.
+    #[arg(long, env = "POSTLINE_MAX_CONTENT_BYTES", default_value_t = 4096)]
+    pub max_content_bytes: usize,
+    /// Largest WebSocket message in bytes; larger closes the connection (1009).
+    #[arg(long, env = "POSTLINE_MAX_FRAME_BYTES", default_value_t = 65536)]
+    pub max_frame_bytes: usize,
+    /// Frames queued per connection before it is closed as a slow consumer.
+    #[arg(long, env = "POSTLINE_OUTBOX_CAPACITY", default_value_t = 1024)]
+    pub outbox_capacity: usize,
+    /// Milliseconds a user stays online after their last connection closes
+    /// (a reconnect within it shows no offline/online flap).
+    #[arg(long, env = "POSTLINE_PRESENCE_GRACE_MS", default_value_t = 5000)]
+    pub presence_grace_ms: u64,
+    /// Milliseconds after which an unrefreshed typing indicator is turned off.
+    #[arg(long, env = "POSTLINE_TYPING_TTL_MS", default_value_t = 6000)]
+    pub typing_ttl_ms: u64,
+    /// This gateway's id among those sharing the database (default: random
+    /// per start).
+    #[arg(long, env = "POSTLINE_GATEWAY_ID")]
+    pub gateway_id: Option<uuid::Uuid>,
+    /// Milliseconds over which clients are told to reconnect on shutdown.
+    #[arg(long, env = "POSTLINE_DRAIN_WINDOW_MS", default_value_t = 5000)]
+    pub drain_window_ms: u64,
+    /// Milliseconds between presence heartbeats (at least 10); a gateway
+    /// silent for three is taken for dead and its users go offline.
+    #[arg(long, env = "POSTLINE_PRESENCE_HEARTBEAT_MS", default_value_t = 5000)]
+    pub presence_heartbeat_ms: u64,
+}
+
+impl Default for GatewayArgs {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct GatewayConfig {
+    /// Largest WebSocket message accepted (after reassembling fragments).
+    /// Larger ones close the connection with 1009: the client is abusive or broken.
+    pub max_frame_bytes: usize,
+    /// Largest message content; larger ones are refused with `too_large`.
+    pub max_content_bytes: usize,
+    /// Frames queued per connection before it counts as a slow consumer.
+    pub outbox_capacity: usize,
+    /// Recent client_message_ids remembered for dedup, across all users.
+    pub dedup_capacity: usize,
+    /// A user whose last connection closed stays online this long, so a
+    /// reconnect (page reload, network switch) does not flap offline/online.
+    pub presence_grace: Duration,
+    /// A typing indicator not refreshed for this long is turned off by the server.
+    pub typing_ttl: Duration,
+    /// At most one `typing: true` per conversation and connection this often.
+    pub typing_interval: Duration,
+    /// On shutdown, clients are told to reconnect after a random pause within
+    /// this window, so they do not all arrive at the other gateways at once.
+    pub drain_window: Duration,
+    /// How often this gateway refreshes its presence sessions; a gateway
+    /// silent for three of these is taken for dead and its users go offline.
+    pub presence_heartbeat: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig::try_from(&GatewayArgs::default())
+            .expect("the gateway's defaults are valid (tested)")
+    }
+}
+
+impl TryFrom<&GatewayArgs> for GatewayConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: &GatewayArgs) -> Result<Self, ConfigError> {
+        if a.presence_heartbeat_ms < MIN_PRESENCE_HEARTBEAT_MS {
+            return Err(ConfigError::TooSmall {
+                var: "POSTLINE_PRESENCE_HEARTBEAT_MS",
+                min: MIN_PRESENCE_HEARTBEAT_MS,
+                got: a.presence_heartbeat_ms,
+            });
+        }
+        Ok(GatewayConfig {
+            max_frame_bytes: positive("POSTLINE_MAX_FRAME_BYTES", a.max_frame_bytes)?,
+            max_content_bytes: positive("POSTLINE_MAX_CONTENT_BYTES", a.max_content_bytes)?,
+            outbox_capacity: positive("POSTLINE_OUTBOX_CAPACITY", a.outbox_capacity)?,
+            dedup_capacity: DEDUP_CAPACITY,
+            // Zero is meaningful: offline at once, no grace.
+            presence_grace: millis("POSTLINE_PRESENCE_GRACE_MS", a.presence_grace_ms)?,
+            // Zero would turn every indicator off as soon as it is set.
+            typing_ttl: millis(
+                "POSTLINE_TYPING_TTL_MS",
+                positive("POSTLINE_TYPING_TTL_MS", a.typing_ttl_ms)?,
+            )?,
+            typing_interval: TYPING_INTERVAL,
+            // Zero is meaningful: reconnect at once.
+            drain_window: millis("POSTLINE_DRAIN_WINDOW_MS", a.drain_window_ms)?,
+            presence_heartbeat: millis("POSTLINE_PRESENCE_HEARTBEAT_MS", a.presence_heartbeat_ms)?,
+        })
+    }
+}

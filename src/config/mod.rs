@@ -1,0 +1,498 @@
+//! All configuration in one place. Every option is a flag mirrored by an
+//! environment variable, and its default is written once: in the clap
+//! attribute next to the field and its doc. The `Default` of each settings
+//! struct is those same clap defaults, parsed (see [`defaults`]). Values are
+//! validated once, at start: a bad one is refused with a [`ConfigError`]
+//! naming its variable, never clamped into range.
+//!
+//! Argument groups are flattened into the subcommands that use them, so each
+//! subcommand takes only its own options:
+//! - `serve`: [`ServerArgs`] = [`DatabaseArgs`] + [`HttpArgs`] +
+//!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`];
+//! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`];
+//! - `migrate`, `dlq`: [`DatabaseUrl`].
+//!
+//! This module sits at the bottom of the import graph and imports nothing
+//! from the crate: the gateway, queue and worker take their settings from here.
+
+mod enqueue;
+mod gateway;
+mod worker;
+
+pub use enqueue::{EnqueueArgs, EnqueueConfig};
+pub use gateway::{GatewayArgs, GatewayConfig};
+pub use worker::{RetryPolicy, WorkerArgs, WorkerConfig};
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Secret used by `--dev` when no POSTLINE_JWT_SECRET is set. Public on
+/// purpose: dev tokens must never be accepted by a real deployment.
+pub const DEV_JWT_SECRET: &str = "postline-dev-secret-do-not-use-in-production";
+
+/// HS256 keys shorter than this are guessable offline from one token.
+const MIN_SECRET_BYTES: usize = 16;
+
+/// No duration setting may exceed this. Far beyond any sensible value, and
+/// far below what would overflow `Instant + Duration` (a panic at runtime).
+const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("POSTLINE_JWT_SECRET is required (or run with --dev for local use)")]
+    MissingSecret,
+    #[error("POSTLINE_JWT_SECRET must be at least {MIN_SECRET_BYTES} bytes")]
+    WeakSecret,
+    #[error("DATABASE_URL is required (or run `serve --dev` for a throwaway local Postgres)")]
+    MissingDatabaseUrl,
+    #[error("PORT must be a port number, got {0:?}")]
+    BadPort(String),
+    #[error("{0} must be greater than zero")]
+    NotPositive(&'static str),
+    #[error("{var} must be at least {min}, got {got}")]
+    TooSmall {
+        var: &'static str,
+        min: u64,
+        got: u64,
+    },
+    #[error("{var} is too large: durations are limited to {MAX_DURATION:?}")]
+    TooLarge { var: &'static str },
+    #[error(
+        "POSTLINE_RETRY_CAP_SECS ({cap:?}) must not be less than POSTLINE_RETRY_BASE_MS ({base:?})"
+    )]
+    RetryCapBelowBase { cap: Duration, base: Duration },
+}
+
+/// The database URL alone: all `migrate` and `dlq` take.
+#[derive(Debug, Clone, Default, Args)]
+pub struct DatabaseUrl {
+    /// Postgres URL. Required, except by `serve --dev`, which starts a
+    /// throwaway local cluster when it is unset.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+impl DatabaseUrl {
+    pub fn required(&self) -> Result<&str, ConfigError> {
+        self.database_url
+            .as_deref()
+            .ok_or(ConfigError::MissingDatabaseUrl)
+    }
+}
+
+/// The database of a long-running process (`serve`, `worker`).
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    #[command(flatten)]
+    pub url: DatabaseUrl,
+    /// Postgres connections in the pool (the LISTEN connection is extra).
+    #[arg(long, env = "POSTLINE_DB_MAX_CONNECTIONS", default_value_t = 16)]
+    pub db_max_connections: u32,
+}
+
+impl Default for DatabaseArgs {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+impl DatabaseArgs {
+    pub fn max_connections(&self) -> Result<u32, ConfigError> {
+        positive("POSTLINE_DB_MAX_CONNECTIONS", self.db_max_connections)
+    }
+}
+
+/// What the HTTP side of `serve` needs: where to listen, how to verify tokens.
+#[derive(Debug, Clone, Default, Args)]
+pub struct HttpArgs {
+    /// Address to listen on (default 0.0.0.0:8080, or 0.0.0.0:$PORT when PORT is set).
+    #[arg(long, env = "POSTLINE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// HS256 secret for client tokens. Required unless --dev.
+    #[arg(long, env = "POSTLINE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+}
+
+/// The process itself (`serve`, `worker`): its runtime and its shutdown.
+#[derive(Debug, Clone, Args)]
+pub struct RuntimeArgs {
+    /// Runtime worker threads (default: one per core; 1: single-threaded).
+    #[arg(long, env = "POSTLINE_THREADS")]
+    pub threads: Option<usize>,
+    /// Seconds from the shutdown signal to exit: every shutdown stage shares
+    /// this one deadline, and what is unfinished by then is abandoned.
+    #[arg(long, env = "POSTLINE_SHUTDOWN_GRACE", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl Default for RuntimeArgs {
+    fn default() -> Self {
+        defaults()
+    }
+}
+
+/// The validated [`RuntimeArgs`].
+#[derive(Debug, Clone, Copy)]
+pub struct RuntimeConfig {
+    /// None: tokio's default, one worker thread per core.
+    pub threads: Option<usize>,
+    pub shutdown_grace: Duration,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig::try_from(&RuntimeArgs::default())
+            .expect("the runtime's defaults are valid (tested)")
+    }
+}
+
+impl TryFrom<&RuntimeArgs> for RuntimeConfig {
+    type Error = ConfigError;
+
+    fn try_from(a: &RuntimeArgs) -> Result<Self, ConfigError> {
+        Ok(RuntimeConfig {
+            threads: a
+                .threads
+                .map(|n| positive("POSTLINE_THREADS", n))
+                .transpose()?,
+            // Zero would abandon everything at once: no graceful shutdown at all.
+            shutdown_grace: secs(
+                "POSTLINE_SHUTDOWN_GRACE",
+                positive("POSTLINE_SHUTDOWN_GRACE", a.shutdown_grace_secs)?,
+            )?,
+        })
+    }
+}
+
+/// Everything `serve` takes.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServerArgs {
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    #[command(flatten)]
+    pub http: HttpArgs,
+    /// Development mode: a default JWT secret and a local Postgres if none is given.
+    #[arg(long)]
+    pub dev: bool,
+    #[command(flatten)]
+    pub gateway: GatewayArgs,
+    #[command(flatten)]
+    pub enqueue: EnqueueArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+/// Validated settings of a server process.
+#[derive(Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub gateway_id: uuid::Uuid,
+    pub jwt_secret: String,
+    pub gateway: GatewayConfig,
+    pub enqueue: EnqueueConfig,
+    pub worker: WorkerConfig,
+    pub db_max_connections: u32,
+    /// Time from the shutdown request to the return of `cli::serve`.
+    pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("gateway_id", &self.gateway_id)
+            .field("jwt_secret", &"<redacted>")
+            .field("gateway", &self.gateway)
+            .field("enqueue", &self.enqueue)
+            .field("worker", &self.worker)
+            .field("db_max_connections", &self.db_max_connections)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
+}
+
+impl Config {
+    /// The defaults, on 127.0.0.1 port 0, with the given secret: for tests
+    /// and local use.
+    pub fn with_secret(secret: &str) -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            gateway_id: uuid::Uuid::new_v4(),
+            jwt_secret: secret.to_owned(),
+            gateway: GatewayConfig::default(),
+            enqueue: EnqueueConfig::default(),
+            worker: WorkerConfig::default(),
+            db_max_connections: DatabaseArgs::default().db_max_connections,
+            shutdown_grace: RuntimeConfig::default().shutdown_grace,
+        }
+    }
+
+    /// `port_env` is the value of PORT (Fly.io), used when no listen address
+    /// is given. Checks all of `args`, so also that a database URL is given
+    /// (outside --dev), though `Config` does not keep it: the caller connects.
+    pub fn from_args(args: &ServerArgs, port_env: Option<&str>) -> Result<Self, ConfigError> {
+        let jwt_secret = match (&args.http.jwt_secret, args.dev) {
+            (Some(s), _) if s.len() >= MIN_SECRET_BYTES => s.clone(),
+            (Some(_), _) => return Err(ConfigError::WeakSecret),
+            (None, true) => DEV_JWT_SECRET.to_owned(),
+            (None, false) => return Err(ConfigError::MissingSecret),
+        };
+        if !args.dev {
+            args.database.url.required()?;
+        }
+        let listen = match (args.http.listen, port_env) {
+            (Some(addr), _) => addr,
+            (None, Some(p)) => {
+                let port: u16 = p.parse().map_err(|_| ConfigError::BadPort(p.to_owned()))?;
+                SocketAddr::from(([0, 0, 0, 0], port))
+            }
+            (None, None) => SocketAddr::from(([0, 0, 0, 0], 8080)),
+        };
+        Ok(Config {
+            listen,
+            gateway_id: args.gateway.gateway_id.unwrap_or_else(uuid::Uuid::new_v4),
+            jwt_secret,
+            gateway: GatewayConfig::try_from(&args.gateway)?,
+            enqueue: EnqueueConfig::try_from(&args.enqueue)?,
+            worker: WorkerConfig::try_from(&args.worker)?,
+            db_max_connections: args.database.max_connections()?,
+            shutdown_grace: RuntimeConfig::try_from(&args.runtime)?.shutdown_grace,
+        })
+    }
+}
+
+/// The defaults of an argument group: its clap defaults, parsed from an
+/// empty command line. So each default is written only once, in the clap
+/// attribute, and does not depend on who runs the code.
+fn defaults<A: Args + clap::FromArgMatches>() -> A {
+    // Cannot fail: every option of a group has a default or is optional, and
+    // the unit tests build each group's defaults.
+    parse_ignoring_env(&[]).expect("every option has a default or is optional")
+}
+
+/// An argument group from `argv` alone, the environment ignored.
+fn parse_ignoring_env<A: Args + clap::FromArgMatches>(argv: &[&str]) -> Result<A, clap::Error> {
+    let cmd = A::augment_args(clap::Command::new("postline").no_binary_name(true))
+        .mut_args(|arg| arg.env(None));
+    A::from_arg_matches(&cmd.try_get_matches_from(argv)?)
+}
+
+/// `v`, if it is greater than zero.
+fn positive<T: PartialOrd + Default>(var: &'static str, v: T) -> Result<T, ConfigError> {
+    if v > T::default() {
+        Ok(v)
+    } else {
+        Err(ConfigError::NotPositive(var))
+    }
+}
+
+fn bounded(var: &'static str, d: Option<Duration>) -> Result<Duration, ConfigError> {
+    d.filter(|d| *d <= MAX_DURATION)
+        .ok_or(ConfigError::TooLarge { var })
+}
+
+fn micros(var: &'static str, v: u64) -> Result<Duration, ConfigError> {
+    bounded(var, Some(Duration::from_micros(v)))
+}
+
+fn millis(var: &'static str, v: u64) -> Result<Duration, ConfigError> {
+    bounded(var, Some(Duration::from_millis(v)))
+}
+
+fn secs(var: &'static str, v: u64) -> Result<Duration, ConfigError> {
+    bounded(var, Some(Duration::from_secs(v)))
+}
+
+fn hours(var: &'static str, v: u64) -> Result<Duration, ConfigError> {
+    bounded(var, v.checked_mul(3600).map(Duration::from_secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `serve`'s arguments from `extra` alone (never from the environment
+    /// of the test process), with a valid secret and database URL.
+    fn args(extra: &[&str]) -> ServerArgs {
+        let mut a: ServerArgs = parse_ignoring_env(extra).unwrap();
+        a.http.jwt_secret = Some("0123456789abcdef".into());
+        a.database.url.database_url = Some("postgres://localhost/x".into());
+        a
+    }
+
+    fn refused(extra: &[&str]) -> ConfigError {
+        match Config::from_args(&args(extra), None) {
+            Ok(_) => panic!("{extra:?} was accepted"),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn every_default_is_valid_and_matches_the_settings_defaults() {
+        let cfg = Config::from_args(&args(&[]), None).unwrap();
+        let d = Config::with_secret("0123456789abcdef");
+        assert_eq!(format!("{:?}", cfg.gateway), format!("{:?}", d.gateway));
+        assert_eq!(format!("{:?}", cfg.enqueue), format!("{:?}", d.enqueue));
+        assert_eq!(format!("{:?}", cfg.worker), format!("{:?}", d.worker));
+        assert_eq!(cfg.db_max_connections, d.db_max_connections);
+        assert_eq!(cfg.shutdown_grace, d.shutdown_grace);
+        // Spot checks against the README's table.
+        assert_eq!(d.gateway.max_frame_bytes, 65536);
+        assert_eq!(d.worker.retry.cap, Duration::from_secs(300));
+        assert_eq!(d.worker.retention, Duration::from_secs(168 * 3600));
+        assert_eq!(d.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(RuntimeConfig::default().threads, None);
+    }
+
+    #[test]
+    fn secret_is_required_outside_dev() {
+        let mut a = args(&[]);
+        a.http.jwt_secret = None;
+        assert!(matches!(
+            Config::from_args(&a, None),
+            Err(ConfigError::MissingSecret)
+        ));
+        a.dev = true;
+        assert_eq!(
+            Config::from_args(&a, None).unwrap().jwt_secret,
+            DEV_JWT_SECRET
+        );
+        a.http.jwt_secret = Some("short".into());
+        assert!(matches!(
+            Config::from_args(&a, None),
+            Err(ConfigError::WeakSecret)
+        ));
+    }
+
+    #[test]
+    fn database_url_is_required_outside_dev() {
+        let mut a = args(&[]);
+        a.database.url.database_url = None;
+        assert!(matches!(
+            Config::from_args(&a, None),
+            Err(ConfigError::MissingDatabaseUrl)
+        ));
+        a.dev = true;
+        assert!(Config::from_args(&a, None).is_ok());
+    }
+
+    #[test]
+    fn port_env_is_honoured_and_checked() {
+        let a = args(&[]);
+        assert_eq!(
+            Config::from_args(&a, Some("9000")).unwrap().listen.port(),
+            9000
+        );
+        assert!(matches!(
+            Config::from_args(&a, Some("http")),
+            Err(ConfigError::BadPort(_))
+        ));
+        assert_eq!(Config::from_args(&a, None).unwrap().listen.port(), 8080);
+    }
+
+    #[test]
+    fn zero_where_zero_makes_no_sense_is_refused_by_name() {
+        for (flag, var) in [
+            ("--max-content-bytes", "POSTLINE_MAX_CONTENT_BYTES"),
+            ("--max-frame-bytes", "POSTLINE_MAX_FRAME_BYTES"),
+            ("--outbox-capacity", "POSTLINE_OUTBOX_CAPACITY"),
+            ("--typing-ttl-ms", "POSTLINE_TYPING_TTL_MS"),
+            ("--db-max-connections", "POSTLINE_DB_MAX_CONNECTIONS"),
+            ("--enqueue-capacity", "POSTLINE_ENQUEUE_CAPACITY"),
+            ("--enqueue-max-batch", "POSTLINE_ENQUEUE_MAX_BATCH"),
+            ("--worker-batch", "POSTLINE_WORKER_BATCH"),
+            (
+                "--worker-visibility-timeout-secs",
+                "POSTLINE_WORKER_VISIBILITY_TIMEOUT",
+            ),
+            ("--worker-poll-ms", "POSTLINE_WORKER_POLL_MS"),
+            ("--retry-base-ms", "POSTLINE_RETRY_BASE_MS"),
+            ("--max-attempts", "POSTLINE_MAX_ATTEMPTS"),
+            ("--starvation-limit", "POSTLINE_STARVATION_LIMIT"),
+            ("--cleanup-interval-secs", "POSTLINE_CLEANUP_INTERVAL_SECS"),
+            ("--shutdown-grace-secs", "POSTLINE_SHUTDOWN_GRACE"),
+            ("--threads", "POSTLINE_THREADS"),
+        ] {
+            let e = if flag == "--threads" {
+                RuntimeConfig::try_from(&args(&[flag, "0"]).runtime).unwrap_err()
+            } else {
+                refused(&[flag, "0"])
+            };
+            assert!(
+                matches!(e, ConfigError::NotPositive(v) if v == var),
+                "{flag}: {e}"
+            );
+            assert!(e.to_string().contains(var), "{e}");
+        }
+        let e = refused(&["--worker-batch=-5"]);
+        assert!(matches!(
+            e,
+            ConfigError::NotPositive("POSTLINE_WORKER_BATCH")
+        ));
+    }
+
+    #[test]
+    fn zero_where_zero_means_something_is_kept() {
+        let a = args(&[
+            "--presence-grace-ms",
+            "0",
+            "--drain-window-ms",
+            "0",
+            "--enqueue-linger-us",
+            "0",
+            "--worker-linger-ms",
+            "0",
+            "--archive-retention-hours",
+            "0",
+        ]);
+        let cfg = Config::from_args(&a, None).unwrap();
+        assert!(cfg.gateway.presence_grace.is_zero());
+        assert!(cfg.worker.retention.is_zero());
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_not_clamped() {
+        let e = refused(&["--presence-heartbeat-ms", "5"]);
+        assert!(matches!(
+            e,
+            ConfigError::TooSmall {
+                var: "POSTLINE_PRESENCE_HEARTBEAT_MS",
+                min: 10,
+                got: 5
+            }
+        ));
+        let e = refused(&["--retry-base-ms", "2000", "--retry-cap-secs", "1"]);
+        assert!(matches!(e, ConfigError::RetryCapBelowBase { .. }), "{e}");
+        assert!(e.to_string().contains("POSTLINE_RETRY_CAP_SECS"));
+        // A cap equal to the base is a constant delay: fine.
+        assert!(Config::from_args(
+            &args(&["--retry-base-ms", "1000", "--retry-cap-secs", "1"]),
+            None
+        )
+        .is_ok());
+        let e = refused(&["--archive-retention-hours", &u64::MAX.to_string()]);
+        assert!(matches!(
+            e,
+            ConfigError::TooLarge {
+                var: "POSTLINE_ARCHIVE_RETENTION_HOURS"
+            }
+        ));
+        let e = refused(&["--shutdown-grace-secs", &u64::MAX.to_string()]);
+        assert!(matches!(
+            e,
+            ConfigError::TooLarge {
+                var: "POSTLINE_SHUTDOWN_GRACE"
+            }
+        ));
+    }
+
+    #[test]
+    fn secret_is_redacted() {
+        let cfg = Config::from_args(&args(&[]), None).unwrap();
+        assert!(!format!("{cfg:?}").contains("0123456789abcdef"));
+    }
+}
