@@ -5,6 +5,9 @@
 #[path = "e2e/harness.rs"]
 #[allow(dead_code)]
 mod harness;
+#[path = "e2e/raw.rs"]
+#[allow(dead_code)]
+mod raw;
 
 use std::collections::HashMap;
 use std::time::Duration;

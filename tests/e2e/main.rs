@@ -2,6 +2,7 @@
 //! (throwaway) Postgres. One cluster for the whole run, one database per test.
 
 mod harness;
+mod raw;
 
 mod auth;
 mod bad_input;
@@ -13,3 +14,4 @@ mod process;
 mod realtime;
 mod reliability;
 mod shutdown;
+mod sync;

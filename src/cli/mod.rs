@@ -1,8 +1,15 @@
-//! The composition root: `serve | worker | migrate | token`, and the one
-//! shutdown order. Tests call [`serve`] directly with a listener bound to
-//! port 0 and their own shutdown token.
+//! The composition root: the command line (`serve | worker | migrate | dlq |
+//! token`) and the runtime. [`serve`] wires a server together and owns the
+//! one shutdown order; tests call it directly with a listener bound to port 0
+//! and their own shutdown token. `dlq` is the dead-letter tooling.
 
-use std::future::Future;
+mod dlq;
+mod serve;
+
+use dlq::{dlq, DlqAction};
+pub use serve::serve;
+use serve::stage;
+
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,7 +21,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::auth::Jwt;
 use crate::config::{
@@ -22,12 +28,9 @@ use crate::config::{
     WorkerConfig, DEV_JWT_SECRET,
 };
 use crate::domain::UserId;
-use crate::gateway::{Enqueuers, Gateway};
-use crate::http::{self, HttpContext};
 use crate::pglocal::{Cluster, ClusterOptions};
-use crate::queue::Enqueuer;
-use crate::store::{self, Store};
-use crate::telemetry::{self, Metrics};
+use crate::store;
+use crate::telemetry;
 use crate::worker::Worker;
 
 #[derive(Parser)]
@@ -87,81 +90,6 @@ enum Command {
         #[arg(long, env = "POSTLINE_JWT_SECRET", hide_env_values = true)]
         jwt_secret: Option<String>,
     },
-}
-
-#[derive(Subcommand)]
-enum DlqAction {
-    /// The newest dead letters, one line each.
-    List {
-        #[arg(long, default_value_t = 50)]
-        limit: i64,
-    },
-    /// One dead letter in full, as JSON.
-    Show { id: i64 },
-    /// Put dead letters back into their queue (idempotent for messages).
-    Replay {
-        /// The dead letter to replay.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        id: Option<i64>,
-        /// Replay every dead letter.
-        #[arg(long)]
-        all: bool,
-    },
-    /// Delete dead letters older than a duration (e.g. 7d).
-    Purge {
-        #[arg(long, value_parser = parse_ttl)]
-        older_than: Duration,
-    },
-}
-
-async fn dlq(database_url: &str, action: DlqAction) -> anyhow::Result<()> {
-    use crate::queue::dead_letters;
-    let pool = store::connect(database_url, 2).await?;
-    match action {
-        DlqAction::List { limit } => {
-            let rows = dead_letters::list(&pool, limit).await?;
-            println!(
-                "{:>8}  {:<20}  {:>10}  {:>8}  {:<25}  error",
-                "id", "queue", "msg_id", "attempts", "dead_at"
-            );
-            for r in &rows {
-                let mut error = r.error.replace('\n', " ");
-                if error.len() > 80 {
-                    let cut = (0..=80)
-                        .rev()
-                        .find(|i| error.is_char_boundary(*i))
-                        .unwrap_or(0);
-                    error.truncate(cut);
-                    error.push('…');
-                }
-                println!(
-                    "{:>8}  {:<20}  {:>10}  {:>8}  {:<25}  {error}",
-                    r.id,
-                    r.queue,
-                    r.msg_id,
-                    r.attempts,
-                    r.dead_at.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string(),
-                );
-            }
-            println!("{} dead letter(s)", rows.len());
-        }
-        DlqAction::Show { id } => match dead_letters::get(&pool, id).await? {
-            Some(r) => println!("{}", serde_json::to_string_pretty(&r)?),
-            None => anyhow::bail!("no dead letter with id {id}"),
-        },
-        DlqAction::Replay { id, all } => {
-            let n = dead_letters::replay(&pool, if all { None } else { id }).await?;
-            if n == 0 && !all {
-                anyhow::bail!("no dead letter with id {}", id.unwrap_or_default());
-            }
-            println!("replayed {n} dead letter(s)");
-        }
-        DlqAction::Purge { older_than } => {
-            let n = dead_letters::purge_older_than(&pool, older_than).await?;
-            println!("purged {n} dead letter(s)");
-        }
-    }
-    Ok(())
 }
 
 fn parse_ttl(s: &str) -> Result<Duration, String> {
@@ -413,138 +341,6 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
     shutdown.cancel();
-}
-
-/// Run a server on `listener` until `shutdown`, then stop in order: stop
-/// accepting and finish in-flight requests, flush the persist buffer, close
-/// WebSockets (1001), stop the background tasks (worker included) and the
-/// LISTEN task. Returns by `cfg.shutdown_grace` after `shutdown` fires,
-/// whatever hangs: each stage is bounded by that one deadline.
-pub async fn serve(
-    cfg: Config,
-    run_worker: bool,
-    listener: TcpListener,
-    pool: PgPool,
-    shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let metrics = Arc::new(Metrics::default());
-    let store = Store::new(pool.clone());
-    let wake = Arc::new(Notify::new());
-
-    // Connections close only after the persist buffer is flushed, so the
-    // last sends still get their ack (or `unavailable`) on the socket.
-    let close_connections = CancellationToken::new();
-    let flush = TaskTracker::new();
-    let enqueue_stop = CancellationToken::new();
-    let enqueuer = Enqueuer::spawn(
-        pool.clone(),
-        crate::queue::PERSIST_QUEUE,
-        cfg.enqueue,
-        wake.clone(),
-        enqueue_stop.clone(),
-        &flush,
-    );
-    let background = Enqueuer::spawn(
-        pool.clone(),
-        crate::queue::BACKGROUND_QUEUE,
-        cfg.enqueue,
-        wake.clone(),
-        enqueue_stop.clone(),
-        &flush,
-    );
-    let background_tasks = TaskTracker::new();
-    let background_stop = CancellationToken::new();
-    let relay = crate::notify::Relay::spawn(
-        pool.clone(),
-        cfg.gateway_id,
-        background_stop.clone(),
-        &background_tasks,
-    );
-    let gateway = Gateway::new(
-        relay,
-        store.clone(),
-        Enqueuers {
-            persist: enqueuer.clone(),
-            background,
-        },
-        metrics.clone(),
-        cfg.gateway,
-        close_connections.clone(),
-    );
-    let background = background_tasks;
-    let (mut hints, listener_task) =
-        crate::notify::listen(&pool, cfg.gateway_id, background_stop.clone()).await?;
-    let gw = gateway.clone();
-    background.spawn(async move {
-        while let Some(hint) = hints.recv().await {
-            gw.on_hint(hint);
-        }
-    });
-    background.spawn(gateway.clone().presence_keeper(background_stop.clone()));
-    let heartbeat = run_worker.then(|| {
-        let worker = Worker::with_metrics(pool.clone(), cfg.worker, wake, metrics.clone());
-        let hb = worker.heartbeat();
-        background.spawn(worker.run(background_stop.clone()));
-        hb
-    });
-
-    let ctx = Arc::new(HttpContext {
-        store,
-        gateway: gateway.clone(),
-        jwt: Jwt::new(cfg.jwt_secret.as_bytes()),
-        metrics,
-        enqueuer,
-        worker: heartbeat,
-    });
-    let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
-    let http_ended = tokio::select! {
-        biased;
-        () = shutdown.cancelled() => false,
-        r = &mut http => {
-            // Only a panic ends it before shutdown; stop the rest in order.
-            tracing::error!(error = ?r.err(), "the HTTP server ended on its own; shutting down");
-            shutdown.cancel();
-            true
-        }
-    };
-
-    // The one deadline, fixed the moment shutdown is requested. Every stage
-    // below is bounded by it, in order, so the whole stays within the grace
-    // period however long any one stage would take; a stage cut short is
-    // logged by name and later stages still run (at once, if time is up).
-    let deadline = Instant::now() + cfg.shutdown_grace;
-    // 1. Stop accepting (done as shutdown fired) and finish in-flight requests.
-    if !http_ended {
-        stage("HTTP: in-flight requests", deadline, http).await;
-    }
-    // 2. Flush what was accepted: new sends on open connections now get
-    // `unavailable`.
-    enqueue_stop.cancel();
-    flush.close();
-    stage("persist flush", deadline, flush.wait()).await;
-    // 3. Close connections, after their queued frames (acks included), with
-    // reconnect notices. Gateway::drain logs its own cut-short line.
-    close_connections.cancel();
-    gateway.drain(deadline).await;
-    // 4. Background tasks: the hint forwarder, the presence keeper (which
-    // clears this gateway's sessions) and the worker (which ends its batch).
-    background_stop.cancel();
-    background.close();
-    stage("background tasks", deadline, background.wait()).await;
-    // 5. The LISTEN connection, last: hints matter until connections are gone.
-    stage("LISTEN task", deadline, listener_task).await;
-    tracing::info!("shutdown complete");
-    Ok(())
-}
-
-/// One shutdown stage, bounded by the shared deadline; a stage cut short is
-/// logged by name, and what it left unfinished is abandoned.
-async fn stage<F: Future>(name: &'static str, deadline: Instant, work: F) -> Option<F::Output> {
-    let out = tokio::time::timeout_at(deadline, work).await.ok();
-    if out.is_none() {
-        tracing::error!(stage = name, "shutdown stage cut short by the deadline");
-    }
-    out
 }
 
 #[cfg(test)]

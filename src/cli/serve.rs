@@ -1,0 +1,157 @@
+//! A server wired together: gateway, HTTP, enqueuers, LISTEN, presence and
+//! (optionally) the worker, and the one shutdown order, bounded by one deadline.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Jwt;
+use crate::config::Config;
+use crate::gateway::{Enqueuers, Gateway};
+use crate::http::{self, HttpContext};
+use crate::queue::Enqueuer;
+use crate::store::Store;
+use crate::telemetry::Metrics;
+use crate::worker::Worker;
+
+/// Run a server on `listener` until `shutdown`, then stop in order: stop
+/// accepting and finish in-flight requests, flush the persist buffer, close
+/// WebSockets (1001), stop the background tasks (worker included) and the
+/// LISTEN task. Returns by `cfg.shutdown_grace` after `shutdown` fires,
+/// whatever hangs: each stage is bounded by that one deadline.
+pub async fn serve(
+    cfg: Config,
+    run_worker: bool,
+    listener: TcpListener,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let store = Store::new(pool.clone());
+    let wake = Arc::new(Notify::new());
+
+    // Connections close only after the persist buffer is flushed, so the
+    // last sends still get their ack (or `unavailable`) on the socket.
+    let close_connections = CancellationToken::new();
+    let flush = TaskTracker::new();
+    let enqueue_stop = CancellationToken::new();
+    let enqueuer = Enqueuer::spawn(
+        pool.clone(),
+        crate::queue::PERSIST_QUEUE,
+        cfg.enqueue,
+        wake.clone(),
+        enqueue_stop.clone(),
+        &flush,
+    );
+    let background = Enqueuer::spawn(
+        pool.clone(),
+        crate::queue::BACKGROUND_QUEUE,
+        cfg.enqueue,
+        wake.clone(),
+        enqueue_stop.clone(),
+        &flush,
+    );
+    let background_tasks = TaskTracker::new();
+    let background_stop = CancellationToken::new();
+    let relay = crate::notify::Relay::spawn(
+        pool.clone(),
+        cfg.gateway_id,
+        background_stop.clone(),
+        &background_tasks,
+    );
+    let gateway = Gateway::new(
+        relay,
+        store.clone(),
+        Enqueuers {
+            persist: enqueuer.clone(),
+            background,
+        },
+        metrics.clone(),
+        cfg.gateway,
+        close_connections.clone(),
+    );
+    let background = background_tasks;
+    let (mut hints, listener_task) =
+        crate::notify::listen(&pool, cfg.gateway_id, background_stop.clone()).await?;
+    let gw = gateway.clone();
+    background.spawn(async move {
+        while let Some(hint) = hints.recv().await {
+            gw.on_hint(hint);
+        }
+    });
+    background.spawn(gateway.clone().presence_keeper(background_stop.clone()));
+    let heartbeat = run_worker.then(|| {
+        let worker = Worker::with_metrics(pool.clone(), cfg.worker, wake, metrics.clone());
+        let hb = worker.heartbeat();
+        background.spawn(worker.run(background_stop.clone()));
+        hb
+    });
+
+    let ctx = Arc::new(HttpContext {
+        store,
+        gateway: gateway.clone(),
+        jwt: Jwt::new(cfg.jwt_secret.as_bytes()),
+        metrics,
+        enqueuer,
+        worker: heartbeat,
+    });
+    let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
+    let http_ended = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => false,
+        r = &mut http => {
+            // Only a panic ends it before shutdown; stop the rest in order.
+            tracing::error!(error = ?r.err(), "the HTTP server ended on its own; shutting down");
+            shutdown.cancel();
+            true
+        }
+    };
+
+    // The one deadline, fixed the moment shutdown is requested. Every stage
+    // below is bounded by it, in order, so the whole stays within the grace
+    // period however long any one stage would take; a stage cut short is
+    // logged by name and later stages still run (at once, if time is up).
+    let deadline = Instant::now() + cfg.shutdown_grace;
+    // 1. Stop accepting (done as shutdown fired) and finish in-flight requests.
+    if !http_ended {
+        stage("HTTP: in-flight requests", deadline, http).await;
+    }
+    // 2. Flush what was accepted: new sends on open connections now get
+    // `unavailable`.
+    enqueue_stop.cancel();
+    flush.close();
+    stage("persist flush", deadline, flush.wait()).await;
+    // 3. Close connections, after their queued frames (acks included), with
+    // reconnect notices. Gateway::drain logs its own cut-short line.
+    close_connections.cancel();
+    gateway.drain(deadline).await;
+    // 4. Background tasks: the hint forwarder, the presence keeper (which
+    // clears this gateway's sessions) and the worker (which ends its batch).
+    background_stop.cancel();
+    background.close();
+    stage("background tasks", deadline, background.wait()).await;
+    // 5. The LISTEN connection, last: hints matter until connections are gone.
+    stage("LISTEN task", deadline, listener_task).await;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+/// One shutdown stage, bounded by the shared deadline; a stage cut short is
+/// logged by name, and what it left unfinished is abandoned.
+pub(super) async fn stage<F: Future>(
+    name: &'static str,
+    deadline: Instant,
+    work: F,
+) -> Option<F::Output> {
+    let out = tokio::time::timeout_at(deadline, work).await.ok();
+    if out.is_none() {
+        tracing::error!(stage = name, "shutdown stage cut short by the deadline");
+    }
+    out
+}

@@ -1,0 +1,174 @@
+//! Raw sockets and child processes: what a test needs below the client library.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{eventually, SECRET, WAIT};
+
+pub async fn raw_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{extra_headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("http timed out")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+/// A WebSocket upgraded by hand over a raw TCP stream, for frames no client
+/// library will send (unmasked, malformed). The 101 response is consumed.
+pub async fn raw_ws(addr: SocketAddr, token: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /ws?token={token} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .expect("upgrade response timed out")
+            .unwrap();
+        assert_eq!(n, 1, "connection closed during the upgrade");
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// One unmasked server frame from a raw stream: (opcode, payload).
+pub async fn read_server_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let mut h = [0u8; 2];
+    tokio::time::timeout(WAIT, s.read_exact(&mut h))
+        .await
+        .expect("frame timed out")
+        .unwrap();
+    let len = match h[1] & 0x7f {
+        126 => {
+            let mut l = [0u8; 2];
+            s.read_exact(&mut l).await.unwrap();
+            u16::from_be_bytes(l) as usize
+        }
+        127 => {
+            let mut l = [0u8; 8];
+            s.read_exact(&mut l).await.unwrap();
+            u64::from_be_bytes(l) as usize
+        }
+        n => n as usize,
+    };
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await.unwrap();
+    (h[0] & 0x0f, body)
+}
+
+/// A free loopback port (racy in theory, fine for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process that is killed if the test ends (or panics) while it
+/// still runs, so no server outlives its test (and holds CI's output open).
+pub struct Proc(pub Option<std::process::Child>);
+
+impl Proc {
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().map_or(0, |c| c.id())
+    }
+
+    pub fn take(mut self) -> std::process::Child {
+        self.0.take().expect("process already taken")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The real `postline` binary with test settings, plus `env`.
+pub fn spawn_postline(args: &[&str], db_url: &str, port: u16, env: &[(&str, &str)]) -> Proc {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_postline"));
+    cmd.args(args)
+        .env("DATABASE_URL", db_url)
+        .env("POSTLINE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("POSTLINE_JWT_SECRET", SECRET)
+        .env("POSTLINE_WORKER_BATCH", "10")
+        .env("POSTLINE_WORKER_VISIBILITY_TIMEOUT", "1")
+        .env("POSTLINE_WORKER_POLL_MS", "20")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc(Some(cmd.spawn().expect("spawn postline")))
+}
+
+pub fn signal(child: &Proc, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+}
+
+pub async fn wait_exit(child: Proc) -> std::process::ExitStatus {
+    let mut child = child.take();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "process did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Wait until the server on `addr` answers /healthz.
+pub async fn wait_healthy(addr: SocketAddr) {
+    eventually("healthz answers", || async {
+        match TcpStream::connect(addr).await {
+            Ok(_) => (raw_http(addr, "GET", "/healthz", "", None).await.0 == 200).then_some(()),
+            Err(_) => None,
+        }
+    })
+    .await;
+}
