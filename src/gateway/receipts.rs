@@ -65,10 +65,10 @@ impl Session {
         }
         let job = BackgroundJob::Receipt {
             v: PersistJob::VERSION,
-            conversation_id: conv.0,
-            user_id: self.user.0,
-            delivered_seq: delivered_seq.0,
-            read_seq: read_seq.0,
+            conversation_id: conv,
+            user_id: self.user,
+            delivered_seq,
+            read_seq,
         };
         let job = serde_json::value::to_raw_value(&job)
             .map_err(|e| HandlerError::Unstorable(format!("cannot encode the receipt: {e}")))?;

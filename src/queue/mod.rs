@@ -15,10 +15,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use sqlx::PgExecutor;
-use uuid::Uuid;
 
 use crate::domain::{
-    ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, UserId,
+    ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, Seq, UserId,
 };
 
 /// Chat messages waiting to be stored (high priority).
@@ -170,19 +169,19 @@ pub enum BackgroundJob {
     /// Move a member's read marker forward (never back).
     ReadMarker {
         v: u8,
-        conversation_id: Uuid,
-        user_id: Uuid,
-        seq: i64,
+        conversation_id: ConversationId,
+        user_id: UserId,
+        seq: Seq,
     },
     /// A delivery and/or read receipt: positions move forward, never back.
     Receipt {
         v: u8,
-        conversation_id: Uuid,
-        user_id: Uuid,
+        conversation_id: ConversationId,
+        user_id: UserId,
         #[serde(default)]
-        delivered_seq: i64,
+        delivered_seq: Seq,
         #[serde(default)]
-        read_seq: i64,
+        read_seq: Seq,
     },
 }
 
@@ -191,13 +190,13 @@ impl BackgroundJob {
         let job: BackgroundJob = serde_json::from_value(payload.clone())
             .map_err(|e| format!("malformed background job: {e}"))?;
         let (v, seqs) = match &job {
-            BackgroundJob::ReadMarker { v, seq, .. } => (*v, [*seq, 0]),
+            BackgroundJob::ReadMarker { v, seq, .. } => (*v, [seq.0, 0]),
             BackgroundJob::Receipt {
                 v,
                 delivered_seq,
                 read_seq,
                 ..
-            } => (*v, [*delivered_seq, *read_seq]),
+            } => (*v, [delivered_seq.0, read_seq.0]),
         };
         if v != PersistJob::VERSION {
             return Err(format!("unknown background job version {v}"));
@@ -354,7 +353,7 @@ mod tests {
         let m = Message {
             id: MessageId::new_v7(),
             conversation_id: ConversationId::new_v7(),
-            sender_id: UserId(Uuid::new_v4()),
+            sender_id: UserId(uuid::Uuid::new_v4()),
             client_message_id: ClientMessageId::parse("c-1").unwrap(),
             kind: MessageKind::File,
             content: Content::parse(MessageKind::File, json!({"url": "u"}), 100).unwrap(),
@@ -370,7 +369,7 @@ mod tests {
         let m = Message {
             id: MessageId::new_v7(),
             conversation_id: ConversationId::new_v7(),
-            sender_id: UserId(Uuid::new_v4()),
+            sender_id: UserId(uuid::Uuid::new_v4()),
             client_message_id: ClientMessageId::parse("c").unwrap(),
             kind: MessageKind::Text,
             content: Content::parse(MessageKind::Text, json!("x"), 100).unwrap(),

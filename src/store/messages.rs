@@ -398,10 +398,10 @@ pub async fn persist_batch(
 /// A receipt to store: positions a member has received and read up to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReceiptUpdate {
-    pub conversation_id: Uuid,
-    pub user_id: Uuid,
-    pub delivered_seq: i64,
-    pub read_seq: i64,
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
+    pub delivered_seq: Seq,
+    pub read_seq: Seq,
 }
 
 /// Move receipt positions forward, never back and never past the
@@ -426,10 +426,10 @@ pub async fn advance_receipts(
          join conversations c on c.id = v.conversation_id
          where m.conversation_id = v.conversation_id and m.user_id = v.user_id",
     )
-    .bind(updates.iter().map(|u| u.conversation_id).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.user_id).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.delivered_seq).collect::<Vec<_>>())
-    .bind(updates.iter().map(|u| u.read_seq).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.conversation_id.0).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.user_id.0).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.delivered_seq.0).collect::<Vec<_>>())
+    .bind(updates.iter().map(|u| u.read_seq.0).collect::<Vec<_>>())
     .execute(conn)
     .await?;
     Ok(())

@@ -29,7 +29,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::Message;
+use crate::domain::{Message, Seq};
 use crate::queue::{self, dead_letters, BackgroundJob, Queue, RawJob};
 use crate::store::{self, ReceiptUpdate, StoreError};
 use crate::telemetry::{Metrics, QueueCounters};
@@ -391,7 +391,7 @@ impl Worker {
                         }) => receipts.push(ReceiptUpdate {
                             conversation_id,
                             user_id,
-                            delivered_seq: 0,
+                            delivered_seq: Seq(0),
                             read_seq: seq,
                         }),
                         Ok(BackgroundJob::Receipt {

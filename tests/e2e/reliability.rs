@@ -201,9 +201,9 @@ async fn a_poison_job_is_retried_then_dead_lettered_while_its_batch_persists_and
 fn marker(conv: uuid::Uuid, user: postline::domain::UserId, seq: i64) -> serde_json::Value {
     serde_json::to_value(BackgroundJob::ReadMarker {
         v: 1,
-        conversation_id: conv,
-        user_id: user.0,
-        seq,
+        conversation_id: postline::domain::ConversationId(conv),
+        user_id: user,
+        seq: postline::domain::Seq(seq),
     })
     .unwrap()
 }
