@@ -7,9 +7,9 @@ use clap::Args;
 use super::{defaults, micros, positive, ConfigError};
 
 /// After shutdown is requested, how long the enqueuer keeps retrying the
-/// last jobs before their senders hear `unavailable`. Not a flag: it is kept
-/// well inside the default POSTLINE_SHUTDOWN_GRACE, so those replies still
-/// reach the sockets before connections close.
+/// last jobs before their senders hear `unavailable`. Not a flag: at most
+/// half of POSTLINE_SHUTDOWN_GRACE (see [`EnqueueConfig::within_grace`]), so
+/// those replies still reach the sockets before connections close.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, Args)]
@@ -51,6 +51,16 @@ impl Default for EnqueueConfig {
     fn default() -> Self {
         EnqueueConfig::try_from(&EnqueueArgs::default())
             .expect("the enqueuer's defaults are valid (tested)")
+    }
+}
+
+impl EnqueueConfig {
+    /// The flush must give up in the first half of the shutdown grace, or
+    /// the deadline closes connections before the last senders hear
+    /// `unavailable`.
+    pub fn within_grace(mut self, grace: Duration) -> Self {
+        self.flush_timeout = self.flush_timeout.min(grace / 2);
+        self
     }
 }
 

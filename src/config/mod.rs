@@ -252,15 +252,16 @@ impl Config {
             }
             (None, None) => SocketAddr::from(([0, 0, 0, 0], 8080)),
         };
+        let shutdown_grace = RuntimeConfig::try_from(&args.runtime)?.shutdown_grace;
         Ok(Config {
             listen,
             gateway_id: args.gateway.gateway_id.unwrap_or_else(uuid::Uuid::new_v4),
             jwt_secret,
             gateway: GatewayConfig::try_from(&args.gateway)?,
-            enqueue: EnqueueConfig::try_from(&args.enqueue)?,
+            enqueue: EnqueueConfig::try_from(&args.enqueue)?.within_grace(shutdown_grace),
             worker: WorkerConfig::try_from(&args.worker)?,
             db_max_connections: args.database.max_connections()?,
-            shutdown_grace: RuntimeConfig::try_from(&args.runtime)?.shutdown_grace,
+            shutdown_grace,
         })
     }
 }
@@ -346,6 +347,14 @@ mod tests {
         assert_eq!(d.worker.retention, Duration::from_secs(168 * 3600));
         assert_eq!(d.shutdown_grace, Duration::from_secs(10));
         assert_eq!(RuntimeConfig::default().threads, None);
+    }
+
+    #[test]
+    fn the_persist_flush_gives_up_within_half_the_shutdown_grace() {
+        let cfg = Config::from_args(&args(&["--shutdown-grace-secs", "4"]), None).unwrap();
+        assert_eq!(cfg.enqueue.flush_timeout, Duration::from_secs(2));
+        let cfg = Config::from_args(&args(&["--shutdown-grace-secs", "60"]), None).unwrap();
+        assert_eq!(cfg.enqueue.flush_timeout, Duration::from_secs(5));
     }
 
     #[test]
