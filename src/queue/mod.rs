@@ -94,7 +94,10 @@ pub type Payload = Box<RawValue>;
 
 /// The payload of a persist job: the message exactly as the gateway accepted
 /// and broadcast it, borrowed, so encoding it copies nothing but bytes.
-/// Versioned so a worker can refuse a format it does not know.
+/// Versioned so a worker can refuse a format it does not know. Its fields
+/// match `protocol::server::MessageView` today, on purpose as a type of its
+/// own: jobs outlive deploys in the queue, so their format changes only with
+/// `v`, never because the client protocol did.
 #[derive(Debug, Serialize)]
 pub struct PersistJob<'a> {
     v: u8,
