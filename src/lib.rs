@@ -26,7 +26,8 @@
 //! - [`gateway`]: WebSocket sessions; the one place an event enters
 //!   (`session`), handlers by concern, and the one place a frame is
 //!   published, here and to other gateways (`publish`). [`http`]: hyper
-//!   server, `/v1` API, health, `/ws` hand-off. Only these two touch hyper
+//!   server, admission (connection caps and timeouts), `/v1` API, health,
+//!   `/ws` hand-off. Only these two touch hyper
 //!   and fastwebsockets; only `store`, `queue`, `notify` and `worker` touch sqlx.
 //! - [`cli`]: the composition root and shutdown order.
 //! - [`pglocal`]: a throwaway local Postgres for `--dev` and tests.

@@ -19,6 +19,11 @@ const TYPING_INTERVAL: Duration = Duration::from_millis(1000);
 /// a hot spot (one write per gateway per heartbeat) for no gain.
 const MIN_PRESENCE_HEARTBEAT_MS: u64 = 10;
 
+/// From the upgrade response to a WebSocket the session can use. Not a flag:
+/// the handshake ends as soon as hyper has written the 101 (a few hundred
+/// bytes, which fit any socket buffer), so this only bounds a wedged one.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Clone, Args)]
 pub struct GatewayArgs {
     /// Largest message content in bytes.
@@ -48,6 +53,24 @@ pub struct GatewayArgs {
     /// silent for three is taken for dead and its users go offline.
     #[arg(long, env = "POSTLINE_PRESENCE_HEARTBEAT_MS", default_value_t = 5000)]
     pub presence_heartbeat_ms: u64,
+    /// Milliseconds between the server's WebSocket pings on each connection.
+    #[arg(long, env = "POSTLINE_PING_INTERVAL_MS", default_value_t = 25_000)]
+    pub ping_interval_ms: u64,
+    /// Milliseconds a WebSocket may go without sending anything (a pong
+    /// counts) before it is closed with 4000; more than the ping interval.
+    #[arg(long, env = "POSTLINE_WS_READ_TIMEOUT_MS", default_value_t = 60_000)]
+    pub ws_read_timeout_ms: u64,
+    /// Open WebSockets per user on this gateway; more are refused with 429.
+    #[arg(long, env = "POSTLINE_MAX_CONNECTIONS_PER_USER", default_value_t = 16)]
+    pub max_connections_per_user: usize,
+    /// Conversations one connection may have joined at once; more are
+    /// refused with `invalid`.
+    #[arg(
+        long,
+        env = "POSTLINE_MAX_JOINED_PER_CONNECTION",
+        default_value_t = 500
+    )]
+    pub max_joined_per_connection: usize,
 }
 
 impl Default for GatewayArgs {
@@ -80,6 +103,14 @@ pub struct GatewayConfig {
     /// How often this gateway refreshes its presence sessions; a gateway
     /// silent for three of these is taken for dead and its users go offline.
     pub presence_heartbeat: Duration,
+    /// The upgrade must have completed within this.
+    pub handshake_timeout: Duration,
+    /// The server pings each WebSocket this often...
+    pub ping_interval: Duration,
+    /// ...and closes one it has read nothing from for this long (4000).
+    pub ws_read_timeout: Duration,
+    pub max_connections_per_user: usize,
+    pub max_joined_per_connection: usize,
 }
 
 impl Default for GatewayConfig {
@@ -100,6 +131,15 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
                 got: a.presence_heartbeat_ms,
             });
         }
+        // A deadline at or below the interval would close clients that
+        // answer every ping.
+        if a.ws_read_timeout_ms <= a.ping_interval_ms {
+            return Err(ConfigError::TooSmall {
+                var: "POSTLINE_WS_READ_TIMEOUT_MS",
+                min: a.ping_interval_ms.saturating_add(1),
+                got: a.ws_read_timeout_ms,
+            });
+        }
         Ok(GatewayConfig {
             max_frame_bytes: positive("POSTLINE_MAX_FRAME_BYTES", a.max_frame_bytes)?,
             max_content_bytes: positive("POSTLINE_MAX_CONTENT_BYTES", a.max_content_bytes)?,
@@ -116,6 +156,21 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
             // Zero is meaningful: reconnect at once.
             drain_window: millis("POSTLINE_DRAIN_WINDOW_MS", a.drain_window_ms)?,
             presence_heartbeat: millis("POSTLINE_PRESENCE_HEARTBEAT_MS", a.presence_heartbeat_ms)?,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+            // Zero would be a busy loop of pings.
+            ping_interval: millis(
+                "POSTLINE_PING_INTERVAL_MS",
+                positive("POSTLINE_PING_INTERVAL_MS", a.ping_interval_ms)?,
+            )?,
+            ws_read_timeout: millis("POSTLINE_WS_READ_TIMEOUT_MS", a.ws_read_timeout_ms)?,
+            max_connections_per_user: positive(
+                "POSTLINE_MAX_CONNECTIONS_PER_USER",
+                a.max_connections_per_user,
+            )?,
+            max_joined_per_connection: positive(
+                "POSTLINE_MAX_JOINED_PER_CONNECTION",
+                a.max_joined_per_connection,
+            )?,
         })
     }
 }

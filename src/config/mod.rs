@@ -8,17 +8,20 @@
 //! Argument groups are flattened into the subcommands that use them, so each
 //! subcommand takes only its own options:
 //! - `serve`: [`ServerArgs`] = [`DatabaseArgs`] + [`HttpArgs`] +
-//!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`];
+//!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
+//!   [`AdmissionArgs`];
 //! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`];
 //! - `migrate`, `dlq`: [`DatabaseUrl`].
 //!
 //! This module sits at the bottom of the import graph and imports nothing
 //! from the crate: the gateway, queue and worker take their settings from here.
 
+mod admission;
 mod enqueue;
 mod gateway;
 mod worker;
 
+pub use admission::{open_file_limit, AdmissionArgs, AdmissionConfig};
 pub use enqueue::{EnqueueArgs, EnqueueConfig};
 pub use gateway::{GatewayArgs, GatewayConfig};
 pub use worker::{RetryPolicy, WorkerArgs, WorkerConfig};
@@ -63,6 +66,21 @@ pub enum ConfigError {
         "POSTLINE_RETRY_CAP_SECS ({cap:?}) must not be less than POSTLINE_RETRY_BASE_MS ({base:?})"
     )]
     RetryCapBelowBase { cap: Duration, base: Duration },
+    #[error(
+        "{var} is {got}, but the open-file limit (RLIMIT_NOFILE {nofile}) leaves room for \
+         {room} connections: raise the limit (ulimit -n) or lower {var}"
+    )]
+    AboveFileLimit {
+        var: &'static str,
+        got: u64,
+        room: u64,
+        nofile: u64,
+    },
+    #[error(
+        "the open-file limit (RLIMIT_NOFILE {nofile}) leaves no room for connections once \
+         {reserved} descriptors are kept for the database and files: raise it (ulimit -n)"
+    )]
+    TooFewFiles { nofile: u64, reserved: u64 },
 }
 
 /// The database URL alone: all `migrate` and `dlq` take.
@@ -184,6 +202,8 @@ pub struct ServerArgs {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
 }
 
 /// Validated settings of a server process.
@@ -198,6 +218,7 @@ pub struct Config {
     pub db_max_connections: u32,
     /// Time from the shutdown request to the return of `cli::serve`.
     pub shutdown_grace: Duration,
+    pub admission: AdmissionConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -211,6 +232,7 @@ impl std::fmt::Debug for Config {
             .field("worker", &self.worker)
             .field("db_max_connections", &self.db_max_connections)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("admission", &self.admission)
             .finish()
     }
 }
@@ -228,6 +250,7 @@ impl Config {
             worker: WorkerConfig::default(),
             db_max_connections: DatabaseArgs::default().db_max_connections,
             shutdown_grace: RuntimeConfig::default().shutdown_grace,
+            admission: AdmissionConfig::default(),
         }
     }
 
@@ -262,6 +285,11 @@ impl Config {
             worker: WorkerConfig::try_from(&args.worker)?,
             db_max_connections: args.database.max_connections()?,
             shutdown_grace,
+            admission: AdmissionConfig::new(
+                &args.admission,
+                args.database.max_connections()?,
+                open_file_limit(),
+            )?,
         })
     }
 }
@@ -341,6 +369,7 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.worker), format!("{:?}", d.worker));
         assert_eq!(cfg.db_max_connections, d.db_max_connections);
         assert_eq!(cfg.shutdown_grace, d.shutdown_grace);
+        assert_eq!(format!("{:?}", cfg.admission), format!("{:?}", d.admission));
         // Spot checks against the README's table.
         assert_eq!(d.gateway.max_frame_bytes, 65536);
         assert_eq!(d.worker.retry.cap, Duration::from_secs(300));
@@ -425,6 +454,15 @@ mod tests {
             ("--cleanup-interval-secs", "POSTLINE_CLEANUP_INTERVAL_SECS"),
             ("--shutdown-grace-secs", "POSTLINE_SHUTDOWN_GRACE"),
             ("--threads", "POSTLINE_THREADS"),
+            ("--ping-interval-ms", "POSTLINE_PING_INTERVAL_MS"),
+            (
+                "--max-connections-per-user",
+                "POSTLINE_MAX_CONNECTIONS_PER_USER",
+            ),
+            (
+                "--max-joined-per-connection",
+                "POSTLINE_MAX_JOINED_PER_CONNECTION",
+            ),
         ] {
             let e = if flag == "--threads" {
                 RuntimeConfig::try_from(&args(&[flag, "0"]).runtime).unwrap_err()
@@ -472,6 +510,15 @@ mod tests {
                 var: "POSTLINE_PRESENCE_HEARTBEAT_MS",
                 min: 10,
                 got: 5
+            }
+        ));
+        let e = refused(&["--ping-interval-ms", "1000", "--ws-read-timeout-ms", "1000"]);
+        assert!(matches!(
+            e,
+            ConfigError::TooSmall {
+                var: "POSTLINE_WS_READ_TIMEOUT_MS",
+                min: 1001,
+                got: 1000
             }
         ));
         let e = refused(&["--retry-base-ms", "2000", "--retry-cap-secs", "1"]);

@@ -5,7 +5,13 @@
 //! fastwebsockets' `read_frame` is not cancel-safe (bytes read before a
 //! cancellation are lost), so it runs only in the reader task's own loop and
 //! never in a `select!`; the session waits on a channel instead, which is.
+//!
+//! Liveness: the writer pings every `ping_interval`; the reader stamps
+//! [`LastRead`] on every frame (pongs included), and the writer closes a
+//! connection silent for `read_timeout` with 4000, which also ends `next`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{BufWriter, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{close, server};
@@ -56,6 +63,51 @@ pub(super) struct SocketLimits {
     pub max_message_bytes: usize,
     /// On shutdown the client is told to reconnect after this pause.
     pub reconnect_after: Duration,
+    /// The writer pings this often...
+    pub ping_interval: Duration,
+    /// ...and closes the connection (4000) when nothing was read for this long.
+    pub read_timeout: Duration,
+}
+
+/// When the reader last read a frame, as milliseconds since `start`: one
+/// atomic the reader stores and the writer loads, no lock, no channel.
+struct LastRead {
+    start: Instant,
+    millis: AtomicU64,
+}
+
+/// Stored while the reader waits for the session to take a message: it is
+/// not reading then, so the client's silence says nothing.
+const NOT_READING: u64 = u64::MAX;
+
+impl LastRead {
+    fn new() -> Self {
+        LastRead {
+            start: Instant::now(),
+            millis: AtomicU64::new(0),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        // Saturates after 584 million years; the sentinel is never reached.
+        (self.start.elapsed().as_millis() as u64).min(NOT_READING - 1)
+    }
+
+    fn touch(&self) {
+        self.millis.store(self.now(), Ordering::Relaxed);
+    }
+
+    fn pause(&self) {
+        self.millis.store(NOT_READING, Ordering::Relaxed);
+    }
+
+    /// How long the client has been silent; None while the reader is paused.
+    fn silent_for(&self) -> Option<Duration> {
+        match self.millis.load(Ordering::Relaxed) {
+            NOT_READING => None,
+            at => Some(Duration::from_millis(self.now().saturating_sub(at))),
+        }
+    }
 }
 
 /// The socket of one client, as the session sees it: messages in, frames
@@ -68,6 +120,9 @@ pub(super) struct Connection {
     /// to stop (by shutdown, slowness or `closed`).
     _control: mpsc::Sender<Control>,
     closed: CancellationToken,
+    /// Cancelled when the writer ends (idle close, broken socket): nothing
+    /// more can reach the client, so the session should end too.
+    writer_done: CancellationToken,
 }
 
 impl Connection {
@@ -93,11 +148,14 @@ impl Connection {
         let (control, control_rx) = mpsc::channel::<Control>(8);
         let (inbound_tx, inbound) = mpsc::channel(INBOUND_MESSAGES);
         let closed = CancellationToken::new();
+        let writer_done = CancellationToken::new();
+        let last_read = Arc::new(LastRead::new());
         let reader = tokio::spawn(read_loop(
             read,
             limits.max_message_bytes,
             inbound_tx,
             control.clone(),
+            last_read.clone(),
         ));
         let writer = tokio::spawn(
             Writer {
@@ -108,8 +166,13 @@ impl Connection {
                 shutdown,
                 closed: closed.clone(),
                 reconnect_after: limits.reconnect_after,
+                liveness: Liveness {
+                    last_read,
+                    ping_interval: limits.ping_interval,
+                    read_timeout: limits.read_timeout,
+                },
             }
-            .run(),
+            .run(writer_done.clone()),
         );
         Connection {
             inbound,
@@ -117,13 +180,18 @@ impl Connection {
             writer,
             _control: control,
             closed,
+            writer_done,
         }
     }
 
     /// The next whole message; `None` once the peer closed or broke the
-    /// protocol (the reader has already queued the close frame). Cancel-safe.
+    /// protocol (the reader has already queued the close frame), or the
+    /// writer ended (idle timeout, broken socket). Cancel-safe.
     pub(super) async fn next(&mut self) -> Option<Inbound> {
-        self.inbound.recv().await
+        tokio::select! {
+            m = self.inbound.recv() => m,
+            _ = self.writer_done.cancelled() => None,
+        }
     }
 
     /// Stop reading, let the writer finish what it owes (bounded), drop the socket.
@@ -162,6 +230,7 @@ async fn read_loop(
     max: usize,
     inbound: mpsc::Sender<Inbound>,
     control: mpsc::Sender<Control>,
+    last_read: Arc<LastRead>,
 ) {
     // Reassembly of a fragmented message, bounded by the same limit as a frame.
     let mut fragments: Option<Vec<u8>> = None;
@@ -175,7 +244,10 @@ async fn read_loop(
             async move { control.send(owed).await.map_err(|_| "connection closing") }
         };
         let mut frame = match read.read_frame(&mut obligated).await {
-            Ok(f) => f,
+            Ok(f) => {
+                last_read.touch();
+                f
+            }
             Err(e) => {
                 let close = match e {
                     WebSocketError::FrameTooLarge => {
@@ -241,9 +313,18 @@ async fn read_loop(
                 Inbound::Text(whole)
             }
         };
-        // Waits while the session is busy: the socket is not read meanwhile.
-        if inbound.send(message).await.is_err() {
-            return;
+        // Waits while the session is busy: the socket is not read meanwhile,
+        // and that wait is not the client's silence.
+        match inbound.try_send(message) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(message)) => {
+                last_read.pause();
+                if inbound.send(message).await.is_err() {
+                    return;
+                }
+                last_read.touch();
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
     }
 }
@@ -257,10 +338,19 @@ struct Writer {
     shutdown: CancellationToken,
     closed: CancellationToken,
     reconnect_after: Duration,
+    liveness: Liveness,
+}
+
+/// What the writer needs to ping and to notice a silent client.
+struct Liveness {
+    last_read: Arc<LastRead>,
+    ping_interval: Duration,
+    read_timeout: Duration,
 }
 
 impl Writer {
-    async fn run(mut self) {
+    async fn run(mut self, done: CancellationToken) {
+        let _done = done.drop_guard();
         if let Err(e) = self.write_until_done().await {
             tracing::debug!(error = %e, "websocket write failed");
         }
@@ -273,6 +363,11 @@ impl Writer {
     }
 
     async fn write_until_done(&mut self) -> Result<(), WebSocketError> {
+        let every = self.liveness.ping_interval;
+        let mut ping = tokio::time::interval_at(Instant::now() + every, every);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let idle = tokio::time::sleep(self.liveness.read_timeout);
+        tokio::pin!(idle);
         loop {
             tokio::select! {
                 biased;
@@ -287,6 +382,24 @@ impl Writer {
                 _ = self.slow.cancelled() => {
                     self.write.write_frame(Frame::close(close::SLOW_CONSUMER, b"slow consumer: reconnect and resync")).await?;
                     return self.write.flush().await;
+                }
+                // Before the outbox, so a busy room cannot starve them.
+                _ = ping.tick() => {
+                    self.write.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await?;
+                    self.write.flush().await?;
+                }
+                () = &mut idle => {
+                    let timeout = self.liveness.read_timeout;
+                    match self.liveness.last_read.silent_for() {
+                        Some(silent) if silent >= timeout => {
+                            self.write.write_frame(Frame::close(close::IDLE_TIMEOUT, b"idle timeout: reconnect")).await?;
+                            return self.write.flush().await;
+                        }
+                        // Heard from within the timeout: look again when it
+                        // would run out.
+                        Some(silent) => idle.as_mut().reset(Instant::now() + (timeout - silent)),
+                        None => idle.as_mut().reset(Instant::now() + timeout),
+                    }
                 }
                 _ = self.shutdown.cancelled() => {
                     // What is already queued (acks of the last sends) goes first.

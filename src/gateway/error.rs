@@ -50,6 +50,8 @@ pub enum HandlerError {
     Conflict { current_version: i32, deleted: bool },
     #[error("timed out; sync this conversation on its own")]
     TimedOut,
+    #[error("this connection has joined {limit} conversations, the most allowed; leave one first")]
+    TooManyJoined { limit: usize },
 }
 
 impl HandlerError {
@@ -61,7 +63,7 @@ impl HandlerError {
             NoSuchConversation | NoSuchMessage => ErrorCode::NotFound,
             DatabaseUnavailable | PersistBufferFull | BackgroundBufferFull | NotDurable
             | OriginalNotDurable | ReceiptNotStored | TimedOut => ErrorCode::Unavailable,
-            Unstorable(_) | NotText => ErrorCode::Invalid,
+            Unstorable(_) | NotText | TooManyJoined { .. } => ErrorCode::Invalid,
             RateLimited { .. } => ErrorCode::RateLimited,
             Conflict { .. } => ErrorCode::Conflict,
         }

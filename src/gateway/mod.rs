@@ -10,6 +10,7 @@
 //!   and where what other gateways and workers said is delivered.
 //! - [`presence`]: online/offline across gateways.
 //! - [`error`]: why a request was refused, mapped to the contract once.
+//! - [`slots`]: the per-user cap on open WebSockets.
 //!
 //! The session never writes to the socket: every frame goes through the
 //! connection's bounded outbox, owned by the writer task. Messages head for
@@ -24,6 +25,7 @@ mod presence;
 mod publish;
 mod receipts;
 mod session;
+mod slots;
 mod sync;
 mod typing;
 
@@ -34,6 +36,7 @@ use tokio_util::task::TaskTracker;
 
 pub use crate::config::GatewayConfig;
 pub use cache::BoundedMap;
+pub use slots::{TooManyConnections, UserSlot};
 
 use crate::domain::{ConversationId, UserId};
 use crate::notify::Relay;
@@ -80,6 +83,7 @@ pub struct Gateway {
     /// Cancelled when connections must close (after the persist buffer is flushed).
     shutdown: CancellationToken,
     connections: TaskTracker,
+    user_slots: slots::UserSlots,
 }
 
 impl Gateway {
@@ -104,15 +108,26 @@ impl Gateway {
             cfg,
             shutdown,
             connections: TaskTracker::new(),
+            user_slots: slots::UserSlots::new(cfg.max_connections_per_user),
         })
     }
 
-    /// Take over an upgraded WebSocket for `user` (already authenticated).
+    /// One of `user`'s WebSocket slots, taken before the upgrade so a user
+    /// over the cap is refused with a plain HTTP error.
+    pub fn reserve(&self, user: UserId) -> Result<UserSlot, TooManyConnections> {
+        self.user_slots.take(user)
+    }
+
+    /// Take over an upgraded WebSocket for the slot's user (already
+    /// authenticated); the slot is given back when the session ends.
     /// Hyper does not track upgraded connections, so we do.
-    pub fn accept(self: &Arc<Self>, user: UserId, upgrade: fastwebsockets::upgrade::UpgradeFut) {
+    pub fn accept(self: &Arc<Self>, slot: UserSlot, upgrade: fastwebsockets::upgrade::UpgradeFut) {
         let gw = self.clone();
-        self.connections
-            .spawn(async move { session::run(gw, user, upgrade).await });
+        self.connections.spawn(async move {
+            let user = slot.user();
+            session::run(gw, user, upgrade).await;
+            drop(slot);
+        });
     }
 
     /// Wait for every connection to finish closing after shutdown, until

@@ -44,10 +44,14 @@ pub(super) async fn run(
     user: UserId,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
 ) {
-    let ws = match upgrade.await {
-        Ok(ws) => ws,
-        Err(e) => {
+    let ws = match tokio::time::timeout(gw.cfg.handshake_timeout, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
             tracing::debug!(error = %e, "websocket upgrade failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!("websocket upgrade timed out");
             return;
         }
     };
@@ -56,6 +60,8 @@ pub(super) async fn run(
         max_message_bytes: gw.cfg.max_frame_bytes,
         // Spread reconnects over the drain window (no thundering herd).
         reconnect_after: gw.cfg.drain_window.mul_f64(crate::domain::random_unit()),
+        ping_interval: gw.cfg.ping_interval,
+        read_timeout: gw.cfg.ws_read_timeout,
     };
     let mut conn = Connection::start(ws, limits, out_rx, &outbox, gw.shutdown.clone());
     gw.metrics.connection_opened();
@@ -211,6 +217,17 @@ impl Session {
     /// Returns the last persisted seq.
     pub(super) async fn join(&self, conv: ConversationId) -> Result<Seq, HandlerError> {
         let gw = &self.gw;
+        // Bounds the rooms (and fan-out entries) one socket can hold. Checked
+        // up front; events of a session are handled one at a time, so no
+        // other join can slip in before the insert below.
+        let limit = gw.cfg.max_joined_per_connection;
+        let full = {
+            let joined = self.joined();
+            joined.len() >= limit && !joined.contains_key(&conv)
+        };
+        if full {
+            return Err(HandlerError::TooManyJoined { limit });
+        }
         let last_seq = match gw.store.access(conv, self.user).await {
             Ok(Access::Member { last_seq }) => last_seq,
             Ok(Access::NotMember) => return Err(HandlerError::NotMember),

@@ -1,9 +1,14 @@
 //! The HTTP layer's error type and its one mapping to status and contract code.
 
+use std::time::Duration;
+
+use hyper::header::{HeaderValue, CONNECTION, RETRY_AFTER};
 use hyper::{Response, StatusCode};
 
+use super::admission::RETRY_AFTER_SECS;
 use super::{json, Body};
 use crate::auth::AuthError;
+use crate::gateway::TooManyConnections;
 use crate::protocol::http::ErrorResponse;
 use crate::protocol::server::ErrorBody;
 use crate::protocol::ErrorCode;
@@ -27,6 +32,12 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the database is unavailable; retry shortly")]
     Unavailable,
+    #[error("{0}")]
+    TooManyConnections(#[from] TooManyConnections),
+    #[error("the request was not completed within {} ms", .0.as_millis())]
+    TimedOut(Duration),
+    #[error("the server is at its connection limit; retry after {RETRY_AFTER_SECS} s")]
+    AtCapacity,
 }
 
 impl From<StoreError> for ApiError {
@@ -55,13 +66,30 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed)
             }
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            ApiError::TooManyConnections(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited)
+            }
+            ApiError::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, ErrorCode::Unavailable),
+            ApiError::AtCapacity => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
         }
+    }
+
+    /// The JSON body of this error, as every error response carries it.
+    pub(super) fn body(&self) -> Vec<u8> {
+        let message = self.to_string();
+        let body = ErrorResponse {
+            error: ErrorBody {
+                code: self.status_and_code().1,
+                message: &message,
+            },
+        };
+        serde_json::to_vec(&body).unwrap_or_else(|_| b"{}".to_vec())
     }
 
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
         let message = self.to_string();
-        json(
+        let mut res = json(
             status,
             &ErrorResponse {
                 error: ErrorBody {
@@ -69,6 +97,21 @@ impl ApiError {
                     message: &message,
                 },
             },
-        )
+        );
+        match self {
+            ApiError::AtCapacity => {
+                res.headers_mut()
+                    .insert(RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+                res.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            // The body may be half read: the connection cannot be reused.
+            ApiError::TimedOut(_) => {
+                res.headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            _ => {}
+        }
+        res
     }
 }

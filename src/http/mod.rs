@@ -1,6 +1,8 @@
 //! The hyper server: accept loop, routing, the `/v1` JSON API, health and
-//! metrics, and the hand-off of `/ws` upgrades to the gateway.
+//! metrics, and the hand-off of `/ws` upgrades to the gateway. Who gets a
+//! connection at all, and for how long it may idle: [`admission`].
 
+mod admission;
 mod api;
 mod error;
 
@@ -16,12 +18,14 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::admission::{AcceptBackoff, Admission, Admit, Counted, Pending, Slot};
 use crate::auth::{self, AuthError, Jwt};
+use crate::config::AdmissionConfig;
 use crate::domain::UserId;
 use crate::gateway::Gateway;
 use crate::protocol::http as wire;
@@ -41,6 +45,7 @@ pub struct HttpContext {
     pub enqueuer: Enqueuer,
     /// The in-process worker's heartbeat, when this process runs one.
     pub worker: Option<Arc<Heartbeat>>,
+    pub admission: AdmissionConfig,
 }
 
 /// A worker that has not looped for this long is reported stuck by /readyz.
@@ -51,47 +56,120 @@ const WORKER_STUCK_AFTER: Duration = Duration::from_secs(30);
 /// shutdown deadline it shares with the other stages (`cli::serve`).
 pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: CancellationToken) {
     let conns = TaskTracker::new();
+    let admission = Admission::new(ctx.admission);
+    let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                // Usually EMFILE: back off instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+                // Usually EMFILE: back off instead of spinning (or logging).
+                let pause = backoff.failed(&e, tokio::time::Instant::now());
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(pause) => continue,
+                }
             }
         };
-        // Without this an ack waits behind the previous frame for Nagle's delay.
-        let _ = stream.set_nodelay(true);
-        let ctx = ctx.clone();
-        let shutdown = shutdown.clone();
-        conns.spawn(async move {
-            let svc = service_fn(move |req| {
-                let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(route(&ctx, req).await) }
-            });
-            let conn = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .with_upgrades();
-            tokio::pin!(conn);
-            let res = tokio::select! {
-                r = conn.as_mut() => r,
-                _ = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-            };
-            if let Err(e) = res {
-                tracing::debug!(error = %e, "http connection ended with an error");
+        backoff.succeeded();
+        admission::tune(&stream, ctx.admission.tcp_keepalive);
+        match admission.admit(peer.ip()) {
+            Admit::Serve(slot, pending) => {
+                conns.spawn(connection(
+                    ctx.clone(),
+                    stream,
+                    slot,
+                    pending,
+                    shutdown.clone(),
+                ));
             }
-        });
+            Admit::Triage(permit) => {
+                let ctx = ctx.clone();
+                conns.spawn(async move {
+                    triage(ctx, stream).await;
+                    drop(permit);
+                });
+            }
+            Admit::Refuse => admission::refuse_now(stream),
+        }
     }
     conns.close();
     conns.wait().await;
+}
+
+/// One admitted connection: HTTP/1.1 with a deadline on every request head
+/// (the wait after a keep-alive response included) and on every request.
+async fn connection(
+    ctx: Arc<HttpContext>,
+    stream: TcpStream,
+    slot: Slot,
+    pending: Arc<Pending>,
+    shutdown: CancellationToken,
+) {
+    let cfg = ctx.admission;
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        let pending = pending.clone();
+        async move {
+            if !pending.is_released() && has_valid_token(&ctx, &req) {
+                pending.release();
+            }
+            let res = tokio::time::timeout(cfg.request_timeout, route(&ctx, req))
+                .await
+                .unwrap_or_else(|_| ApiError::TimedOut(cfg.request_timeout).into_response());
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(cfg.header_read_timeout)
+        .serve_connection(TokioIo::new(Counted::new(stream, slot)), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let res = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "http connection ended with an error");
+    }
+}
+
+/// A connection over a cap: one request, answered if it is a health probe
+/// (so probes keep working at the cap), refused with 503 otherwise.
+async fn triage(ctx: Arc<HttpContext>, stream: TcpStream) {
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move {
+            let probe = req.method() == Method::GET
+                && matches!(req.uri().path().trim_matches('/'), "healthz" | "readyz");
+            let res = if probe {
+                route(&ctx, req).await
+            } else {
+                ApiError::AtCapacity.into_response()
+            };
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(admission::TRIAGE_HEAD_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), svc);
+    let _ = tokio::time::timeout(admission::TRIAGE_BOUND, conn).await;
+}
+
+/// Whether the request carries a token that verifies (header or `?token=`).
+fn has_valid_token<B>(ctx: &HttpContext, req: &Request<B>) -> bool {
+    bearer_token(req)
+        .or_else(|| req.uri().query().and_then(auth::query_token))
+        .is_some_and(|t| ctx.jwt.verify(t).is_ok())
 }
 
 async fn route(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
@@ -121,9 +199,10 @@ fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Bod
             "expected a WebSocket upgrade request".into(),
         ));
     }
+    let slot = ctx.gateway.reserve(user)?;
     let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
-    ctx.gateway.accept(user, fut);
+    ctx.gateway.accept(slot, fut);
     Ok(response.map(|_| Full::new(Bytes::new())))
 }
 

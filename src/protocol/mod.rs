@@ -65,4 +65,8 @@ pub mod close {
     /// The connection could not keep up with its outbound traffic: reconnect
     /// and resync by seq.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// Nothing (not even a pong to the server's pings) arrived from the
+    /// client within the read timeout: the network path is probably gone.
+    /// Reconnect and resync by seq.
+    pub const IDLE_TIMEOUT: u16 = 4000;
 }

@@ -10,6 +10,7 @@ mod chat;
 mod durability;
 mod gateways;
 mod http_api;
+mod liveness;
 mod process;
 mod realtime;
 mod reliability;

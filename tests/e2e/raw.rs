@@ -89,6 +89,40 @@ pub async fn read_server_frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
     (h[0] & 0x0f, body)
 }
 
+/// A TCP connection to `addr` from the loopback address `from` (all of
+/// 127.0.0.0/8 is loopback), so a test can play several client addresses.
+pub async fn connect_from(from: [u8; 4], addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::from((from, 0)))?;
+    sock.connect(addr).await
+}
+
+/// Send `request` on `s` and read until the server closes: the whole
+/// response as text (head and body), bounded by WAIT.
+pub async fn exchange(s: &mut TcpStream, request: &str) -> String {
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    // A reset after the response still leaves what was read.
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
+        .await
+        .expect("the server neither answered nor closed");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+/// Whether the server closed `s` (EOF or reset) within `within`; anything it
+/// sent first is skipped.
+pub async fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    let mut buf = [0u8; 1024];
+    let until = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(until, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
 /// A free loopback port (racy in theory, fine for tests).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -123,6 +157,65 @@ impl Drop for Proc {
 
 /// The real `postline` binary with test settings, plus `env`.
 pub fn spawn_postline(args: &[&str], db_url: &str, port: u16, env: &[(&str, &str)]) -> Proc {
+    Proc(Some(
+        postline_command(args, db_url, port, env)
+            .spawn()
+            .expect("spawn postline"),
+    ))
+}
+
+/// [`spawn_postline`] with its open-file limit (soft and hard) set to
+/// `nofile`, as `ulimit -n` would before exec.
+pub fn spawn_postline_with_nofile(
+    args: &[&str],
+    db_url: &str,
+    port: u16,
+    env: &[(&str, &str)],
+    nofile: u64,
+) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = postline_command(args, db_url, port, env);
+    // SAFETY: between fork and exec only setrlimit runs, which is
+    // async-signal-safe and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            let lim = libc::rlimit {
+                rlim_cur: nofile,
+                rlim_max: nofile,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+    Proc(Some(cmd.spawn().expect("spawn postline")))
+}
+
+/// Raise this (test) process's soft open-file limit to its hard limit, for
+/// tests that hold many sockets; returns the limit now in force.
+pub fn raise_own_nofile() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim), 0);
+        lim.rlim_cur = lim.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+    }
+    lim.rlim_cur
+}
+
+fn postline_command(
+    args: &[&str],
+    db_url: &str,
+    port: u16,
+    env: &[(&str, &str)],
+) -> std::process::Command {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_postline"));
     cmd.args(args)
         .env("DATABASE_URL", db_url)
@@ -136,7 +229,7 @@ pub fn spawn_postline(args: &[&str], db_url: &str, port: u16, env: &[(&str, &str
     for (k, v) in env {
         cmd.env(k, v);
     }
-    Proc(Some(cmd.spawn().expect("spawn postline")))
+    cmd
 }
 
 pub fn signal(child: &Proc, sig: &str) {
