@@ -44,7 +44,36 @@ struct Submission {
 #[derive(Clone)]
 pub struct Enqueuer {
     tx: mpsc::Sender<Submission>,
-    failing: Arc<AtomicBool>,
+    progress: Arc<Progress>,
+}
+
+/// A batch not committed after this long is stuck (Postgres down, a lock,
+/// a pool that cannot connect) even before an attempt has failed: sqlx may
+/// wait its whole acquire timeout before it reports anything.
+const STALLED_AFTER: Duration = Duration::from_secs(1);
+
+/// How the enqueue task is doing, shared with `buffer()` for /readyz.
+#[derive(Default)]
+struct Progress {
+    /// The last attempt failed and is being retried.
+    failing: AtomicBool,
+    /// When the batch being sent now started; None between batches.
+    sending_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Progress {
+    fn sending(&self, since: Option<tokio::time::Instant>) {
+        *self.sending_since.lock().unwrap_or_else(|p| p.into_inner()) = since;
+    }
+
+    fn stalled(&self) -> bool {
+        self.failing.load(Ordering::Relaxed)
+            || self
+                .sending_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some_and(|t| t.elapsed() >= STALLED_AFTER)
+    }
 }
 
 /// The persist buffer's state, for /readyz.
@@ -52,7 +81,8 @@ pub struct Enqueuer {
 pub struct PersistBuffer {
     pub buffered: usize,
     pub capacity: usize,
-    /// The last attempt to enqueue failed and is being retried.
+    /// The last attempt to enqueue failed and is being retried, or the batch
+    /// in flight has not committed for a while.
     pub retrying: bool,
 }
 
@@ -68,16 +98,16 @@ impl Enqueuer {
         tracker: &TaskTracker,
     ) -> Enqueuer {
         let (tx, rx) = mpsc::channel(cfg.capacity.max(1));
-        let failing = Arc::new(AtomicBool::new(false));
-        tracker.spawn(run(rx, pool, queue, cfg, wake, shutdown, failing.clone()));
-        Enqueuer { tx, failing }
+        let progress = Arc::new(Progress::default());
+        tracker.spawn(run(rx, pool, queue, cfg, wake, shutdown, progress.clone()));
+        Enqueuer { tx, progress }
     }
 
     pub fn buffer(&self) -> PersistBuffer {
         PersistBuffer {
             buffered: self.tx.max_capacity() - self.tx.capacity(),
             capacity: self.tx.max_capacity(),
-            retrying: self.failing.load(Ordering::Relaxed),
+            retrying: self.progress.stalled(),
         }
     }
 
@@ -95,8 +125,9 @@ async fn run(
     cfg: EnqueueConfig,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
-    failing: Arc<AtomicBool>,
+    progress: Arc<Progress>,
 ) {
+    let failing = &progress.failing;
     let mut batch: Vec<Submission> = Vec::with_capacity(cfg.max_batch);
     // One flush deadline for everything left at shutdown, not one per batch.
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -130,13 +161,14 @@ async fn run(
         }
         let (payloads, dones): (Vec<Payload>, Vec<Done>) =
             batch.drain(..).map(|s| (s.payload, s.done)).unzip();
+        progress.sending(Some(tokio::time::Instant::now()));
         let results = match commit_with_retry(
             &pool,
             queue,
             &payloads,
             &cfg,
             (&shutdown, &mut deadline),
-            &failing,
+            failing,
         )
         .await
         {
@@ -151,7 +183,7 @@ async fn run(
                             std::slice::from_ref(p),
                             &cfg,
                             (&shutdown, &mut deadline),
-                            &failing,
+                            failing,
                         )
                         .await
                         .map_err(EnqueueError::from),
@@ -161,6 +193,7 @@ async fn run(
             }
             other => vec![other.map_err(EnqueueError::from); payloads.len()],
         };
+        progress.sending(None);
         if results.iter().any(Result::is_ok) {
             wake.notify_one();
         }
