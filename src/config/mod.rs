@@ -186,6 +186,22 @@ pub struct ServerArgs {
     pub runtime: RuntimeArgs,
 }
 
+impl ServerArgs {
+    /// What is accepted but deserves an operator's attention, one sentence
+    /// each: logged as warnings at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.gateway.outbox_capacity.is_some() {
+            out.push(
+                "POSTLINE_OUTBOX_CAPACITY is deprecated and ignored: outboxes are bounded \
+                 in bytes, set POSTLINE_OUTBOX_BYTES instead"
+                    .to_owned(),
+            );
+        }
+        out
+    }
+}
+
 /// Validated settings of a server process.
 #[derive(Clone)]
 pub struct Config {
@@ -342,6 +358,7 @@ mod tests {
         assert_eq!(cfg.shutdown_grace, d.shutdown_grace);
         // Spot checks against the README's table.
         assert_eq!(d.gateway.max_frame_bytes, 65536);
+        assert_eq!(d.gateway.outbox_bytes, 256 * 1024);
         assert_eq!(d.worker.retry.cap, Duration::from_secs(300));
         assert_eq!(d.worker.retention, Duration::from_secs(168 * 3600));
         assert_eq!(d.shutdown_grace, Duration::from_secs(10));
@@ -399,7 +416,7 @@ mod tests {
         for (flag, var) in [
             ("--max-content-bytes", "POSTLINE_MAX_CONTENT_BYTES"),
             ("--max-frame-bytes", "POSTLINE_MAX_FRAME_BYTES"),
-            ("--outbox-capacity", "POSTLINE_OUTBOX_CAPACITY"),
+            ("--outbox-bytes", "POSTLINE_OUTBOX_BYTES"),
             ("--typing-ttl-ms", "POSTLINE_TYPING_TTL_MS"),
             ("--db-max-connections", "POSTLINE_DB_MAX_CONNECTIONS"),
             ("--enqueue-capacity", "POSTLINE_ENQUEUE_CAPACITY"),
@@ -488,6 +505,18 @@ mod tests {
                 var: "POSTLINE_SHUTDOWN_GRACE"
             }
         ));
+    }
+
+    #[test]
+    fn the_old_outbox_capacity_is_accepted_with_a_warning() {
+        let a = args(&["--outbox-capacity", "1024"]);
+        assert!(Config::from_args(&a, None).is_ok());
+        let w = a.warnings();
+        assert!(
+            w.iter().any(|w| w.contains("POSTLINE_OUTBOX_BYTES")),
+            "{w:?}"
+        );
+        assert!(args(&[]).warnings().is_empty());
     }
 
     #[test]

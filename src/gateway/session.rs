@@ -51,7 +51,7 @@ pub(super) async fn run(
             return;
         }
     };
-    let (outbox, out_rx) = Outbox::new(gw.cfg.outbox_capacity);
+    let (outbox, out_rx) = Outbox::new(gw.cfg.outbox_bytes);
     let limits = SocketLimits {
         max_message_bytes: gw.cfg.max_frame_bytes,
         // Spread reconnects over the drain window (no thundering herd).
@@ -73,11 +73,18 @@ pub(super) async fn run(
 
     let slow = outbox.slow_signal().clone();
     loop {
+        // The next request is taken only once this client's replies fit its
+        // allowance: one that pipelines faster than it reads is slowed to its
+        // own pace (its socket stops being read) and loses no reply.
+        let next = async {
+            outbox.reply_room().await;
+            conn.next().await
+        };
         let message = tokio::select! {
             biased;
             _ = slow.cancelled() => break,
             _ = gw.shutdown.cancelled() => break,
-            m = conn.next() => m,
+            m = next => m,
         };
         match message {
             Some(Inbound::Text(mut buf)) => session.handle(&mut buf).await,
@@ -100,10 +107,11 @@ pub(super) async fn run(
 }
 
 impl Session {
+    /// Queue a frame of this session's own (a reply, hello). Replies are
+    /// never refused for room; the session loop waits for the writer instead.
     pub(super) fn push(&self, frame: bytes::Bytes) {
-        // Overflow flags the connection slow and the writer closes it; there
-        // is nothing more to do here.
-        let _ = self.outbox.push(frame);
+        // Closed: the connection is gone, there is no one to tell.
+        let _ = self.outbox.reply(frame);
     }
 
     /// The one reply to a request: its ack (only if it had a `ref`) or its error.

@@ -6,6 +6,7 @@ mod raw;
 
 mod auth;
 mod bad_input;
+mod budgets;
 mod chat;
 mod durability;
 mod gateways;
