@@ -105,7 +105,7 @@ impl DatabaseArgs {
 }
 
 /// What the HTTP side of `serve` needs: where to listen, how to verify tokens.
-#[derive(Debug, Clone, Default, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct HttpArgs {
     /// Address to listen on (default 0.0.0.0:8080, or 0.0.0.0:$PORT when PORT is set).
     #[arg(long, env = "POSTLINE_LISTEN")]
@@ -113,6 +113,18 @@ pub struct HttpArgs {
     /// HS256 secret for client tokens. Required unless --dev.
     #[arg(long, env = "POSTLINE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Longest token lifetime accepted, in seconds (`exp - iat`, or `exp -
+    /// now` without `iat`); longer-lived tokens are refused with 401. A day:
+    /// a leaked token stops working by tomorrow, and clients refresh long
+    /// before (`refresh_token`).
+    #[arg(long, env = "POSTLINE_MAX_TOKEN_TTL", default_value_t = 86_400)]
+    pub max_token_ttl_secs: u64,
+}
+
+impl Default for HttpArgs {
+    fn default() -> Self {
+        defaults()
+    }
 }
 
 /// The process itself (`serve`, `worker`): its runtime and its shutdown.
@@ -214,6 +226,8 @@ pub struct Config {
     pub db_max_connections: u32,
     /// Time from the shutdown request to the return of `cli::serve`.
     pub shutdown_grace: Duration,
+    /// Tokens living longer than this are refused.
+    pub max_token_ttl: Duration,
 }
 
 impl std::fmt::Debug for Config {
@@ -227,6 +241,7 @@ impl std::fmt::Debug for Config {
             .field("worker", &self.worker)
             .field("db_max_connections", &self.db_max_connections)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("max_token_ttl", &self.max_token_ttl)
             .finish()
     }
 }
@@ -244,6 +259,7 @@ impl Config {
             worker: WorkerConfig::default(),
             db_max_connections: DatabaseArgs::default().db_max_connections,
             shutdown_grace: RuntimeConfig::default().shutdown_grace,
+            max_token_ttl: Duration::from_secs(HttpArgs::default().max_token_ttl_secs),
         }
     }
 
@@ -277,6 +293,11 @@ impl Config {
             worker: WorkerConfig::try_from(&args.worker)?,
             db_max_connections: args.database.max_connections()?,
             shutdown_grace: RuntimeConfig::try_from(&args.runtime)?.shutdown_grace,
+            // Zero would refuse every token.
+            max_token_ttl: secs(
+                "POSTLINE_MAX_TOKEN_TTL",
+                positive("POSTLINE_MAX_TOKEN_TTL", args.http.max_token_ttl_secs)?,
+            )?,
         })
     }
 }
@@ -362,6 +383,8 @@ mod tests {
         assert_eq!(d.worker.retry.cap, Duration::from_secs(300));
         assert_eq!(d.worker.retention, Duration::from_secs(168 * 3600));
         assert_eq!(d.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(cfg.max_token_ttl, d.max_token_ttl);
+        assert_eq!(d.max_token_ttl, Duration::from_secs(86_400));
         assert_eq!(RuntimeConfig::default().threads, None);
     }
 
@@ -433,6 +456,7 @@ mod tests {
             ("--cleanup-interval-secs", "POSTLINE_CLEANUP_INTERVAL_SECS"),
             ("--shutdown-grace-secs", "POSTLINE_SHUTDOWN_GRACE"),
             ("--threads", "POSTLINE_THREADS"),
+            ("--max-token-ttl-secs", "POSTLINE_MAX_TOKEN_TTL"),
         ] {
             let e = if flag == "--threads" {
                 RuntimeConfig::try_from(&args(&[flag, "0"]).runtime).unwrap_err()

@@ -125,6 +125,13 @@ impl Connection {
         self.inbound.recv().await
     }
 
+    /// Close with `code`: the writer sends it ahead of anything still
+    /// queued, then as [`Connection::close`].
+    pub(super) async fn close_with(self, code: u16, reason: &[u8]) {
+        let _ = self._control.try_send(close_frame(code, reason));
+        self.close().await;
+    }
+
     /// Stop reading, let the writer finish what it owes (bounded), drop the socket.
     pub(super) async fn close(self) {
         self.reader.abort();

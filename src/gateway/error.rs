@@ -50,6 +50,11 @@ pub enum HandlerError {
     Conflict { current_version: i32, deleted: bool },
     #[error("timed out; sync this conversation on its own")]
     TimedOut,
+    /// `refresh_token` with a token that does not verify (the reason, in words).
+    #[error("{0}; the connection keeps its current token")]
+    BadToken(String),
+    #[error("the token is for another user; the connection keeps its current token")]
+    TokenForAnotherUser,
 }
 
 impl HandlerError {
@@ -57,7 +62,8 @@ impl HandlerError {
         use HandlerError::*;
         match self {
             NotJoined | NotInRoom => ErrorCode::NotJoined,
-            NotMember | NotSender => ErrorCode::Forbidden,
+            NotMember | NotSender | TokenForAnotherUser => ErrorCode::Forbidden,
+            BadToken(_) => ErrorCode::Unauthorized,
             NoSuchConversation | NoSuchMessage => ErrorCode::NotFound,
             DatabaseUnavailable | PersistBufferFull | BackgroundBufferFull | NotDurable
             | OriginalNotDurable | ReceiptNotStored | TimedOut => ErrorCode::Unavailable,

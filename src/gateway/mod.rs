@@ -35,6 +35,7 @@ use tokio_util::task::TaskTracker;
 pub use crate::config::GatewayConfig;
 pub use cache::BoundedMap;
 
+use crate::auth::{Jwt, Verified};
 use crate::domain::{ConversationId, UserId};
 use crate::notify::Relay;
 use crate::protocol::client::DecodeLimits;
@@ -107,12 +108,18 @@ impl Gateway {
         })
     }
 
-    /// Take over an upgraded WebSocket for `user` (already authenticated).
+    /// Take over an upgraded WebSocket for the holder of `token` (already
+    /// verified); `jwt` verifies the fresh tokens it may send later.
     /// Hyper does not track upgraded connections, so we do.
-    pub fn accept(self: &Arc<Self>, user: UserId, upgrade: fastwebsockets::upgrade::UpgradeFut) {
-        let gw = self.clone();
+    pub fn accept(
+        self: &Arc<Self>,
+        token: Verified,
+        jwt: &Jwt,
+        upgrade: fastwebsockets::upgrade::UpgradeFut,
+    ) {
+        let (gw, jwt) = (self.clone(), jwt.clone());
         self.connections
-            .spawn(async move { session::run(gw, user, upgrade).await });
+            .spawn(async move { session::run(gw, token, jwt, upgrade).await });
     }
 
     /// Wait for every connection to finish closing after shutdown, until

@@ -115,7 +115,7 @@ fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Bod
     let token = bearer_token(&req)
         .or_else(|| req.uri().query().and_then(auth::query_token))
         .unwrap_or("");
-    let user = ctx.jwt.verify(token)?;
+    let verified = ctx.jwt.verify_token(token)?;
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return Err(ApiError::BadRequest(
             "expected a WebSocket upgrade request".into(),
@@ -123,7 +123,7 @@ fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Bod
     }
     let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
-    ctx.gateway.accept(user, fut);
+    ctx.gateway.accept(verified, &ctx.jwt, fut);
     Ok(response.map(|_| Full::new(Bytes::new())))
 }
 

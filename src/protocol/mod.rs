@@ -65,4 +65,7 @@ pub mod close {
     /// The connection could not keep up with its outbound traffic: reconnect
     /// and resync by seq.
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The connection's token expired and no fresh one came (`refresh_token`):
+    /// reconnect with a fresh token.
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }

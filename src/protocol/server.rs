@@ -191,7 +191,14 @@ pub struct Pong {
     pub server_time: DateTime<Utc>,
 }
 
+/// `refresh_token`: when the connection now expires.
+#[derive(Serialize)]
+pub struct TokenRefreshed {
+    pub expires_at: DateTime<Utc>,
+}
+
 impl AckBody for Joined {}
+impl AckBody for TokenRefreshed {}
 impl AckBody for Left {}
 impl AckBody for Sent<'_> {}
 impl AckBody for Done {}
