@@ -48,8 +48,9 @@ struct Cli {
 enum Command {
     /// Run the gateway (HTTP + WebSocket) and, unless --no-worker, the persistence worker.
     Serve {
+        // Boxed: it is most of the enum's size, and parsed once.
         #[command(flatten)]
-        args: ServerArgs,
+        args: Box<ServerArgs>,
         /// Run the gateway alone; a `postline worker` elsewhere stores messages.
         #[arg(long)]
         no_worker: bool,

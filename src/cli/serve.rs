@@ -100,6 +100,7 @@ pub async fn serve(
         metrics,
         enqueuer,
         worker: heartbeat,
+        origins: cfg.allowed_origins.clone(),
     });
     let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
     let http_ended = tokio::select! {

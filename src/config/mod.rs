@@ -63,6 +63,54 @@ pub enum ConfigError {
         "POSTLINE_RETRY_CAP_SECS ({cap:?}) must not be less than POSTLINE_RETRY_BASE_MS ({base:?})"
     )]
     RetryCapBelowBase { cap: Duration, base: Duration },
+    #[error(
+        "POSTLINE_ALLOWED_ORIGINS: {0:?} is not an origin (scheme://host[:port], no path), nor *"
+    )]
+    BadOrigin(String),
+}
+
+/// Which browser origins may use the server cross-origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origins {
+    Any,
+    /// Lowercase `scheme://host[:port]`, as browsers send them.
+    List(Vec<String>),
+}
+
+impl Default for Origins {
+    /// None: only clients that send no Origin header (not browsers).
+    fn default() -> Self {
+        Origins::List(Vec::new())
+    }
+}
+
+impl Origins {
+    fn parse(list: &str) -> Result<Origins, ConfigError> {
+        let mut out = Vec::new();
+        for o in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            if o == "*" {
+                return Ok(Origins::Any);
+            }
+            let o = o.trim_end_matches('/').to_ascii_lowercase();
+            let host = o
+                .strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"))
+                .filter(|h| !h.is_empty() && !h.contains(['/', '?', '#', '@', ' ']));
+            if host.is_none() {
+                return Err(ConfigError::BadOrigin(o));
+            }
+            out.push(o);
+        }
+        Ok(Origins::List(out))
+    }
+
+    /// Whether a request carrying this Origin header may proceed.
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            Origins::Any => true,
+            Origins::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
 }
 
 /// The database URL alone: all `migrate` and `dlq` take.
@@ -119,6 +167,12 @@ pub struct HttpArgs {
     /// before (`refresh_token`).
     #[arg(long, env = "POSTLINE_MAX_TOKEN_TTL", default_value_t = 86_400)]
     pub max_token_ttl_secs: u64,
+    /// Browser origins allowed to open `/ws` and read the HTTP API
+    /// (comma-separated, e.g. `https://chat.example.com`; `*` for any).
+    /// Default: none; requests without an Origin header (non-browser
+    /// clients) are always allowed. `--dev` without it: any.
+    #[arg(long, env = "POSTLINE_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
 }
 
 impl Default for HttpArgs {
@@ -228,6 +282,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// Tokens living longer than this are refused.
     pub max_token_ttl: Duration,
+    /// Browser origins allowed on `/ws` and the HTTP API (CORS).
+    pub allowed_origins: Origins,
 }
 
 impl std::fmt::Debug for Config {
@@ -242,6 +298,7 @@ impl std::fmt::Debug for Config {
             .field("db_max_connections", &self.db_max_connections)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("max_token_ttl", &self.max_token_ttl)
+            .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
 }
@@ -260,6 +317,7 @@ impl Config {
             db_max_connections: DatabaseArgs::default().db_max_connections,
             shutdown_grace: RuntimeConfig::default().shutdown_grace,
             max_token_ttl: Duration::from_secs(HttpArgs::default().max_token_ttl_secs),
+            allowed_origins: Origins::default(),
         }
     }
 
@@ -298,6 +356,12 @@ impl Config {
                 "POSTLINE_MAX_TOKEN_TTL",
                 positive("POSTLINE_MAX_TOKEN_TTL", args.http.max_token_ttl_secs)?,
             )?,
+            allowed_origins: match (&args.http.allowed_origins, args.dev) {
+                (Some(list), _) => Origins::parse(list)?,
+                // Local development: pages served from anywhere may connect.
+                (None, true) => Origins::Any,
+                (None, false) => Origins::default(),
+            },
         })
     }
 }
@@ -541,6 +605,46 @@ mod tests {
             "{w:?}"
         );
         assert!(args(&[]).warnings().is_empty());
+    }
+
+    #[test]
+    fn allowed_origins_are_parsed_checked_and_permissive_only_in_dev() {
+        let cfg = Config::from_args(&args(&[]), None).unwrap();
+        assert_eq!(cfg.allowed_origins, Origins::List(vec![]));
+        assert!(!cfg.allowed_origins.allows("https://a.example"));
+        let cfg = Config::from_args(
+            &args(&[
+                "--allowed-origins",
+                " https://Chat.example/, http://localhost:3000",
+            ]),
+            None,
+        )
+        .unwrap();
+        assert!(cfg.allowed_origins.allows("https://chat.example"));
+        assert!(cfg.allowed_origins.allows("http://localhost:3000"));
+        assert!(!cfg.allowed_origins.allows("http://localhost:3001"));
+        assert!(!cfg.allowed_origins.allows("https://chat.example.evil"));
+        for bad in [
+            "chat.example",
+            "https://a.example/path",
+            "ftp://x",
+            "https://",
+        ] {
+            let e = refused(&["--allowed-origins", bad]);
+            assert!(matches!(e, ConfigError::BadOrigin(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("POSTLINE_ALLOWED_ORIGINS"));
+        }
+        let mut a = args(&[]);
+        a.dev = true;
+        assert_eq!(
+            Config::from_args(&a, None).unwrap().allowed_origins,
+            Origins::Any
+        );
+        a.http.allowed_origins = Some("https://only.example".into());
+        assert!(!Config::from_args(&a, None)
+            .unwrap()
+            .allowed_origins
+            .allows("https://other.example"));
     }
 
     #[test]

@@ -27,6 +27,8 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the database is unavailable; retry shortly")]
     Unavailable,
+    #[error("requests from origin {0:?} are not allowed")]
+    OriginNotAllowed(String),
 }
 
 impl From<StoreError> for ApiError {
@@ -55,6 +57,7 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed)
             }
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            ApiError::OriginNotAllowed(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
         }
     }
 
