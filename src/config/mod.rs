@@ -257,6 +257,19 @@ impl ServerArgs {
     /// each: logged as warnings at start.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = Vec::new();
+        if self.dev && self.database.url.database_url.is_some() {
+            out.push(if self.http.jwt_secret.is_none() {
+                "--dev against DATABASE_URL: a real database is served with the PUBLIC dev \
+                 JWT secret, so anyone can sign a token for any user of it; set \
+                 POSTLINE_JWT_SECRET (it is used even with --dev) or drop --dev"
+                    .to_owned()
+            } else {
+                "--dev against DATABASE_URL: POSTLINE_JWT_SECRET is used, but browser \
+                 origins are not checked unless POSTLINE_ALLOWED_ORIGINS is set; drop --dev \
+                 in production"
+                    .to_owned()
+            });
+        }
         if self.gateway.outbox_capacity.is_some() {
             out.push(
                 "POSTLINE_OUTBOX_CAPACITY is deprecated and ignored: outboxes are bounded \
@@ -645,6 +658,28 @@ mod tests {
             .unwrap()
             .allowed_origins
             .allows("https://other.example"));
+    }
+
+    #[test]
+    fn dev_against_a_real_database_is_warned_about_loudly() {
+        let mut a = args(&[]);
+        a.dev = true;
+        a.http.jwt_secret = None;
+        let w = a.warnings();
+        assert!(
+            w.iter().any(|w| w.contains("PUBLIC dev JWT secret")),
+            "{w:?}"
+        );
+        // A real secret given with --dev is the one used.
+        a.http.jwt_secret = Some("a-real-secret-0123456789".into());
+        assert_eq!(
+            Config::from_args(&a, None).unwrap().jwt_secret,
+            "a-real-secret-0123456789"
+        );
+        assert!(!a.warnings().iter().any(|w| w.contains("PUBLIC")));
+        // --dev on its own throwaway database: nothing to warn about.
+        a.database.url.database_url = None;
+        assert!(a.warnings().is_empty());
     }
 
     #[test]
