@@ -150,10 +150,12 @@ impl Job {
                 no_worker,
                 no_migrate,
             } => Job::Serve {
-                cfg: Box::new(Config::from_args(
-                    &args,
-                    std::env::var("PORT").ok().as_deref(),
-                )?),
+                cfg: Box::new({
+                    for w in args.warnings() {
+                        tracing::warn!("{w}");
+                    }
+                    Config::from_args(&args, std::env::var("PORT").ok().as_deref())?
+                }),
                 threads: RuntimeConfig::try_from(&args.runtime)?.threads,
                 database_url: args.database.url.database_url,
                 run_worker: !no_worker,

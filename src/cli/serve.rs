@@ -96,11 +96,12 @@ pub async fn serve(
     let ctx = Arc::new(HttpContext {
         store,
         gateway: gateway.clone(),
-        jwt: Jwt::new(cfg.jwt_secret.as_bytes()),
+        jwt: Jwt::new(cfg.jwt_secret.as_bytes()).with_max_ttl(cfg.max_token_ttl),
         metrics,
         enqueuer,
         worker: heartbeat,
         admission: cfg.admission,
+        origins: cfg.allowed_origins.clone(),
     });
     let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
     let http_ended = tokio::select! {

@@ -32,9 +32,11 @@ pub struct GatewayArgs {
     /// Largest WebSocket message in bytes; larger closes the connection (1009).
     #[arg(long, env = "POSTLINE_MAX_FRAME_BYTES", default_value_t = 65536)]
     pub max_frame_bytes: usize,
-    /// Frames queued per connection before it is closed as a slow consumer.
-    #[arg(long, env = "POSTLINE_OUTBOX_CAPACITY", default_value_t = 1024)]
-    pub outbox_capacity: usize,
+    /// Deprecated and ignored: outboxes are bounded in bytes now
+    /// (POSTLINE_OUTBOX_BYTES). Still accepted so an old deployment starts,
+    /// with a warning.
+    #[arg(long, env = "POSTLINE_OUTBOX_CAPACITY", hide = true)]
+    pub outbox_capacity: Option<usize>,
     /// Milliseconds a user stays online after their last connection closes
     /// (a reconnect within it shows no offline/online flap).
     #[arg(long, env = "POSTLINE_PRESENCE_GRACE_MS", default_value_t = 5000)]
@@ -71,6 +73,12 @@ pub struct GatewayArgs {
         default_value_t = 500
     )]
     pub max_joined_per_connection: usize,
+    /// Bytes of events queued for one connection before it is closed as a
+    /// slow consumer (4008); its replies have an allowance of the same size.
+    /// 256 KiB: seconds of a busy room for a client that keeps up, and a
+    /// quarter of a megabyte, not more, pinned by each one that stalled.
+    #[arg(long, env = "POSTLINE_OUTBOX_BYTES", default_value_t = 256 * 1024)]
+    pub outbox_bytes: usize,
 }
 
 impl Default for GatewayArgs {
@@ -86,8 +94,6 @@ pub struct GatewayConfig {
     pub max_frame_bytes: usize,
     /// Largest message content; larger ones are refused with `too_large`.
     pub max_content_bytes: usize,
-    /// Frames queued per connection before it counts as a slow consumer.
-    pub outbox_capacity: usize,
     /// Recent client_message_ids remembered for dedup, across all users.
     pub dedup_capacity: usize,
     /// A user whose last connection closed stays online this long, so a
@@ -111,6 +117,11 @@ pub struct GatewayConfig {
     pub ws_read_timeout: Duration,
     pub max_connections_per_user: usize,
     pub max_joined_per_connection: usize,
+    /// Bytes (each frame plus a fixed overhead) of events queued per
+    /// connection before it counts as a slow consumer; replies to its own
+    /// requests have an allowance of the same size, and a sync page is cut
+    /// to fit it.
+    pub outbox_bytes: usize,
 }
 
 impl Default for GatewayConfig {
@@ -143,7 +154,6 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
         Ok(GatewayConfig {
             max_frame_bytes: positive("POSTLINE_MAX_FRAME_BYTES", a.max_frame_bytes)?,
             max_content_bytes: positive("POSTLINE_MAX_CONTENT_BYTES", a.max_content_bytes)?,
-            outbox_capacity: positive("POSTLINE_OUTBOX_CAPACITY", a.outbox_capacity)?,
             dedup_capacity: DEDUP_CAPACITY,
             // Zero is meaningful: offline at once, no grace.
             presence_grace: millis("POSTLINE_PRESENCE_GRACE_MS", a.presence_grace_ms)?,
@@ -171,6 +181,7 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
                 "POSTLINE_MAX_JOINED_PER_CONNECTION",
                 a.max_joined_per_connection,
             )?,
+            outbox_bytes: positive("POSTLINE_OUTBOX_BYTES", a.outbox_bytes)?,
         })
     }
 }

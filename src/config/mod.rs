@@ -81,6 +81,54 @@ pub enum ConfigError {
          {reserved} descriptors are kept for the database and files: raise it (ulimit -n)"
     )]
     TooFewFiles { nofile: u64, reserved: u64 },
+    #[error(
+        "POSTLINE_ALLOWED_ORIGINS: {0:?} is not an origin (scheme://host[:port], no path), nor *"
+    )]
+    BadOrigin(String),
+}
+
+/// Which browser origins may use the server cross-origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origins {
+    Any,
+    /// Lowercase `scheme://host[:port]`, as browsers send them.
+    List(Vec<String>),
+}
+
+impl Default for Origins {
+    /// None: only clients that send no Origin header (not browsers).
+    fn default() -> Self {
+        Origins::List(Vec::new())
+    }
+}
+
+impl Origins {
+    fn parse(list: &str) -> Result<Origins, ConfigError> {
+        let mut out = Vec::new();
+        for o in list.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+            if o == "*" {
+                return Ok(Origins::Any);
+            }
+            let o = o.trim_end_matches('/').to_ascii_lowercase();
+            let host = o
+                .strip_prefix("https://")
+                .or_else(|| o.strip_prefix("http://"))
+                .filter(|h| !h.is_empty() && !h.contains(['/', '?', '#', '@', ' ']));
+            if host.is_none() {
+                return Err(ConfigError::BadOrigin(o));
+            }
+            out.push(o);
+        }
+        Ok(Origins::List(out))
+    }
+
+    /// Whether a request carrying this Origin header may proceed.
+    pub fn allows(&self, origin: &str) -> bool {
+        match self {
+            Origins::Any => true,
+            Origins::List(list) => list.iter().any(|o| o.eq_ignore_ascii_case(origin)),
+        }
+    }
 }
 
 /// The database URL alone: all `migrate` and `dlq` take.
@@ -123,7 +171,7 @@ impl DatabaseArgs {
 }
 
 /// What the HTTP side of `serve` needs: where to listen, how to verify tokens.
-#[derive(Debug, Clone, Default, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct HttpArgs {
     /// Address to listen on (default 0.0.0.0:8080, or 0.0.0.0:$PORT when PORT is set).
     #[arg(long, env = "POSTLINE_LISTEN")]
@@ -131,6 +179,24 @@ pub struct HttpArgs {
     /// HS256 secret for client tokens. Required unless --dev.
     #[arg(long, env = "POSTLINE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
+    /// Longest token lifetime accepted, in seconds (`exp - iat`, or `exp -
+    /// now` without `iat`); longer-lived tokens are refused with 401. A day:
+    /// a leaked token stops working by tomorrow, and clients refresh long
+    /// before (`refresh_token`).
+    #[arg(long, env = "POSTLINE_MAX_TOKEN_TTL", default_value_t = 86_400)]
+    pub max_token_ttl_secs: u64,
+    /// Browser origins allowed to open `/ws` and read the HTTP API
+    /// (comma-separated, e.g. `https://chat.example.com`; `*` for any).
+    /// Default: none; requests without an Origin header (non-browser
+    /// clients) are always allowed. `--dev` without it: any.
+    #[arg(long, env = "POSTLINE_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+}
+
+impl Default for HttpArgs {
+    fn default() -> Self {
+        defaults()
+    }
 }
 
 /// The process itself (`serve`, `worker`): its runtime and its shutdown.
@@ -206,6 +272,35 @@ pub struct ServerArgs {
     pub admission: AdmissionArgs,
 }
 
+impl ServerArgs {
+    /// What is accepted but deserves an operator's attention, one sentence
+    /// each: logged as warnings at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.dev && self.database.url.database_url.is_some() {
+            out.push(if self.http.jwt_secret.is_none() {
+                "--dev against DATABASE_URL: a real database is served with the PUBLIC dev \
+                 JWT secret, so anyone can sign a token for any user of it; set \
+                 POSTLINE_JWT_SECRET (it is used even with --dev) or drop --dev"
+                    .to_owned()
+            } else {
+                "--dev against DATABASE_URL: POSTLINE_JWT_SECRET is used, but browser \
+                 origins are not checked unless POSTLINE_ALLOWED_ORIGINS is set; drop --dev \
+                 in production"
+                    .to_owned()
+            });
+        }
+        if self.gateway.outbox_capacity.is_some() {
+            out.push(
+                "POSTLINE_OUTBOX_CAPACITY is deprecated and ignored: outboxes are bounded \
+                 in bytes, set POSTLINE_OUTBOX_BYTES instead"
+                    .to_owned(),
+            );
+        }
+        out
+    }
+}
+
 /// Validated settings of a server process.
 #[derive(Clone)]
 pub struct Config {
@@ -219,6 +314,10 @@ pub struct Config {
     /// Time from the shutdown request to the return of `cli::serve`.
     pub shutdown_grace: Duration,
     pub admission: AdmissionConfig,
+    /// Tokens living longer than this are refused.
+    pub max_token_ttl: Duration,
+    /// Browser origins allowed on `/ws` and the HTTP API (CORS).
+    pub allowed_origins: Origins,
 }
 
 impl std::fmt::Debug for Config {
@@ -233,6 +332,8 @@ impl std::fmt::Debug for Config {
             .field("db_max_connections", &self.db_max_connections)
             .field("shutdown_grace", &self.shutdown_grace)
             .field("admission", &self.admission)
+            .field("max_token_ttl", &self.max_token_ttl)
+            .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
 }
@@ -251,6 +352,8 @@ impl Config {
             db_max_connections: DatabaseArgs::default().db_max_connections,
             shutdown_grace: RuntimeConfig::default().shutdown_grace,
             admission: AdmissionConfig::default(),
+            max_token_ttl: Duration::from_secs(HttpArgs::default().max_token_ttl_secs),
+            allowed_origins: Origins::default(),
         }
     }
 
@@ -290,6 +393,17 @@ impl Config {
                 args.database.max_connections()?,
                 open_file_limit(),
             )?,
+            // Zero would refuse every token.
+            max_token_ttl: secs(
+                "POSTLINE_MAX_TOKEN_TTL",
+                positive("POSTLINE_MAX_TOKEN_TTL", args.http.max_token_ttl_secs)?,
+            )?,
+            allowed_origins: match (&args.http.allowed_origins, args.dev) {
+                (Some(list), _) => Origins::parse(list)?,
+                // Local development: pages served from anywhere may connect.
+                (None, true) => Origins::Any,
+                (None, false) => Origins::default(),
+            },
         })
     }
 }
@@ -372,9 +486,12 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.admission), format!("{:?}", d.admission));
         // Spot checks against the README's table.
         assert_eq!(d.gateway.max_frame_bytes, 65536);
+        assert_eq!(d.gateway.outbox_bytes, 256 * 1024);
         assert_eq!(d.worker.retry.cap, Duration::from_secs(300));
         assert_eq!(d.worker.retention, Duration::from_secs(168 * 3600));
         assert_eq!(d.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(cfg.max_token_ttl, d.max_token_ttl);
+        assert_eq!(d.max_token_ttl, Duration::from_secs(86_400));
         assert_eq!(RuntimeConfig::default().threads, None);
     }
 
@@ -437,7 +554,7 @@ mod tests {
         for (flag, var) in [
             ("--max-content-bytes", "POSTLINE_MAX_CONTENT_BYTES"),
             ("--max-frame-bytes", "POSTLINE_MAX_FRAME_BYTES"),
-            ("--outbox-capacity", "POSTLINE_OUTBOX_CAPACITY"),
+            ("--outbox-bytes", "POSTLINE_OUTBOX_BYTES"),
             ("--typing-ttl-ms", "POSTLINE_TYPING_TTL_MS"),
             ("--db-max-connections", "POSTLINE_DB_MAX_CONNECTIONS"),
             ("--enqueue-capacity", "POSTLINE_ENQUEUE_CAPACITY"),
@@ -463,6 +580,7 @@ mod tests {
                 "--max-joined-per-connection",
                 "POSTLINE_MAX_JOINED_PER_CONNECTION",
             ),
+            ("--max-token-ttl-secs", "POSTLINE_MAX_TOKEN_TTL"),
         ] {
             let e = if flag == "--threads" {
                 RuntimeConfig::try_from(&args(&[flag, "0"]).runtime).unwrap_err()
@@ -544,6 +662,80 @@ mod tests {
                 var: "POSTLINE_SHUTDOWN_GRACE"
             }
         ));
+    }
+
+    #[test]
+    fn the_old_outbox_capacity_is_accepted_with_a_warning() {
+        let a = args(&["--outbox-capacity", "1024"]);
+        assert!(Config::from_args(&a, None).is_ok());
+        let w = a.warnings();
+        assert!(
+            w.iter().any(|w| w.contains("POSTLINE_OUTBOX_BYTES")),
+            "{w:?}"
+        );
+        assert!(args(&[]).warnings().is_empty());
+    }
+
+    #[test]
+    fn allowed_origins_are_parsed_checked_and_permissive_only_in_dev() {
+        let cfg = Config::from_args(&args(&[]), None).unwrap();
+        assert_eq!(cfg.allowed_origins, Origins::List(vec![]));
+        assert!(!cfg.allowed_origins.allows("https://a.example"));
+        let cfg = Config::from_args(
+            &args(&[
+                "--allowed-origins",
+                " https://Chat.example/, http://localhost:3000",
+            ]),
+            None,
+        )
+        .unwrap();
+        assert!(cfg.allowed_origins.allows("https://chat.example"));
+        assert!(cfg.allowed_origins.allows("http://localhost:3000"));
+        assert!(!cfg.allowed_origins.allows("http://localhost:3001"));
+        assert!(!cfg.allowed_origins.allows("https://chat.example.evil"));
+        for bad in [
+            "chat.example",
+            "https://a.example/path",
+            "ftp://x",
+            "https://",
+        ] {
+            let e = refused(&["--allowed-origins", bad]);
+            assert!(matches!(e, ConfigError::BadOrigin(_)), "{bad}: {e}");
+            assert!(e.to_string().contains("POSTLINE_ALLOWED_ORIGINS"));
+        }
+        let mut a = args(&[]);
+        a.dev = true;
+        assert_eq!(
+            Config::from_args(&a, None).unwrap().allowed_origins,
+            Origins::Any
+        );
+        a.http.allowed_origins = Some("https://only.example".into());
+        assert!(!Config::from_args(&a, None)
+            .unwrap()
+            .allowed_origins
+            .allows("https://other.example"));
+    }
+
+    #[test]
+    fn dev_against_a_real_database_is_warned_about_loudly() {
+        let mut a = args(&[]);
+        a.dev = true;
+        a.http.jwt_secret = None;
+        let w = a.warnings();
+        assert!(
+            w.iter().any(|w| w.contains("PUBLIC dev JWT secret")),
+            "{w:?}"
+        );
+        // A real secret given with --dev is the one used.
+        a.http.jwt_secret = Some("a-real-secret-0123456789".into());
+        assert_eq!(
+            Config::from_args(&a, None).unwrap().jwt_secret,
+            "a-real-secret-0123456789"
+        );
+        assert!(!a.warnings().iter().any(|w| w.contains("PUBLIC")));
+        // --dev on its own throwaway database: nothing to warn about.
+        a.database.url.database_url = None;
+        assert!(a.warnings().is_empty());
     }
 
     #[test]

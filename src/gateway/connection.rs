@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
@@ -25,7 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::protocol::{close, server};
-use crate::rooms::Outbox;
+use crate::rooms::{Outbox, OutboxReceiver};
 
 type Io = TokioIo<Upgraded>;
 
@@ -130,7 +129,7 @@ impl Connection {
     pub(super) fn start(
         ws: fastwebsockets::WebSocket<Io>,
         limits: SocketLimits,
-        out: mpsc::Receiver<Bytes>,
+        out: OutboxReceiver,
         outbox: &Outbox,
         shutdown: CancellationToken,
     ) -> Connection {
@@ -192,6 +191,13 @@ impl Connection {
             m = self.inbound.recv() => m,
             _ = self.writer_done.cancelled() => None,
         }
+    }
+
+    /// Close with `code`: the writer sends it ahead of anything still
+    /// queued, then as [`Connection::close`].
+    pub(super) async fn close_with(self, code: u16, reason: &[u8]) {
+        let _ = self._control.try_send(close_frame(code, reason));
+        self.close().await;
     }
 
     /// Stop reading, let the writer finish what it owes (bounded), drop the socket.
@@ -332,7 +338,7 @@ async fn read_loop(
 /// The writing half of a socket and everything that decides what it writes.
 struct Writer {
     write: WebSocketWrite<BufWriter<WriteHalf<Io>>>,
-    out: mpsc::Receiver<Bytes>,
+    out: OutboxReceiver,
     control: mpsc::Receiver<Control>,
     slow: CancellationToken,
     shutdown: CancellationToken,
@@ -380,6 +386,10 @@ impl Writer {
                     }
                 }
                 _ = self.slow.cancelled() => {
+                    // The close replaces what is still queued: a client this
+                    // far behind resyncs by seq anyway, and writing up to a
+                    // whole budget first would delay the close past
+                    // WRITER_GRACE for a client that reads slowly.
                     self.write.write_frame(Frame::close(close::SLOW_CONSUMER, b"slow consumer: reconnect and resync")).await?;
                     return self.write.flush().await;
                 }
@@ -403,7 +413,7 @@ impl Writer {
                 }
                 _ = self.shutdown.cancelled() => {
                     // What is already queued (acks of the last sends) goes first.
-                    while let Ok(frame) = self.out.try_recv() {
+                    while let Some(frame) = self.out.try_recv() {
                         self.text(&frame).await?;
                     }
                     let notice = server::reconnect(self.reconnect_after.as_millis() as u64);
@@ -416,9 +426,13 @@ impl Writer {
                     self.text(&frame).await?;
                     // Whatever else is already queued goes out in the same write.
                     for _ in 1..MAX_FRAMES_PER_FLUSH {
+                        // Flagged slow meanwhile: the close goes next (above).
+                        if self.slow.is_cancelled() {
+                            break;
+                        }
                         match self.out.try_recv() {
-                            Ok(frame) => self.text(&frame).await?,
-                            Err(_) => break,
+                            Some(frame) => self.text(&frame).await?,
+                            None => break,
                         }
                     }
                     self.write.flush().await?;

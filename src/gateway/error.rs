@@ -52,6 +52,11 @@ pub enum HandlerError {
     TimedOut,
     #[error("this connection has joined {limit} conversations, the most allowed; leave one first")]
     TooManyJoined { limit: usize },
+    /// `refresh_token` with a token that does not verify (the reason, in words).
+    #[error("{0}; the connection keeps its current token")]
+    BadToken(String),
+    #[error("the token is for another user; the connection keeps its current token")]
+    TokenForAnotherUser,
 }
 
 impl HandlerError {
@@ -59,7 +64,8 @@ impl HandlerError {
         use HandlerError::*;
         match self {
             NotJoined | NotInRoom => ErrorCode::NotJoined,
-            NotMember | NotSender => ErrorCode::Forbidden,
+            NotMember | NotSender | TokenForAnotherUser => ErrorCode::Forbidden,
+            BadToken(_) => ErrorCode::Unauthorized,
             NoSuchConversation | NoSuchMessage => ErrorCode::NotFound,
             DatabaseUnavailable | PersistBufferFull | BackgroundBufferFull | NotDurable
             | OriginalNotDurable | ReceiptNotStored | TimedOut => ErrorCode::Unavailable,

@@ -63,11 +63,11 @@ impl Claim {
             ClaimState::Pending(waiters) => waiters.push(waiter),
             ClaimState::Committed => {
                 if let Some(ack) = waiter.ack {
-                    let _ = waiter.outbox.push(ack);
+                    let _ = waiter.outbox.reply(ack);
                 }
             }
             ClaimState::Failed => {
-                let _ = waiter.outbox.push(waiter.error);
+                let _ = waiter.outbox.reply(waiter.error);
             }
         }
     }
@@ -85,7 +85,7 @@ impl Claim {
         for w in waiters {
             let frame = if committed { w.ack } else { Some(w.error) };
             if let Some(frame) = frame {
-                let _ = w.outbox.push(frame);
+                let _ = w.outbox.reply(frame);
             }
         }
     }
@@ -177,7 +177,7 @@ impl Session {
                 }
             };
             if let Some(frame) = reply {
-                let _ = outbox.push(frame);
+                let _ = outbox.reply(frame);
             }
         });
         if gw.queues.persist.submit(job, done).is_err() {

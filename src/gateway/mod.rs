@@ -38,6 +38,7 @@ pub use crate::config::GatewayConfig;
 pub use cache::BoundedMap;
 pub use slots::{TooManyConnections, UserSlot};
 
+use crate::auth::{Jwt, Verified};
 use crate::domain::{ConversationId, UserId};
 use crate::notify::Relay;
 use crate::protocol::client::DecodeLimits;
@@ -118,14 +119,20 @@ impl Gateway {
         self.user_slots.take(user)
     }
 
-    /// Take over an upgraded WebSocket for the slot's user (already
-    /// authenticated); the slot is given back when the session ends.
-    /// Hyper does not track upgraded connections, so we do.
-    pub fn accept(self: &Arc<Self>, slot: UserSlot, upgrade: fastwebsockets::upgrade::UpgradeFut) {
-        let gw = self.clone();
+    /// Take over an upgraded WebSocket for the holder of `token` (already
+    /// verified) in one of its user's slots, given back when the session
+    /// ends; `jwt` verifies the fresh tokens it may send later. Hyper does
+    /// not track upgraded connections, so we do.
+    pub fn accept(
+        self: &Arc<Self>,
+        slot: UserSlot,
+        token: Verified,
+        jwt: &Jwt,
+        upgrade: fastwebsockets::upgrade::UpgradeFut,
+    ) {
+        let (gw, jwt) = (self.clone(), jwt.clone());
         self.connections.spawn(async move {
-            let user = slot.user();
-            session::run(gw, user, upgrade).await;
+            session::run(gw, token, jwt, upgrade).await;
             drop(slot);
         });
     }

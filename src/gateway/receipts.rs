@@ -85,7 +85,7 @@ impl Session {
                 Err(_) => Some(HandlerError::ReceiptNotStored.frame(reply_ref.as_deref())),
             };
             if let Some(frame) = reply {
-                let _ = outbox.push(frame);
+                let _ = outbox.reply(frame);
             }
         });
         if gw.queues.background.submit(job, done).is_err() {

@@ -3,6 +3,7 @@
 //! an event is routed to its handler. Replies go through the outbox only.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Semaphore;
@@ -11,10 +12,11 @@ use super::connection::{Connection, Inbound, SocketLimits};
 use super::error::HandlerError;
 use super::typing::TypingStates;
 use super::Gateway;
+use crate::auth::{Jwt, Verified};
 use crate::domain::{now_micros, ConversationId, Seq, UserId};
 use crate::protocol::client::{decode, ClientEvent, Request};
 use crate::protocol::server::{self, AckBody};
-use crate::protocol::ErrorCode;
+use crate::protocol::{close, ErrorCode};
 use crate::rooms::{ConnectionId, Member, Outbox};
 use crate::store::Access;
 
@@ -35,15 +37,22 @@ pub(super) struct Session {
     pub(super) typing: TypingStates,
     pub(super) syncs: Arc<Semaphore>,
     pub(super) gw: Arc<Gateway>,
+    /// Verifies the fresh tokens of `refresh_token`.
+    jwt: Jwt,
+    /// `exp` of the latest token (Unix seconds): the connection is closed
+    /// (4001) when it passes, unless a fresh token moved it.
+    expires_at: Arc<AtomicU64>,
 }
 
 /// Run one upgraded WebSocket for `user` until it closes, the client proves
 /// too slow, or the server shuts down.
 pub(super) async fn run(
     gw: Arc<Gateway>,
-    user: UserId,
+    token: Verified,
+    jwt: Jwt,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
 ) {
+    let user = token.user;
     let ws = match tokio::time::timeout(gw.cfg.handshake_timeout, upgrade).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
@@ -55,7 +64,7 @@ pub(super) async fn run(
             return;
         }
     };
-    let (outbox, out_rx) = Outbox::new(gw.cfg.outbox_capacity);
+    let (outbox, out_rx) = Outbox::new(gw.cfg.outbox_bytes);
     let limits = SocketLimits {
         max_message_bytes: gw.cfg.max_frame_bytes,
         // Spread reconnects over the drain window (no thundering herd).
@@ -73,17 +82,35 @@ pub(super) async fn run(
         typing: TypingStates::default(),
         syncs: Arc::new(Semaphore::new(SYNCS_PER_CONNECTION)),
         gw: gw.clone(),
+        jwt,
+        expires_at: Arc::new(AtomicU64::new(token.expires_at)),
     };
     session.push(server::hello(user, &session.id.0.to_string(), now_micros()));
     gw.connected(user, session.id, outbox.clone());
 
     let slow = outbox.slow_signal().clone();
+    // A socket must not outlive its token (nor a revoked user's last one).
+    let mut expires_at = token.expires_at;
+    let expiry = tokio::time::sleep(token.remaining());
+    tokio::pin!(expiry);
+    let mut expired = false;
     loop {
+        // The next request is taken only once this client's replies fit its
+        // allowance: one that pipelines faster than it reads is slowed to its
+        // own pace (its socket stops being read) and loses no reply.
+        let next = async {
+            outbox.reply_room().await;
+            conn.next().await
+        };
         let message = tokio::select! {
             biased;
             _ = slow.cancelled() => break,
             _ = gw.shutdown.cancelled() => break,
-            m = conn.next() => m,
+            _ = &mut expiry => {
+                expired = true;
+                break;
+            }
+            m = next => m,
         };
         match message {
             Some(Inbound::Text(mut buf)) => session.handle(&mut buf).await,
@@ -94,6 +121,15 @@ pub(super) async fn run(
             )),
             None => break,
         }
+        let latest = session.expires_at.load(Ordering::Acquire);
+        if latest != expires_at {
+            expires_at = latest;
+            let fresh = Verified {
+                user,
+                expires_at: latest,
+            };
+            expiry.set(tokio::time::sleep(fresh.remaining()));
+        }
     }
 
     session.stop_all_typing();
@@ -101,15 +137,24 @@ pub(super) async fn run(
         gw.rooms.leave(conv, session.id);
     }
     gw.disconnected(user, session.id);
-    conn.close().await;
+    if expired {
+        conn.close_with(
+            close::TOKEN_EXPIRED,
+            b"token expired: reconnect with a fresh token",
+        )
+        .await;
+    } else {
+        conn.close().await;
+    }
     gw.metrics.connection_closed();
 }
 
 impl Session {
+    /// Queue a frame of this session's own (a reply, hello). Replies are
+    /// never refused for room; the session loop waits for the writer instead.
     pub(super) fn push(&self, frame: bytes::Bytes) {
-        // Overflow flags the connection slow and the writer closes it; there
-        // is nothing more to do here.
-        let _ = self.outbox.push(frame);
+        // Closed: the connection is gone, there is no one to tell.
+        let _ = self.outbox.reply(frame);
     }
 
     /// The one reply to a request: its ack (only if it had a `ref`) or its error.
@@ -210,7 +255,26 @@ impl Session {
                     server_time: now_micros(),
                 }),
             ),
+            ClientEvent::RefreshToken { token } => self.reply(r, self.refresh_token(&token)),
         }
+    }
+
+    /// A fresh token for this connection's user moves its expiry; any other
+    /// token is refused and the current one stays.
+    fn refresh_token(&self, token: &str) -> Result<server::TokenRefreshed, HandlerError> {
+        let fresh = self
+            .jwt
+            .verify_token(token)
+            .map_err(|e| HandlerError::BadToken(e.to_string()))?;
+        if fresh.user != self.user {
+            return Err(HandlerError::TokenForAnotherUser);
+        }
+        self.expires_at.store(fresh.expires_at, Ordering::Release);
+        let expires_at = i64::try_from(fresh.expires_at)
+            .ok()
+            .and_then(|secs| chrono::DateTime::from_timestamp(secs, 0))
+            .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+        Ok(server::TokenRefreshed { expires_at })
     }
 
     /// Check membership and enter the room; tell the user's other devices.

@@ -36,12 +36,41 @@ const SYNC_RETRY_AFTER_MS: u64 = 100;
 /// One conversation's page, before it is shaped for the wire.
 struct Page {
     conversation_id: ConversationId,
+    /// Where the page was asked to start.
+    after: Seq,
     messages: Vec<StoredMessage>,
     has_more: bool,
     last_seq: Seq,
 }
 
 impl Page {
+    /// Cut the page so its messages take at most `allowance` bytes encoded
+    /// (less what they took), keeping at least one if `at_least_one`, so a
+    /// reply never pins more than a connection's budget however large its
+    /// messages. A cut page says `has_more` and ends `last_seq` at the last
+    /// message kept: the client pages on from there as usual.
+    fn fit(&mut self, allowance: &mut usize, at_least_one: bool) {
+        let mut keep = 0;
+        for m in &self.messages {
+            let size = server::encoded_len(&server::StoredView::from(m)) + 1;
+            if size > *allowance && !(at_least_one && keep == 0) {
+                break;
+            }
+            *allowance = allowance.saturating_sub(size);
+            keep += 1;
+        }
+        if keep < self.messages.len() {
+            self.messages.truncate(keep);
+            self.has_more = true;
+            if let Some(last) = self.messages.last() {
+                self.last_seq = last.seq;
+            } else {
+                // Nothing fits: the next page starts where this one did.
+                self.last_seq = self.after;
+            }
+        }
+    }
+
     fn wire(&self) -> server::SyncPage<'_> {
         server::SyncPage {
             conversation_id: self.conversation_id,
@@ -71,7 +100,13 @@ impl Session {
         };
         let (session, r) = (self.clone(), r.map(str::to_owned));
         tokio::spawn(async move {
-            let page = session.page(conv, after, limit).await;
+            let mut page = session.page(conv, after, limit).await;
+            if let Ok(page) = &mut page {
+                // At most the connection's reply allowance, not ~1 MB (200
+                // messages of 4 KiB) per page for a client that stalled.
+                let mut allowance = session.gw.cfg.outbox_bytes;
+                page.fit(&mut allowance, true);
+            }
             match &page {
                 Ok(page) => session.reply(r.as_deref(), Ok(page.wire())),
                 Err(e) => session.reply::<server::Done>(r.as_deref(), Err(e.clone())),
@@ -93,7 +128,14 @@ impl Session {
         let (session, r) = (self.clone(), r.map(str::to_owned));
         tokio::spawn(async move {
             let deadline = Instant::now() + RESUME_DEADLINE;
-            let pages = session.pages(&conversations, limit, deadline).await;
+            let mut pages = session.pages(&conversations, limit, deadline).await;
+            // One allowance for the whole reply, spent in the order named;
+            // the first page with messages always carries one.
+            let mut allowance = session.gw.cfg.outbox_bytes;
+            for page in pages.iter_mut().flatten() {
+                let first = allowance == session.gw.cfg.outbox_bytes;
+                page.fit(&mut allowance, first);
+            }
             let failures: Vec<Option<(crate::protocol::ErrorCode, String)>> = pages
                 .iter()
                 .map(|p| p.as_ref().err().map(|e| (e.code(), e.to_string())))
@@ -200,6 +242,7 @@ impl Session {
             .collect();
         Ok(Page {
             conversation_id: conv,
+            after,
             messages,
             has_more,
             last_seq,

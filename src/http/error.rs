@@ -38,6 +38,8 @@ pub enum ApiError {
     TimedOut(Duration),
     #[error("the server is at its connection limit; retry after {RETRY_AFTER_SECS} s")]
     AtCapacity,
+    #[error("requests from origin {0:?} are not allowed")]
+    OriginNotAllowed(String),
 }
 
 impl From<StoreError> for ApiError {
@@ -71,6 +73,7 @@ impl ApiError {
             }
             ApiError::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, ErrorCode::Unavailable),
             ApiError::AtCapacity => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            ApiError::OriginNotAllowed(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
         }
     }
 

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use self::admission::{AcceptBackoff, Admission, Admit, Counted, Pending, Slot};
 use crate::auth::{self, AuthError, Jwt};
 use crate::config::AdmissionConfig;
+use crate::config::Origins;
 use crate::domain::UserId;
 use crate::gateway::Gateway;
 use crate::protocol::http as wire;
@@ -46,7 +47,13 @@ pub struct HttpContext {
     /// The in-process worker's heartbeat, when this process runs one.
     pub worker: Option<Arc<Heartbeat>>,
     pub admission: AdmissionConfig,
+    /// Browser origins allowed on `/ws` and, through CORS, the API.
+    pub origins: Origins,
 }
+
+/// How long a browser may cache a preflight answer: ten minutes saves a
+/// round trip per API call without pinning a changed policy for long.
+const PREFLIGHT_MAX_AGE_SECS: &str = "600";
 
 /// A worker that has not looped for this long is reported stuck by /readyz.
 const WORKER_STUCK_AFTER: Duration = Duration::from_secs(30);
@@ -173,9 +180,57 @@ fn has_valid_token<B>(ctx: &HttpContext, req: &Request<B>) -> bool {
 }
 
 async fn route(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
+    // A browser names the page's origin; other clients send none and are
+    // not subject to the allowlist.
+    let origin = req
+        .headers()
+        .get(hyper::header::ORIGIN)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let allowed = origin.as_deref().is_none_or(|o| ctx.origins.allows(o));
+    let mut response = route_inner(ctx, req, origin.as_deref(), allowed).await;
+    if let (Some(o), true) = (&origin, allowed) {
+        cors(&mut response, o);
+    }
+    response
+}
+
+/// CORS headers for an allowed origin, echoed (never `*`, so a response
+/// never reads as public to every site) and varied on.
+fn cors(response: &mut Response<Body>, origin: &str) {
+    let Ok(origin) = hyper::header::HeaderValue::from_str(origin) else {
+        return;
+    };
+    let h = response.headers_mut();
+    h.insert(hyper::header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+    h.insert(
+        hyper::header::ACCESS_CONTROL_ALLOW_METHODS,
+        hyper::header::HeaderValue::from_static("GET, POST, DELETE, OPTIONS"),
+    );
+    h.insert(
+        hyper::header::ACCESS_CONTROL_ALLOW_HEADERS,
+        hyper::header::HeaderValue::from_static("authorization, content-type"),
+    );
+    h.insert(
+        hyper::header::VARY,
+        hyper::header::HeaderValue::from_static("origin"),
+    );
+}
+
+async fn route_inner(
+    ctx: &HttpContext,
+    req: Request<Incoming>,
+    origin: Option<&str>,
+    allowed: bool,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let refused = || ApiError::OriginNotAllowed(origin.unwrap_or_default().to_owned());
     let result = match (req.method(), segments.as_slice()) {
+        // A page on another origin may not open a socket with a user's token.
+        (&Method::GET, ["ws"]) if !allowed => Err(refused()),
+        // CORS preflight: answered without a token (browsers send none).
+        (&Method::OPTIONS, ["v1", ..]) if origin.is_some() && !allowed => Err(refused()),
+        (&Method::OPTIONS, ["v1", ..]) => Ok(preflight()),
         (&Method::GET, ["healthz"]) => Ok(json(StatusCode::OK, &wire::Health { status: "ok" })),
         (&Method::GET, ["readyz"]) => Ok(readyz(ctx).await),
         (&Method::GET, ["metrics"]) => Ok(metrics(ctx).await),
@@ -187,22 +242,33 @@ async fn route(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
     result.unwrap_or_else(|e| e.into_response())
 }
 
+fn preflight() -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .header(
+            hyper::header::ACCESS_CONTROL_MAX_AGE,
+            PREFLIGHT_MAX_AGE_SECS,
+        )
+        .body(Full::new(Bytes::new()))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
 /// Authenticate, then upgrade. Auth failures are plain HTTP 401s, sent
 /// before any upgrade, so browsers and tools see a normal error.
 fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let token = bearer_token(&req)
         .or_else(|| req.uri().query().and_then(auth::query_token))
         .unwrap_or("");
-    let user = ctx.jwt.verify(token)?;
+    let verified = ctx.jwt.verify_token(token)?;
     if !fastwebsockets::upgrade::is_upgrade_request(&req) {
         return Err(ApiError::BadRequest(
             "expected a WebSocket upgrade request".into(),
         ));
     }
-    let slot = ctx.gateway.reserve(user)?;
+    let slot = ctx.gateway.reserve(verified.user)?;
     let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
-    ctx.gateway.accept(slot, fut);
+    ctx.gateway.accept(slot, verified, &ctx.jwt, fut);
     Ok(response.map(|_| Full::new(Bytes::new())))
 }
 

@@ -23,6 +23,10 @@ pub type Ref = String;
 /// Longest `ref` accepted; longer ones are refused so replies stay small.
 pub const MAX_REF_LEN: usize = 128;
 
+/// Longest token `refresh_token` takes: ours are about 200 bytes; 4 KiB
+/// leaves room for an issuer's extra claims and bounds what is verified.
+pub const MAX_TOKEN_LEN: usize = 4096;
+
 /// Limits that depend on configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct DecodeLimits {
@@ -80,6 +84,11 @@ pub enum ClientEvent {
         version: i32,
     },
     Ping,
+    /// A fresh token for the same user, so the connection outlives the one
+    /// it was opened with.
+    RefreshToken {
+        token: String,
+    },
 }
 
 #[derive(Debug, PartialEq)]
@@ -167,6 +176,11 @@ struct DeleteWire {
 }
 
 #[derive(Deserialize)]
+struct RefreshWire {
+    token: String,
+}
+
+#[derive(Deserialize)]
 struct TypingWire {
     conversation_id: uuid::Uuid,
     is_typing: bool,
@@ -183,7 +197,7 @@ pub fn decode(buf: &mut [u8], limits: DecodeLimits) -> Result<Request, DecodeErr
         )
     })?;
     let value = simd_json::to_borrowed_value(buf)
-        .map_err(|e| DecodeError::new(None, ErrorCode::BadRequest, format!("not JSON: {e}")))?;
+        .map_err(|e| DecodeError::new(None, ErrorCode::BadRequest, not_json(&e)))?;
     let obj = value.as_object().ok_or_else(|| {
         DecodeError::new(None, ErrorCode::BadRequest, "a frame must be a JSON object")
     })?;
@@ -231,7 +245,61 @@ fn fields<'de, T: Deserialize<'de>>(
     ty: &str,
     value: BorrowedValue<'de>,
 ) -> Result<T, (ErrorCode, String)> {
-    T::deserialize(value).map_err(|e| (ErrorCode::Invalid, format!("{ty}: {e}")))
+    T::deserialize(value).map_err(|e| (ErrorCode::Invalid, format!("{ty}: {}", wrong_field(&e))))
+}
+
+/// Why a frame is not JSON, in words, with the byte simd-json stopped at
+/// (its own text is the name of an internal enum: "ExpectedNull at character 0").
+fn not_json(e: &simd_json::Error) -> String {
+    use simd_json::ErrorType as E;
+    let reason = match e.error() {
+        E::Eof => "unexpected end of input",
+        E::UnterminatedString => "unterminated string",
+        E::InvalidEscape | E::InvalidUnicodeEscape | E::InvalidUnicodeCodepoint => {
+            "invalid escape in a string"
+        }
+        E::InvalidNumber | E::InvalidExponent | E::Overflow => "invalid number",
+        E::InvalidUtf8 => "invalid UTF-8",
+        E::TrailingData => "more data after the JSON value",
+        E::ExpectedObjectKey | E::KeyMustBeAString | E::BadKeyType => {
+            "expected an object key (a string)"
+        }
+        E::ExpectedObjectColon => "expected ':' after an object key",
+        E::ExpectedMapComma | E::ExpectedMapEnd => "expected ',' or '}' in an object",
+        E::ExpectedArrayComma => "expected ',' or ']' in an array",
+        E::InputTooLarge => "input too large",
+        E::ExpectedNull
+        | E::ExpectedTrue
+        | E::ExpectedFalse
+        | E::ExpectedNumber
+        | E::ExpectedArrayContent
+        | E::ExpectedObjectContent
+        | E::UnexpectedCharacter
+        | E::Syntax
+        | E::Parser
+        | E::NoStructure => "unexpected character",
+        _ => return "not valid JSON".to_owned(),
+    };
+    format!("not JSON: {reason} at byte {}", e.index())
+}
+
+/// serde's sentence about a field ("missing field `seq`", "invalid type:
+/// string \"x\", expected i64"), out of simd-json's wrapper and with Rust
+/// type names put in words.
+fn wrong_field(e: &simd_json::Error) -> String {
+    let text = match e.error() {
+        simd_json::ErrorType::Serde(s) => s.clone(),
+        simd_json::ErrorType::ExpectedString => "expected a string".to_owned(),
+        simd_json::ErrorType::ExpectedMap => "expected an object".to_owned(),
+        simd_json::ErrorType::ExpectedArray => "expected an array".to_owned(),
+        simd_json::ErrorType::ExpectedBoolean => "expected true or false".to_owned(),
+        simd_json::ErrorType::ExpectedInteger
+        | simd_json::ErrorType::ExpectedSigned
+        | simd_json::ErrorType::ExpectedUnsigned => "expected an integer".to_owned(),
+        _ => "a field is missing or of the wrong type".to_owned(),
+    };
+    text.replace("expected i64", "expected a 64-bit integer")
+        .replace("expected i32", "expected a 32-bit integer")
 }
 
 fn decode_event(
@@ -345,6 +413,19 @@ fn decode_event(
             })
         }
         "ping" => Ok(ClientEvent::Ping),
+        "refresh_token" => {
+            let w: RefreshWire = fields(ty, value)?;
+            if w.token.is_empty() {
+                return Err((ErrorCode::Invalid, "token must not be empty".to_owned()));
+            }
+            if w.token.len() > MAX_TOKEN_LEN {
+                return Err((
+                    ErrorCode::TooLarge,
+                    format!("token is longer than {MAX_TOKEN_LEN} bytes"),
+                ));
+            }
+            Ok(ClientEvent::RefreshToken { token: w.token })
+        }
         other => Err((
             ErrorCode::BadRequest,
             format!("unknown event type {other:?}"),

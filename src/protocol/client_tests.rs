@@ -332,3 +332,76 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn error_messages_are_sentences_not_library_enums() {
+    let cases = [
+        (
+            "not json".to_owned(),
+            "not JSON: unexpected character at byte 0",
+        ),
+        (
+            "{\"a\":1,}".to_owned(),
+            "not JSON: expected an object key (a string) at byte 7",
+        ),
+        (
+            format!(
+                r#"{{"type":"send_message","conversation_id":"{CONV}","client_message_id":5,"content":"hi"}}"#
+            ),
+            "send_message: invalid type: integer `5`, expected a string",
+        ),
+        (
+            format!(r#"{{"type":"send_message","conversation_id":"{CONV}","content":"hi"}}"#),
+            "send_message: missing field `client_message_id`",
+        ),
+        (
+            format!(r#"{{"type":"delivered","conversation_id":"{CONV}","seq":1.5}}"#),
+            "delivered: invalid type: floating point `1.5`, expected a 64-bit integer",
+        ),
+        (
+            format!(r#"{{"type":"delete_message","message_id":"{CONV}","version":99999999999}}"#),
+            "delete_message: invalid value: integer `99999999999`, expected a 32-bit integer",
+        ),
+    ];
+    for (frame, want) in cases {
+        let e = err(&frame);
+        assert_eq!(e.message, want, "{frame}");
+        for internal in ["Serde(", "Expected", "at character", "i64", "i32"] {
+            assert!(!e.message.contains(internal), "{}", e.message);
+        }
+    }
+}
+
+#[test]
+fn refresh_token_decodes_and_is_checked() {
+    let r = dec(r#"{"type":"refresh_token","ref":"t","token":"a.b.c"}"#).unwrap();
+    assert_eq!(r.r#ref.as_deref(), Some("t"));
+    assert_eq!(
+        r.event,
+        ClientEvent::RefreshToken {
+            token: "a.b.c".into()
+        }
+    );
+    let e = err(r#"{"type":"refresh_token","ref":"t"}"#);
+    assert_eq!(
+        (e.code, e.r#ref.as_deref(), e.message.as_str()),
+        (
+            ErrorCode::Invalid,
+            Some("t"),
+            "refresh_token: missing field `token`"
+        )
+    );
+    assert_eq!(
+        err(r#"{"type":"refresh_token","token":""}"#).code,
+        ErrorCode::Invalid
+    );
+    assert_eq!(
+        err(r#"{"type":"refresh_token","token":7}"#).code,
+        ErrorCode::Invalid
+    );
+    let long = format!(
+        r#"{{"type":"refresh_token","token":"{}"}}"#,
+        "a".repeat(MAX_TOKEN_LEN + 1)
+    );
+    assert_eq!(err(&long).code, ErrorCode::TooLarge);
+}

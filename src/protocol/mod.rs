@@ -69,4 +69,7 @@ pub mod close {
     /// client within the read timeout: the network path is probably gone.
     /// Reconnect and resync by seq.
     pub const IDLE_TIMEOUT: u16 = 4000;
+    /// The connection's token expired and no fresh one came (`refresh_token`):
+    /// reconnect with a fresh token.
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }

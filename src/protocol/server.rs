@@ -17,6 +17,25 @@ fn encode<T: Serialize>(value: &T) -> Bytes {
     Bytes::from(serde_json::to_vec(value).expect("server events always serialize"))
 }
 
+/// The length of `value` encoded, without building it: what a reply is
+/// charged against a connection's outbox before it is shaped to fit.
+pub fn encoded_len<T: Serialize>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    // Cannot fail, as in `encode`; a failure would only undercount.
+    let _ = serde_json::to_writer(&mut n, value);
+    n.0
+}
+
 #[derive(Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 enum Event<'a> {
@@ -172,7 +191,14 @@ pub struct Pong {
     pub server_time: DateTime<Utc>,
 }
 
+/// `refresh_token`: when the connection now expires.
+#[derive(Serialize)]
+pub struct TokenRefreshed {
+    pub expires_at: DateTime<Utc>,
+}
+
 impl AckBody for Joined {}
+impl AckBody for TokenRefreshed {}
 impl AckBody for Left {}
 impl AckBody for Sent<'_> {}
 impl AckBody for Done {}

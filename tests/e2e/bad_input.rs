@@ -20,6 +20,8 @@ async fn malformed_frames_get_errors_and_the_connection_survives() {
         (Some("error"), Some("bad_request")),
         "{e}"
     );
+    // In words, not the parser's internal enum.
+    assert_eq!(e["message"], "not JSON: unexpected character at byte 0");
 
     c.send_raw(WsMessage::Text("[1,2,3]".into())).await;
     assert_eq!(c.recv().await["code"], "bad_request");

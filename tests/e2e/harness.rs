@@ -351,6 +351,27 @@ impl Client {
         }
     }
 
+    /// The next frame, or once the connection ends, Err with its close code
+    /// (None if it was dropped without a close frame).
+    pub async fn recv_or_close(&mut self) -> Result<Value, Option<u16>> {
+        if let Some(v) = self.pending.pop_front() {
+            return Ok(v);
+        }
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for a frame or the end"));
+            match msg {
+                Some(Ok(WsMessage::Text(t))) => {
+                    return Ok(serde_json::from_str(&t).expect("server frames are JSON"))
+                }
+                Some(Ok(WsMessage::Close(Some(frame)))) => return Err(Some(u16::from(frame.code))),
+                Some(Ok(WsMessage::Close(None))) | None | Some(Err(_)) => return Err(None),
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
     /// Wait for the close frame and return its code.
     pub async fn expect_close(&mut self) -> u16 {
         loop {

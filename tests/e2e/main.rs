@@ -6,11 +6,13 @@ mod raw;
 
 mod auth;
 mod bad_input;
+mod budgets;
 mod chat;
 mod durability;
 mod gateways;
 mod http_api;
 mod liveness;
+mod origins;
 mod process;
 mod realtime;
 mod reliability;

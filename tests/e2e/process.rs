@@ -93,3 +93,44 @@ async fn a_worker_process_killed_mid_stream_loses_and_duplicates_nothing() {
     assert_eq!(cmids.len(), n);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_against_a_real_database_warns_and_prefers_a_real_secret() {
+    use std::io::Read;
+    let (db_url, _pool) = fresh_database().await;
+    let dev_token = postline::auth::Jwt::new(postline::config::DEV_JWT_SECRET.as_bytes())
+        .issue(uid(), std::time::Duration::from_secs(60));
+    for real_secret in [false, true] {
+        let port = free_port();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_postline"));
+        cmd.args(["serve", "--dev", "--no-worker"])
+            .env("DATABASE_URL", &db_url)
+            .env("POSTLINE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .env_remove("POSTLINE_JWT_SECRET")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped());
+        if real_secret {
+            cmd.env("POSTLINE_JWT_SECRET", SECRET);
+        }
+        let child = Proc(Some(cmd.spawn().expect("spawn postline")));
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        wait_healthy(addr).await;
+        let auth = format!("Authorization: Bearer {dev_token}\r\n");
+        let (status, _) = raw_http(addr, "GET", "/v1/conversations", &auth, None).await;
+        // The public dev secret opens a real database only without a real one.
+        assert_eq!(status, if real_secret { 401 } else { 200 });
+        signal(&child, "-TERM");
+        let mut child = child.take();
+        let mut out = String::new();
+        child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut out)
+            .unwrap();
+        child.wait().unwrap();
+        assert!(out.contains("WARN"), "{out}");
+        assert_eq!(out.contains("PUBLIC dev JWT secret"), !real_secret, "{out}");
+    }
+}

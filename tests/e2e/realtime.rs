@@ -396,9 +396,10 @@ async fn edits_and_deletes_use_versions_and_history_keeps_tombstones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_reader_is_closed_and_does_not_hold_up_the_room() {
     let mut opts = Options::default();
-    // Small enough to overflow soon, large enough for a burst of
-    // message_persisted to a reader that keeps up.
-    opts.config.gateway.outbox_capacity = 256;
+    // The default: small enough to overflow soon, large enough for a burst
+    // of message_persisted (a worker batch of 500, ~110 KB) to a reader that
+    // keeps up.
+    opts.config.gateway.outbox_bytes = 256 * 1024;
     let app = TestApp::spawn_with(opts).await;
     let (a, b, s) = (uid(), uid(), uid());
     let conv = app.conversation(a, &[b, s]).await;
