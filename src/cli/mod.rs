@@ -48,8 +48,10 @@ struct Cli {
 enum Command {
     /// Run the gateway (HTTP + WebSocket) and, unless --no-worker, the persistence worker.
     Serve {
+        // Boxed: every limit, timeout and buffer size makes it far larger
+        // than the other commands' arguments.
         #[command(flatten)]
-        args: ServerArgs,
+        args: Box<ServerArgs>,
         /// Run the gateway alone; a `postline worker` elsewhere stores messages.
         #[arg(long)]
         no_worker: bool,

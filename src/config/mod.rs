@@ -8,7 +8,8 @@
 //! Argument groups are flattened into the subcommands that use them, so each
 //! subcommand takes only its own options:
 //! - `serve`: [`ServerArgs`] = [`DatabaseArgs`] + [`HttpArgs`] +
-//!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`];
+//!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
+//!   [`LimitsArgs`];
 //! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`];
 //! - `migrate`, `dlq`: [`DatabaseUrl`].
 //!
@@ -17,10 +18,12 @@
 
 mod enqueue;
 mod gateway;
+mod limits;
 mod worker;
 
 pub use enqueue::{EnqueueArgs, EnqueueConfig};
 pub use gateway::{GatewayArgs, GatewayConfig};
+pub use limits::{LimitsArgs, LimitsConfig, Rate};
 pub use worker::{RetryPolicy, WorkerArgs, WorkerConfig};
 
 use std::net::SocketAddr;
@@ -184,6 +187,8 @@ pub struct ServerArgs {
     pub worker: WorkerArgs,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub limits: LimitsArgs,
 }
 
 /// Validated settings of a server process.
@@ -198,6 +203,7 @@ pub struct Config {
     pub db_max_connections: u32,
     /// Time from the shutdown request to the return of `cli::serve`.
     pub shutdown_grace: Duration,
+    pub limits: LimitsConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -211,6 +217,7 @@ impl std::fmt::Debug for Config {
             .field("worker", &self.worker)
             .field("db_max_connections", &self.db_max_connections)
             .field("shutdown_grace", &self.shutdown_grace)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -228,6 +235,7 @@ impl Config {
             worker: WorkerConfig::default(),
             db_max_connections: DatabaseArgs::default().db_max_connections,
             shutdown_grace: RuntimeConfig::default().shutdown_grace,
+            limits: LimitsConfig::default(),
         }
     }
 
@@ -261,6 +269,7 @@ impl Config {
             worker: WorkerConfig::try_from(&args.worker)?,
             db_max_connections: args.database.max_connections()?,
             shutdown_grace: RuntimeConfig::try_from(&args.runtime)?.shutdown_grace,
+            limits: LimitsConfig::try_from(&args.limits)?,
         })
     }
 }
@@ -340,12 +349,16 @@ mod tests {
         assert_eq!(format!("{:?}", cfg.worker), format!("{:?}", d.worker));
         assert_eq!(cfg.db_max_connections, d.db_max_connections);
         assert_eq!(cfg.shutdown_grace, d.shutdown_grace);
+        assert_eq!(format!("{:?}", cfg.limits), format!("{:?}", d.limits));
         // Spot checks against the README's table.
         assert_eq!(d.gateway.max_frame_bytes, 65536);
         assert_eq!(d.worker.retry.cap, Duration::from_secs(300));
         assert_eq!(d.worker.retention, Duration::from_secs(168 * 3600));
         assert_eq!(d.shutdown_grace, Duration::from_secs(10));
         assert_eq!(RuntimeConfig::default().threads, None);
+        assert_eq!(d.limits.send_per_user.per_second.get(), 20);
+        assert_eq!(d.limits.upgrade_per_ip.burst.get(), 50);
+        assert_eq!(d.limits.max_refusals.get(), 100);
     }
 
     #[test]
@@ -416,6 +429,27 @@ mod tests {
             ("--cleanup-interval-secs", "POSTLINE_CLEANUP_INTERVAL_SECS"),
             ("--shutdown-grace-secs", "POSTLINE_SHUTDOWN_GRACE"),
             ("--threads", "POSTLINE_THREADS"),
+            ("--send-rate", "POSTLINE_SEND_RATE"),
+            ("--send-burst", "POSTLINE_SEND_BURST"),
+            (
+                "--conversation-send-rate",
+                "POSTLINE_CONVERSATION_SEND_RATE",
+            ),
+            (
+                "--conversation-send-burst",
+                "POSTLINE_CONVERSATION_SEND_BURST",
+            ),
+            ("--join-rate", "POSTLINE_JOIN_RATE"),
+            ("--join-burst", "POSTLINE_JOIN_BURST"),
+            ("--history-rate", "POSTLINE_HISTORY_RATE"),
+            ("--history-burst", "POSTLINE_HISTORY_BURST"),
+            ("--http-user-rate", "POSTLINE_HTTP_USER_RATE"),
+            ("--http-user-burst", "POSTLINE_HTTP_USER_BURST"),
+            ("--http-ip-rate", "POSTLINE_HTTP_IP_RATE"),
+            ("--http-ip-burst", "POSTLINE_HTTP_IP_BURST"),
+            ("--upgrade-ip-rate", "POSTLINE_UPGRADE_IP_RATE"),
+            ("--upgrade-ip-burst", "POSTLINE_UPGRADE_IP_BURST"),
+            ("--max-refusals", "POSTLINE_MAX_REFUSALS"),
         ] {
             let e = if flag == "--threads" {
                 RuntimeConfig::try_from(&args(&[flag, "0"]).runtime).unwrap_err()
