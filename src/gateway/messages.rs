@@ -13,8 +13,13 @@ use crate::domain::{now_micros, ClientMessageId, ConversationId, Message, Messag
 use crate::notify::Target;
 use crate::protocol::client::SendMessage;
 use crate::protocol::server;
-use crate::queue::{EnqueueError, PersistJob};
+use crate::queue::{EnqueueError, PersistJob, Rejected};
 use crate::rooms::Outbox;
+
+/// What a sender past its share of the persist buffer is told to wait. Its
+/// share frees as Postgres catches up, which takes as long as the outage
+/// does: a second is a guess that keeps a retrying client's load low.
+const SHARE_RETRY_AFTER_MS: u64 = 1000;
 
 /// The dedup key: one message per sender, conversation and client id.
 pub(super) type DedupKey = (UserId, ConversationId, ClientMessageId);
@@ -180,9 +185,16 @@ impl Session {
                 let _ = outbox.push(frame);
             }
         });
-        if gw.queues.persist.submit(job, done).is_err() {
+        if let Err(rejected) = gw.queues.persist.submit(self.user, job, done) {
             forget();
-            return self.reply::<server::Done>(r, Err(HandlerError::PersistBufferFull));
+            let e = match rejected {
+                Rejected::Full => HandlerError::PersistBufferFull,
+                Rejected::OverShare => HandlerError::RateLimited {
+                    what: "too many of your messages are waiting to be stored",
+                    retry_after_ms: SHARE_RETRY_AFTER_MS,
+                },
+            };
+            return self.reply::<server::Done>(r, Err(e));
         }
         gw.metrics.add_sent();
         gw.publish(Target::Message(conv, id), &frame, None);
