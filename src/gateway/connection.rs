@@ -126,6 +126,12 @@ impl Connection {
         self.inbound.recv().await
     }
 
+    /// Send a close frame with `code` ahead of anything still queued; the
+    /// session then ends and calls `close`.
+    pub(super) fn close_with(&self, code: u16, reason: &[u8]) {
+        let _ = self._control.try_send(close_frame(code, reason));
+    }
+
     /// Stop reading, let the writer finish what it owes (bounded), drop the socket.
     pub(super) async fn close(self) {
         self.reader.abort();

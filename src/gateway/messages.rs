@@ -97,8 +97,25 @@ impl Claim {
 }
 
 impl Session {
+    /// The sender's and the conversation's send limits.
+    fn send_allowed(&self, conv: ConversationId) -> Result<(), HandlerError> {
+        let limits = &self.gw.limits;
+        self.allowed(
+            limits.send_per_user.check(&self.user),
+            "send_message: too many messages from you",
+        )?;
+        self.allowed(
+            limits.send_per_conversation.check(&conv),
+            "send_message: too many messages in this conversation",
+        )
+    }
+
     pub(super) fn send_message(&self, r: Option<&str>, send: SendMessage) {
-        if let Err(e) = self.require_joined(send.conversation_id) {
+        // Limited only once joined, so only real conversations become keys.
+        let admitted = self
+            .require_joined(send.conversation_id)
+            .and_then(|()| self.send_allowed(send.conversation_id));
+        if let Err(e) = admitted {
             return self.reply::<server::Done>(r, Err(e));
         }
         let gw = &self.gw;

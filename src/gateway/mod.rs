@@ -36,6 +36,7 @@ pub use crate::config::GatewayConfig;
 pub use cache::BoundedMap;
 
 use crate::domain::{ConversationId, UserId};
+use crate::limits::Limits;
 use crate::notify::Relay;
 use crate::protocol::client::DecodeLimits;
 use crate::queue::Enqueuer;
@@ -80,6 +81,8 @@ pub struct Gateway {
     /// Cancelled when connections must close (after the persist buffer is flushed).
     shutdown: CancellationToken,
     connections: TaskTracker,
+    /// Shared with the HTTP layer: history reads count the same over both.
+    limits: Arc<Limits>,
 }
 
 impl Gateway {
@@ -90,6 +93,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         cfg: GatewayConfig,
         shutdown: CancellationToken,
+        limits: Arc<Limits>,
     ) -> Arc<Self> {
         Arc::new(Gateway {
             id: relay.gateway(),
@@ -104,6 +108,7 @@ impl Gateway {
             cfg,
             shutdown,
             connections: TaskTracker::new(),
+            limits,
         })
     }
 

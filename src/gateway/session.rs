@@ -6,15 +6,17 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, Inbound, SocketLimits};
 use super::error::HandlerError;
 use super::typing::TypingStates;
 use super::Gateway;
 use crate::domain::{now_micros, ConversationId, Seq, UserId};
+use crate::limits::{Decision, Tolerance};
 use crate::protocol::client::{decode, ClientEvent, Request};
 use crate::protocol::server::{self, AckBody};
-use crate::protocol::ErrorCode;
+use crate::protocol::{close, ErrorCode};
 use crate::rooms::{ConnectionId, Member, Outbox};
 use crate::store::Access;
 
@@ -35,6 +37,10 @@ pub(super) struct Session {
     pub(super) typing: TypingStates,
     pub(super) syncs: Arc<Semaphore>,
     pub(super) gw: Arc<Gateway>,
+    /// `rate_limited` refusals this connection may still collect.
+    refusals: Arc<Tolerance>,
+    /// Cancelled once it collected too many: it is closed with 1008.
+    flooding: CancellationToken,
 }
 
 /// Run one upgraded WebSocket for `user` until it closes, the client proves
@@ -67,6 +73,8 @@ pub(super) async fn run(
         typing: TypingStates::default(),
         syncs: Arc::new(Semaphore::new(SYNCS_PER_CONNECTION)),
         gw: gw.clone(),
+        refusals: Arc::new(gw.limits.tolerance()),
+        flooding: CancellationToken::new(),
     };
     session.push(server::hello(user, &session.id.0.to_string(), now_micros()));
     gw.connected(user, session.id, outbox.clone());
@@ -77,6 +85,10 @@ pub(super) async fn run(
             biased;
             _ = slow.cancelled() => break,
             _ = gw.shutdown.cancelled() => break,
+            _ = session.flooding.cancelled() => {
+                conn.close_with(close::POLICY_VIOLATION, b"rate limits ignored");
+                break;
+            }
             m = conn.next() => m,
         };
         match message {
@@ -111,8 +123,26 @@ impl Session {
         match result {
             Ok(body) if r#ref.is_some() => self.push(server::ack(r#ref, &body)),
             Ok(_) => {}
-            Err(e) => self.push(e.frame(r#ref)),
+            Err(e) => {
+                if matches!(e, HandlerError::RateLimited { .. })
+                    && self.refusals.exhausted_by_one_more()
+                {
+                    self.flooding.cancel();
+                }
+                self.push(e.frame(r#ref));
+            }
         }
+    }
+
+    /// `Ok` if `decision` allows; else `rate_limited`, naming `what`.
+    pub(super) fn allowed(
+        &self,
+        decision: Decision,
+        what: &'static str,
+    ) -> Result<(), HandlerError> {
+        decision
+            .into_result()
+            .map_err(|wait| HandlerError::rate_limited(what, wait))
     }
 
     fn joined(&self) -> MutexGuard<'_, HashMap<ConversationId, u64>> {
@@ -149,7 +179,13 @@ impl Session {
     async fn dispatch(&self, r: Option<&str>, event: ClientEvent) {
         match event {
             ClientEvent::JoinConversation { conversation_id } => {
-                let joined = self.join(conversation_id).await;
+                let joined = match self.allowed(
+                    self.gw.limits.join_per_user.check(&self.user),
+                    "join_conversation: too many joins",
+                ) {
+                    Ok(()) => self.join(conversation_id).await,
+                    Err(e) => Err(e),
+                };
                 self.reply(
                     r,
                     joined.map(|last_seq| server::Joined {

@@ -1,5 +1,7 @@
 //! The HTTP layer's error type and its one mapping to status and contract code.
 
+use std::time::Duration;
+
 use hyper::{Response, StatusCode};
 
 use super::{json, Body};
@@ -27,6 +29,11 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("the database is unavailable; retry shortly")]
     Unavailable,
+    #[error("{what}: retry after {} ms", retry_after.as_millis())]
+    RateLimited {
+        what: &'static str,
+        retry_after: Duration,
+    },
 }
 
 impl From<StoreError> for ApiError {
@@ -55,13 +62,14 @@ impl ApiError {
                 (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed)
             }
             ApiError::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
         }
     }
 
     pub fn into_response(self) -> Response<Body> {
         let (status, code) = self.status_and_code();
         let message = self.to_string();
-        json(
+        let mut response = json(
             status,
             &ErrorResponse {
                 error: ErrorBody {
@@ -69,6 +77,38 @@ impl ApiError {
                     message: &message,
                 },
             },
-        )
+        );
+        if let ApiError::RateLimited { retry_after, .. } = self {
+            response.headers_mut().insert(
+                hyper::header::RETRY_AFTER,
+                hyper::header::HeaderValue::from(retry_after_secs(retry_after)),
+            );
+        }
+        response
+    }
+}
+
+/// Retry-After in whole seconds (RFC 9110 has no finer unit), rounded up so
+/// a client that waits that long is let through, and at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limited_is_a_429_with_retry_after_in_whole_seconds() {
+        let e = ApiError::RateLimited {
+            what: "too many requests from you",
+            retry_after: Duration::from_millis(1200),
+        };
+        let r = e.into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[hyper::header::RETRY_AFTER], "2");
+        assert_eq!(retry_after_secs(Duration::from_millis(20)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
     }
 }

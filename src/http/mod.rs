@@ -7,6 +7,7 @@ mod error;
 pub use error::ApiError;
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,6 +25,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::{self, AuthError, Jwt};
 use crate::domain::UserId;
 use crate::gateway::Gateway;
+use crate::limits::{Decision, Limits};
 use crate::protocol::http as wire;
 use crate::queue::Enqueuer;
 use crate::store::Store;
@@ -41,6 +43,7 @@ pub struct HttpContext {
     pub enqueuer: Enqueuer,
     /// The in-process worker's heartbeat, when this process runs one.
     pub worker: Option<Arc<Heartbeat>>,
+    pub limits: Arc<Limits>,
 }
 
 /// A worker that has not looped for this long is reported stuck by /readyz.
@@ -56,7 +59,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: Cance
             _ = shutdown.cancelled() => break,
             a = listener.accept() => a,
         };
-        let (stream, _peer) = match accepted {
+        let (stream, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning.
@@ -72,7 +75,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: Cance
         conns.spawn(async move {
             let svc = service_fn(move |req| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(route(&ctx, req).await) }
+                async move { Ok::<_, Infallible>(route(&ctx, peer.ip(), req).await) }
             });
             let conn = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)
@@ -94,16 +97,28 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: Cance
     conns.wait().await;
 }
 
-async fn route(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
+/// `peer` is the TCP peer: behind a proxy, the proxy (see docs/PROTOCOL.md).
+async fn route(ctx: &HttpContext, peer: IpAddr, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let result = match (req.method(), segments.as_slice()) {
         (&Method::GET, ["healthz"]) => Ok(json(StatusCode::OK, &wire::Health { status: "ok" })),
         (&Method::GET, ["readyz"]) => Ok(readyz(ctx).await),
         (&Method::GET, ["metrics"]) => Ok(metrics(ctx).await),
-        (&Method::GET, ["ws"]) => upgrade(ctx, req),
+        // Limited before the token is checked: guessing tokens costs too.
+        (&Method::GET, ["ws"]) => limited(
+            ctx.limits.upgrade_per_ip.check(&peer),
+            "too many WebSocket upgrades from this address",
+        )
+        .and_then(|()| upgrade(ctx, req)),
         (_, ["healthz"] | ["readyz"] | ["metrics"] | ["ws"]) => Err(ApiError::MethodNotAllowed),
-        (_, ["v1", ..]) => api::handle(ctx, req, &segments[1..]).await,
+        (_, ["v1", ..]) => match limited(
+            ctx.limits.http_per_ip.check(&peer),
+            "too many requests from this address",
+        ) {
+            Ok(()) => api::handle(ctx, req, &segments[1..]).await,
+            Err(e) => Err(e),
+        },
         _ => Err(ApiError::NotFound("no such route".into())),
     };
     result.unwrap_or_else(|e| e.into_response())
@@ -125,6 +140,13 @@ fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Bod
         .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
     ctx.gateway.accept(user, fut);
     Ok(response.map(|_| Full::new(Bytes::new())))
+}
+
+/// `Ok` if `decision` allows; else a 429 naming `what`.
+pub(crate) fn limited(decision: Decision, what: &'static str) -> Result<(), ApiError> {
+    decision
+        .into_result()
+        .map_err(|retry_after| ApiError::RateLimited { what, retry_after })
 }
 
 fn bearer_token<B>(req: &Request<B>) -> Option<&str> {

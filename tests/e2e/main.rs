@@ -10,6 +10,7 @@ mod chat;
 mod durability;
 mod gateways;
 mod http_api;
+mod limits;
 mod process;
 mod realtime;
 mod reliability;
