@@ -114,6 +114,25 @@ pub fn loose_limits() -> LimitsConfig {
     }
 }
 
+/// [`loose_limits`] for a server started as a process.
+pub const LOOSE_LIMITS_ENV: &[(&str, &str)] = &[
+    ("POSTLINE_SEND_RATE", "1000000"),
+    ("POSTLINE_SEND_BURST", "1000000"),
+    ("POSTLINE_CONVERSATION_SEND_RATE", "1000000"),
+    ("POSTLINE_CONVERSATION_SEND_BURST", "1000000"),
+    ("POSTLINE_JOIN_RATE", "1000000"),
+    ("POSTLINE_JOIN_BURST", "1000000"),
+    ("POSTLINE_HISTORY_RATE", "1000000"),
+    ("POSTLINE_HISTORY_BURST", "1000000"),
+    ("POSTLINE_HTTP_USER_RATE", "1000000"),
+    ("POSTLINE_HTTP_USER_BURST", "1000000"),
+    ("POSTLINE_HTTP_IP_RATE", "1000000"),
+    ("POSTLINE_HTTP_IP_BURST", "1000000"),
+    ("POSTLINE_UPGRADE_IP_RATE", "1000000"),
+    ("POSTLINE_UPGRADE_IP_BURST", "1000000"),
+    ("POSTLINE_MAX_REFUSALS", "1000000"),
+];
+
 /// `per_second` sustained, `burst` at once (both at least 1).
 pub fn rate(per_second: u32, burst: u32) -> Rate {
     Rate {
