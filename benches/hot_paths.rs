@@ -1,15 +1,18 @@
 //! In-process costs of the hot paths: decoding each client event, encoding a
 //! broadcast, fanning a frame out to rooms of 10 / 100 / 1000 connections,
-//! and verifying a JWT. `cargo bench`; results in BENCHMARKS.md.
+//! verifying a JWT, and the rate-limit checks of a send. `cargo bench`;
+//! results in BENCHMARKS.md.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use postline::auth::Jwt;
+use postline::config::{LimitsConfig, Rate};
 use postline::domain::{
     ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, UserId,
 };
+use postline::limits::Limits;
 use postline::protocol::client::{decode, DecodeLimits};
 use postline::protocol::server;
 use postline::rooms::{ConnectionId, Member, Outbox, Rooms};
@@ -137,5 +140,51 @@ fn jwt(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, decoding, encoding, fanout, jwt);
+/// What `send_message` checks before anything else: the sender's and the
+/// conversation's limits. A hot key (one user sending, always allowed, and
+/// the same over its limit, refused), and keys spread over 10,000 users in
+/// 1,000 conversations (each map shard contended as in a busy gateway).
+fn limits(c: &mut Criterion) {
+    let n = |v: u32| v.try_into().unwrap();
+    let unlimited = Rate {
+        per_second: n(1_000_000_000),
+        burst: n(1_000_000_000),
+    };
+    let loose = LimitsConfig {
+        send_per_user: unlimited,
+        send_per_conversation: unlimited,
+        ..LimitsConfig::default()
+    };
+    let typing = Duration::from_secs(1);
+    let conv = ConversationId(CONV.parse().unwrap());
+    let user = UserId(uuid::Uuid::new_v4());
+    let check = |l: &Limits, u: &UserId, c: &ConversationId| {
+        black_box(l.send_per_user.check(u));
+        black_box(l.send_per_conversation.check(c));
+    };
+    let mut group = c.benchmark_group("limits/check_send");
+    let allowed = Limits::new(&loose, typing);
+    group.bench_function("hot_key_allowed", |b| {
+        b.iter(|| check(&allowed, black_box(&user), black_box(&conv)))
+    });
+    let refused = Limits::new(&LimitsConfig::default(), typing);
+    group.bench_function("hot_key_refused", |b| {
+        b.iter(|| check(&refused, black_box(&user), black_box(&conv)))
+    });
+    let users: Vec<UserId> = (0..10_000).map(|_| UserId(uuid::Uuid::new_v4())).collect();
+    let convs: Vec<ConversationId> = (0..1_000)
+        .map(|_| ConversationId(uuid::Uuid::new_v4()))
+        .collect();
+    let spread = Limits::new(&loose, typing);
+    let mut i = 0usize;
+    group.bench_function("10k_users_1k_conversations", |b| {
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            check(&spread, &users[i % users.len()], &convs[i % convs.len()]);
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decoding, encoding, fanout, jwt, limits);
 criterion_main!(benches);

@@ -14,6 +14,8 @@
 //!   (nesting depth checked first by `depth`); `server` encodes each server
 //!   frame once into shared `Bytes`; `http` types the API's bodies. No sockets.
 //! - [`auth`]: HS256 JWT verify/issue. [`telemetry`]: logs and counters.
+//!   [`limits`]: keyed rate limits (governor) answering allow or retry-after,
+//!   bounded in keys; imports only `config` and `domain`.
 //! - [`rooms`]: conversation -> joined connections; fan-out of pre-encoded
 //!   frames into bounded outboxes; the ledger `sync` relies on for no gap and
 //!   no duplicate. Memory only, never awaits under a lock.
@@ -38,6 +40,7 @@ pub mod config;
 pub mod domain;
 pub mod gateway;
 pub mod http;
+pub mod limits;
 pub mod notify;
 pub mod pglocal;
 pub mod protocol;

@@ -15,6 +15,7 @@ use crate::auth::Jwt;
 use crate::config::Config;
 use crate::gateway::{Enqueuers, Gateway};
 use crate::http::{self, HttpContext};
+use crate::limits::Limits;
 use crate::queue::Enqueuer;
 use crate::store::Store;
 use crate::telemetry::Metrics;
@@ -59,6 +60,8 @@ pub async fn serve(
     );
     let background_tasks = TaskTracker::new();
     let background_stop = CancellationToken::new();
+    let limits = Arc::new(Limits::new(&cfg.limits, cfg.gateway.typing_interval));
+    background_tasks.spawn(limits.clone().sweep_until(background_stop.clone()));
     let relay = crate::notify::Relay::spawn(
         pool.clone(),
         cfg.gateway_id,
@@ -75,6 +78,7 @@ pub async fn serve(
         metrics.clone(),
         cfg.gateway,
         close_connections.clone(),
+        limits.clone(),
     );
     let background = background_tasks;
     let (mut hints, listener_task) =
@@ -102,6 +106,7 @@ pub async fn serve(
         worker: heartbeat,
         admission: cfg.admission,
         origins: cfg.allowed_origins.clone(),
+        limits,
     });
     let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
     let http_ended = tokio::select! {

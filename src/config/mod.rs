@@ -10,6 +10,7 @@
 //! - `serve`: [`ServerArgs`] = [`DatabaseArgs`] + [`HttpArgs`] +
 //!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
 //!   [`AdmissionArgs`];
+//!   [`LimitsArgs`];
 //! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`];
 //! - `migrate`, `dlq`: [`DatabaseUrl`].
 //!
@@ -19,11 +20,13 @@
 mod admission;
 mod enqueue;
 mod gateway;
+mod limits;
 mod worker;
 
 pub use admission::{open_file_limit, AdmissionArgs, AdmissionConfig};
 pub use enqueue::{EnqueueArgs, EnqueueConfig};
 pub use gateway::{GatewayArgs, GatewayConfig};
+pub use limits::{LimitsArgs, LimitsConfig, Rate};
 pub use worker::{RetryPolicy, WorkerArgs, WorkerConfig};
 
 use std::net::SocketAddr;
@@ -270,6 +273,8 @@ pub struct ServerArgs {
     pub runtime: RuntimeArgs,
     #[command(flatten)]
     pub admission: AdmissionArgs,
+    #[command(flatten)]
+    pub limits: LimitsArgs,
 }
 
 impl ServerArgs {
@@ -318,6 +323,7 @@ pub struct Config {
     pub max_token_ttl: Duration,
     /// Browser origins allowed on `/ws` and the HTTP API (CORS).
     pub allowed_origins: Origins,
+    pub limits: LimitsConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -334,6 +340,7 @@ impl std::fmt::Debug for Config {
             .field("admission", &self.admission)
             .field("max_token_ttl", &self.max_token_ttl)
             .field("allowed_origins", &self.allowed_origins)
+            .field("limits", &self.limits)
             .finish()
     }
 }
@@ -354,6 +361,7 @@ impl Config {
             admission: AdmissionConfig::default(),
             max_token_ttl: Duration::from_secs(HttpArgs::default().max_token_ttl_secs),
             allowed_origins: Origins::default(),
+            limits: LimitsConfig::default(),
         }
     }
 
@@ -404,6 +412,7 @@ impl Config {
                 (None, true) => Origins::Any,
                 (None, false) => Origins::default(),
             },
+            limits: LimitsConfig::try_from(&args.limits)?,
         })
     }
 }
@@ -484,6 +493,7 @@ mod tests {
         assert_eq!(cfg.db_max_connections, d.db_max_connections);
         assert_eq!(cfg.shutdown_grace, d.shutdown_grace);
         assert_eq!(format!("{:?}", cfg.admission), format!("{:?}", d.admission));
+        assert_eq!(format!("{:?}", cfg.limits), format!("{:?}", d.limits));
         // Spot checks against the README's table.
         assert_eq!(d.gateway.max_frame_bytes, 65536);
         assert_eq!(d.gateway.outbox_bytes, 256 * 1024);
@@ -493,6 +503,9 @@ mod tests {
         assert_eq!(cfg.max_token_ttl, d.max_token_ttl);
         assert_eq!(d.max_token_ttl, Duration::from_secs(86_400));
         assert_eq!(RuntimeConfig::default().threads, None);
+        assert_eq!(d.limits.send_per_user.per_second.get(), 20);
+        assert_eq!(d.limits.upgrade_per_ip.burst.get(), 50);
+        assert_eq!(d.limits.max_refusals.get(), 100);
     }
 
     #[test]
@@ -581,6 +594,27 @@ mod tests {
                 "POSTLINE_MAX_JOINED_PER_CONNECTION",
             ),
             ("--max-token-ttl-secs", "POSTLINE_MAX_TOKEN_TTL"),
+            ("--send-rate", "POSTLINE_SEND_RATE"),
+            ("--send-burst", "POSTLINE_SEND_BURST"),
+            (
+                "--conversation-send-rate",
+                "POSTLINE_CONVERSATION_SEND_RATE",
+            ),
+            (
+                "--conversation-send-burst",
+                "POSTLINE_CONVERSATION_SEND_BURST",
+            ),
+            ("--join-rate", "POSTLINE_JOIN_RATE"),
+            ("--join-burst", "POSTLINE_JOIN_BURST"),
+            ("--history-rate", "POSTLINE_HISTORY_RATE"),
+            ("--history-burst", "POSTLINE_HISTORY_BURST"),
+            ("--http-user-rate", "POSTLINE_HTTP_USER_RATE"),
+            ("--http-user-burst", "POSTLINE_HTTP_USER_BURST"),
+            ("--http-ip-rate", "POSTLINE_HTTP_IP_RATE"),
+            ("--http-ip-burst", "POSTLINE_HTTP_IP_BURST"),
+            ("--upgrade-ip-rate", "POSTLINE_UPGRADE_IP_RATE"),
+            ("--upgrade-ip-burst", "POSTLINE_UPGRADE_IP_BURST"),
+            ("--max-refusals", "POSTLINE_MAX_REFUSALS"),
         ] {
             let e = if flag == "--threads" {
                 RuntimeConfig::try_from(&args(&[flag, "0"]).runtime).unwrap_err()

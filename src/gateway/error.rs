@@ -98,6 +98,16 @@ impl HandlerError {
 
     /// A store failure: logged here (with what was being done), reported to
     /// the client as a retryable outage.
+    /// Over a rate limit: wait `wait`, rounded up to whole milliseconds so
+    /// a client that waits exactly that long is let through.
+    pub fn rate_limited(what: &'static str, wait: std::time::Duration) -> Self {
+        let ms = wait.as_nanos().div_ceil(1_000_000);
+        HandlerError::RateLimited {
+            what,
+            retry_after_ms: u64::try_from(ms).unwrap_or(u64::MAX),
+        }
+    }
+
     pub fn database(doing: &'static str, e: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %e, "{doing} failed");
         HandlerError::DatabaseUnavailable

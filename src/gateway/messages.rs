@@ -13,8 +13,13 @@ use crate::domain::{now_micros, ClientMessageId, ConversationId, Message, Messag
 use crate::notify::Target;
 use crate::protocol::client::SendMessage;
 use crate::protocol::server;
-use crate::queue::{EnqueueError, PersistJob};
+use crate::queue::{EnqueueError, PersistJob, Rejected};
 use crate::rooms::Outbox;
+
+/// What a sender past its share of the persist buffer is told to wait. Its
+/// share frees as Postgres catches up, which takes as long as the outage
+/// does: a second is a guess that keeps a retrying client's load low.
+const SHARE_RETRY_AFTER_MS: u64 = 1000;
 
 /// The dedup key: one message per sender, conversation and client id.
 pub(super) type DedupKey = (UserId, ConversationId, ClientMessageId);
@@ -92,8 +97,25 @@ impl Claim {
 }
 
 impl Session {
+    /// The sender's and the conversation's send limits.
+    fn send_allowed(&self, conv: ConversationId) -> Result<(), HandlerError> {
+        let limits = &self.gw.limits;
+        self.allowed(
+            limits.send_per_user.check(&self.user),
+            "send_message: too many messages from you",
+        )?;
+        self.allowed(
+            limits.send_per_conversation.check(&conv),
+            "send_message: too many messages in this conversation",
+        )
+    }
+
     pub(super) fn send_message(&self, r: Option<&str>, send: SendMessage) {
-        if let Err(e) = self.require_joined(send.conversation_id) {
+        // Limited only once joined, so only real conversations become keys.
+        let admitted = self
+            .require_joined(send.conversation_id)
+            .and_then(|()| self.send_allowed(send.conversation_id));
+        if let Err(e) = admitted {
             return self.reply::<server::Done>(r, Err(e));
         }
         let gw = &self.gw;
@@ -180,9 +202,16 @@ impl Session {
                 let _ = outbox.reply(frame);
             }
         });
-        if gw.queues.persist.submit(job, done).is_err() {
+        if let Err(rejected) = gw.queues.persist.submit(self.user, job, done) {
             forget();
-            return self.reply::<server::Done>(r, Err(HandlerError::PersistBufferFull));
+            let e = match rejected {
+                Rejected::Full => HandlerError::PersistBufferFull,
+                Rejected::OverShare => HandlerError::RateLimited {
+                    what: "too many of your messages are waiting to be stored",
+                    retry_after_ms: SHARE_RETRY_AFTER_MS,
+                },
+            };
+            return self.reply::<server::Done>(r, Err(e));
         }
         gw.metrics.add_sent();
         gw.publish(Target::Message(conv, id), &frame, None);

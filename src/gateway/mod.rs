@@ -40,6 +40,7 @@ pub use slots::{TooManyConnections, UserSlot};
 
 use crate::auth::{Jwt, Verified};
 use crate::domain::{ConversationId, UserId};
+use crate::limits::Limits;
 use crate::notify::Relay;
 use crate::protocol::client::DecodeLimits;
 use crate::queue::Enqueuer;
@@ -85,6 +86,8 @@ pub struct Gateway {
     shutdown: CancellationToken,
     connections: TaskTracker,
     user_slots: slots::UserSlots,
+    /// Shared with the HTTP layer: history reads count the same over both.
+    limits: Arc<Limits>,
 }
 
 impl Gateway {
@@ -95,6 +98,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         cfg: GatewayConfig,
         shutdown: CancellationToken,
+        limits: Arc<Limits>,
     ) -> Arc<Self> {
         Arc::new(Gateway {
             id: relay.gateway(),
@@ -110,6 +114,7 @@ impl Gateway {
             shutdown,
             connections: TaskTracker::new(),
             user_slots: slots::UserSlots::new(cfg.max_connections_per_user),
+            limits,
         })
     }
 

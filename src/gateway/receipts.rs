@@ -88,7 +88,7 @@ impl Session {
                 let _ = outbox.reply(frame);
             }
         });
-        if gw.queues.background.submit(job, done).is_err() {
+        if gw.queues.background.submit(self.user, job, done).is_err() {
             return Err(HandlerError::BackgroundBufferFull);
         }
         let frame = server::receipt(conv, self.user, delivered_seq, read_seq);

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 
 use super::connection::{Connection, Inbound, SocketLimits};
 use super::error::HandlerError;
@@ -14,6 +15,7 @@ use super::typing::TypingStates;
 use super::Gateway;
 use crate::auth::{Jwt, Verified};
 use crate::domain::{now_micros, ConversationId, Seq, UserId};
+use crate::limits::{Decision, Tolerance};
 use crate::protocol::client::{decode, ClientEvent, Request};
 use crate::protocol::server::{self, AckBody};
 use crate::protocol::{close, ErrorCode};
@@ -42,6 +44,10 @@ pub(super) struct Session {
     /// `exp` of the latest token (Unix seconds): the connection is closed
     /// (4001) when it passes, unless a fresh token moved it.
     expires_at: Arc<AtomicU64>,
+    /// `rate_limited` refusals this connection may still collect.
+    refusals: Arc<Tolerance>,
+    /// Cancelled once it collected too many: it is closed with 1008.
+    flooding: CancellationToken,
 }
 
 /// Run one upgraded WebSocket for `user` until it closes, the client proves
@@ -84,6 +90,8 @@ pub(super) async fn run(
         gw: gw.clone(),
         jwt,
         expires_at: Arc::new(AtomicU64::new(token.expires_at)),
+        refusals: Arc::new(gw.limits.tolerance()),
+        flooding: CancellationToken::new(),
     };
     session.push(server::hello(user, &session.id.0.to_string(), now_micros()));
     gw.connected(user, session.id, outbox.clone());
@@ -93,7 +101,8 @@ pub(super) async fn run(
     let mut expires_at = token.expires_at;
     let expiry = tokio::time::sleep(token.remaining());
     tokio::pin!(expiry);
-    let mut expired = false;
+    // Why the session ended, when the server closes it with a code of its own.
+    let mut closing: Option<(u16, &[u8])> = None;
     loop {
         // The next request is taken only once this client's replies fit its
         // allowance: one that pipelines faster than it reads is slowed to its
@@ -107,7 +116,14 @@ pub(super) async fn run(
             _ = slow.cancelled() => break,
             _ = gw.shutdown.cancelled() => break,
             _ = &mut expiry => {
-                expired = true;
+                closing = Some((
+                    close::TOKEN_EXPIRED,
+                    b"token expired: reconnect with a fresh token",
+                ));
+                break;
+            }
+            _ = session.flooding.cancelled() => {
+                closing = Some((close::POLICY_VIOLATION, b"rate limits ignored"));
                 break;
             }
             m = next => m,
@@ -137,14 +153,9 @@ pub(super) async fn run(
         gw.rooms.leave(conv, session.id);
     }
     gw.disconnected(user, session.id);
-    if expired {
-        conn.close_with(
-            close::TOKEN_EXPIRED,
-            b"token expired: reconnect with a fresh token",
-        )
-        .await;
-    } else {
-        conn.close().await;
+    match closing {
+        Some((code, reason)) => conn.close_with(code, reason).await,
+        None => conn.close().await,
     }
     gw.metrics.connection_closed();
 }
@@ -162,8 +173,26 @@ impl Session {
         match result {
             Ok(body) if r#ref.is_some() => self.push(server::ack(r#ref, &body)),
             Ok(_) => {}
-            Err(e) => self.push(e.frame(r#ref)),
+            Err(e) => {
+                if matches!(e, HandlerError::RateLimited { .. })
+                    && self.refusals.exhausted_by_one_more()
+                {
+                    self.flooding.cancel();
+                }
+                self.push(e.frame(r#ref));
+            }
         }
+    }
+
+    /// `Ok` if `decision` allows; else `rate_limited`, naming `what`.
+    pub(super) fn allowed(
+        &self,
+        decision: Decision,
+        what: &'static str,
+    ) -> Result<(), HandlerError> {
+        decision
+            .into_result()
+            .map_err(|wait| HandlerError::rate_limited(what, wait))
     }
 
     fn joined(&self) -> MutexGuard<'_, HashMap<ConversationId, u64>> {
@@ -200,7 +229,13 @@ impl Session {
     async fn dispatch(&self, r: Option<&str>, event: ClientEvent) {
         match event {
             ClientEvent::JoinConversation { conversation_id } => {
-                let joined = self.join(conversation_id).await;
+                let joined = match self.allowed(
+                    self.gw.limits.join_per_user.check(&self.user),
+                    "join_conversation: too many joins",
+                ) {
+                    Ok(()) => self.join(conversation_id).await,
+                    Err(e) => Err(e),
+                };
                 self.reply(
                     r,
                     joined.map(|last_seq| server::Joined {

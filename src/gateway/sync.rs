@@ -82,8 +82,14 @@ impl Page {
 }
 
 impl Session {
-    /// A slot for one more `sync`/`resume` of this connection, or why not.
+    /// A slot for one more `sync`/`resume` of this connection, or why not:
+    /// the user's history reads are limited (over all connections and
+    /// HTTP), and so are the reads running at once on this connection.
     fn sync_slot(&self) -> Result<OwnedSemaphorePermit, HandlerError> {
+        self.allowed(
+            self.gw.limits.history_per_user.check(&self.user),
+            "too many history reads (sync, resume, GET messages)",
+        )?;
         self.syncs
             .clone()
             .try_acquire_owned()

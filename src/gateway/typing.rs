@@ -1,10 +1,10 @@
-//! Typing indicators: at most one refresh per interval, relayed to the
+//! Typing indicators: at most one refresh per interval (the `typing` limit
+//! of [`crate::limits`], per connection and conversation), relayed to the
 //! room, and turned off by the server when not refreshed in time or when
-//! the connection leaves or closes.
+//! the connection leaves or closes. Turning one off is never limited.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 
 use super::error::HandlerError;
 use super::session::Session;
@@ -13,7 +13,6 @@ use crate::protocol::server;
 
 #[derive(Debug, Clone, Copy)]
 struct Typing {
-    last_on: Instant,
     /// Bumped by every change, so a pending expiry knows if it is stale.
     generation: u64,
     on: bool,
@@ -44,30 +43,26 @@ impl Session {
         on: bool,
     ) -> Result<server::Done, HandlerError> {
         self.require_joined(conv)?;
-        let interval = self.gw.cfg.typing_interval;
-        let now = Instant::now();
         let change = {
             let mut states = self.typing.lock();
             let state = states.entry(conv).or_insert(Typing {
-                last_on: now - interval,
                 generation: 0,
                 on: false,
             });
-            let since = now.duration_since(state.last_on);
-            if on && state.on && since < interval {
-                return Err(HandlerError::RateLimited {
-                    what: "typing: at most one refresh per interval",
-                    retry_after_ms: (interval - since).as_millis() as u64,
-                });
+            if on {
+                // Every `true` uses the interval's one cell, so a refresh
+                // right after turning on waits too; only a refresh is
+                // refused, though: turning on after off always shows.
+                let decision = self.gw.limits.typing.check(&(self.id.0, conv));
+                if state.on {
+                    self.allowed(decision, "typing: at most one refresh per interval")?;
+                }
             }
             if !on && !state.on {
                 Change::None
             } else {
                 state.generation += 1;
                 state.on = on;
-                if on {
-                    state.last_on = now;
-                }
                 Change::Set {
                     generation: state.generation,
                 }

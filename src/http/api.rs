@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use super::{authenticate, json, ApiError, Body, HttpContext};
+use super::{authenticate, json, limited, ApiError, Body, HttpContext};
 use crate::domain::{ConversationId, UserId};
 use crate::protocol::http as wire;
 use crate::store::{HistoryPage, MAX_INITIAL_MEMBERS};
@@ -24,6 +24,10 @@ pub(super) async fn handle(
     path: &[&str],
 ) -> Result<Response<Body>, ApiError> {
     let user = authenticate(ctx, &req)?;
+    limited(
+        ctx.limits.http_per_user.check(&user),
+        "too many requests from you",
+    )?;
     match (req.method().clone(), path) {
         (Method::POST, ["conversations"]) => create_conversation(ctx, user, req).await,
         (Method::GET, ["conversations"]) => {
@@ -69,6 +73,11 @@ pub(super) async fn handle(
         (Method::GET, ["conversations", conv, "messages"]) => {
             let conv = parse_conversation(conv)?;
             let page = parse_page(req.uri().query().unwrap_or(""))?;
+            // Counted with `sync` and `resume`: the same reads, the same budget.
+            limited(
+                ctx.limits.history_per_user.check(&user),
+                "too many history reads (sync, resume, GET messages)",
+            )?;
             ctx.store.access(conv, user).await?.require_member()?;
             let (messages, has_more) = ctx.store.history(conv, page).await?;
             let history = wire::History {

@@ -40,6 +40,11 @@ pub enum ApiError {
     AtCapacity,
     #[error("requests from origin {0:?} are not allowed")]
     OriginNotAllowed(String),
+    #[error("{what}: retry after {} ms", retry_after.as_millis())]
+    RateLimited {
+        what: &'static str,
+        retry_after: Duration,
+    },
 }
 
 impl From<StoreError> for ApiError {
@@ -74,6 +79,7 @@ impl ApiError {
             ApiError::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, ErrorCode::Unavailable),
             ApiError::AtCapacity => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             ApiError::OriginNotAllowed(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
         }
     }
 
@@ -113,8 +119,39 @@ impl ApiError {
                 res.headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
             }
+            ApiError::RateLimited { retry_after, .. } => {
+                res.headers_mut().insert(
+                    RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_after)),
+                );
+            }
             _ => {}
         }
         res
+    }
+}
+
+/// Retry-After in whole seconds (RFC 9110 has no finer unit), rounded up so
+/// a client that waits that long is let through, and at least 1.
+fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limited_is_a_429_with_retry_after_in_whole_seconds() {
+        let e = ApiError::RateLimited {
+            what: "too many requests from you",
+            retry_after: Duration::from_millis(1200),
+        };
+        let r = e.into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[hyper::header::RETRY_AFTER], "2");
+        assert_eq!(retry_after_secs(Duration::from_millis(20)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
     }
 }

@@ -9,6 +9,7 @@ mod error;
 pub use error::ApiError;
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ use crate::config::AdmissionConfig;
 use crate::config::Origins;
 use crate::domain::UserId;
 use crate::gateway::Gateway;
+use crate::limits::{Decision, Limits};
 use crate::protocol::http as wire;
 use crate::queue::Enqueuer;
 use crate::store::Store;
@@ -49,6 +51,7 @@ pub struct HttpContext {
     pub admission: AdmissionConfig,
     /// Browser origins allowed on `/ws` and, through CORS, the API.
     pub origins: Origins,
+    pub limits: Arc<Limits>,
 }
 
 /// How long a browser may cache a preflight answer: ten minutes saves a
@@ -88,6 +91,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: Cance
                 conns.spawn(connection(
                     ctx.clone(),
                     stream,
+                    peer.ip(),
                     slot,
                     pending,
                     shutdown.clone(),
@@ -96,7 +100,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: Cance
             Admit::Triage(permit) => {
                 let ctx = ctx.clone();
                 conns.spawn(async move {
-                    triage(ctx, stream).await;
+                    triage(ctx, stream, peer.ip()).await;
                     drop(permit);
                 });
             }
@@ -112,6 +116,7 @@ pub async fn serve(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: Cance
 async fn connection(
     ctx: Arc<HttpContext>,
     stream: TcpStream,
+    peer: IpAddr,
     slot: Slot,
     pending: Arc<Pending>,
     shutdown: CancellationToken,
@@ -124,7 +129,7 @@ async fn connection(
             if !pending.is_released() && has_valid_token(&ctx, &req) {
                 pending.release();
             }
-            let res = tokio::time::timeout(cfg.request_timeout, route(&ctx, req))
+            let res = tokio::time::timeout(cfg.request_timeout, route(&ctx, peer, req))
                 .await
                 .unwrap_or_else(|_| ApiError::TimedOut(cfg.request_timeout).into_response());
             Ok::<_, Infallible>(res)
@@ -150,14 +155,14 @@ async fn connection(
 
 /// A connection over a cap: one request, answered if it is a health probe
 /// (so probes keep working at the cap), refused with 503 otherwise.
-async fn triage(ctx: Arc<HttpContext>, stream: TcpStream) {
+async fn triage(ctx: Arc<HttpContext>, stream: TcpStream, peer: IpAddr) {
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
         async move {
             let probe = req.method() == Method::GET
                 && matches!(req.uri().path().trim_matches('/'), "healthz" | "readyz");
             let res = if probe {
-                route(&ctx, req).await
+                route(&ctx, peer, req).await
             } else {
                 ApiError::AtCapacity.into_response()
             };
@@ -179,7 +184,8 @@ fn has_valid_token<B>(ctx: &HttpContext, req: &Request<B>) -> bool {
         .is_some_and(|t| ctx.jwt.verify(t).is_ok())
 }
 
-async fn route(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
+/// `peer` is the TCP peer: behind a proxy, the proxy (see docs/PROTOCOL.md).
+async fn route(ctx: &HttpContext, peer: IpAddr, req: Request<Incoming>) -> Response<Body> {
     // A browser names the page's origin; other clients send none and are
     // not subject to the allowlist.
     let origin = req
@@ -187,7 +193,7 @@ async fn route(ctx: &HttpContext, req: Request<Incoming>) -> Response<Body> {
         .get(hyper::header::ORIGIN)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let allowed = origin.as_deref().is_none_or(|o| ctx.origins.allows(o));
-    let mut response = route_inner(ctx, req, origin.as_deref(), allowed).await;
+    let mut response = route_inner(ctx, peer, req, origin.as_deref(), allowed).await;
     if let (Some(o), true) = (&origin, allowed) {
         cors(&mut response, o);
     }
@@ -218,6 +224,7 @@ fn cors(response: &mut Response<Body>, origin: &str) {
 
 async fn route_inner(
     ctx: &HttpContext,
+    peer: IpAddr,
     req: Request<Incoming>,
     origin: Option<&str>,
     allowed: bool,
@@ -234,9 +241,20 @@ async fn route_inner(
         (&Method::GET, ["healthz"]) => Ok(json(StatusCode::OK, &wire::Health { status: "ok" })),
         (&Method::GET, ["readyz"]) => Ok(readyz(ctx).await),
         (&Method::GET, ["metrics"]) => Ok(metrics(ctx).await),
-        (&Method::GET, ["ws"]) => upgrade(ctx, req),
+        // Limited before the token is checked: guessing tokens costs too.
+        (&Method::GET, ["ws"]) => limited(
+            ctx.limits.upgrade_per_ip.check(&peer),
+            "too many WebSocket upgrades from this address",
+        )
+        .and_then(|()| upgrade(ctx, req)),
         (_, ["healthz"] | ["readyz"] | ["metrics"] | ["ws"]) => Err(ApiError::MethodNotAllowed),
-        (_, ["v1", ..]) => api::handle(ctx, req, &segments[1..]).await,
+        (_, ["v1", ..]) => match limited(
+            ctx.limits.http_per_ip.check(&peer),
+            "too many requests from this address",
+        ) {
+            Ok(()) => api::handle(ctx, req, &segments[1..]).await,
+            Err(e) => Err(e),
+        },
         _ => Err(ApiError::NotFound("no such route".into())),
     };
     result.unwrap_or_else(|e| e.into_response())
@@ -270,6 +288,13 @@ fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Bod
         .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
     ctx.gateway.accept(slot, verified, &ctx.jwt, fut);
     Ok(response.map(|_| Full::new(Bytes::new())))
+}
+
+/// `Ok` if `decision` allows; else a 429 naming `what`.
+pub(crate) fn limited(decision: Decision, what: &'static str) -> Result<(), ApiError> {
+    decision
+        .into_result()
+        .map_err(|retry_after| ApiError::RateLimited { what, retry_after })
 }
 
 fn bearer_token<B>(req: &Request<B>) -> Option<&str> {

@@ -62,6 +62,9 @@ pub mod close {
     pub const PROTOCOL_ERROR: u16 = 1002;
     /// A text message that is not valid UTF-8: fix the client.
     pub const INVALID_PAYLOAD: u16 = 1007;
+    /// The client kept going after many `rate_limited` replies: reconnect
+    /// only after a pause, and honour `retry_after_ms`.
+    pub const POLICY_VIOLATION: u16 = 1008;
     /// The connection could not keep up with its outbound traffic: reconnect
     /// and resync by seq.
     pub const SLOW_CONSUMER: u16 = 4008;

@@ -4,9 +4,15 @@
 //! Callers never wait on Postgres: `submit` is a `try_send` into a bounded
 //! buffer, and a full buffer is refused at once (the client hears
 //! `unavailable`) rather than queued without bound or dropped after an ack.
+//!
+//! The buffer is shared fairly: each job has an owner (its sender), and no
+//! owner may have more than its share waiting (buffered or in the batch in
+//! flight). While Postgres is slow one flooding client fills its share and
+//! is refused, and everyone else's sends are still taken.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -16,6 +22,17 @@ use tokio_util::task::TaskTracker;
 
 use super::{send_batch_encoded, Payload};
 use crate::config::EnqueueConfig;
+use crate::domain::UserId;
+
+/// One owner's share of the buffer is capacity / this: sixteen owners at
+/// their share fill it, so fewer than sixteen flooders cannot crowd out the
+/// rest. One sender at the default send rate (20/s) needs far less than
+/// 1/16 of the default 8,192 even through a long outage.
+const SHARE_DIVISOR: usize = 16;
+
+/// The smallest share, whatever the capacity: above the default send burst
+/// (40), so a small buffer never refuses a legitimate burst for fairness.
+const MIN_SHARE: usize = 64;
 
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum EnqueueError {
@@ -27,24 +44,74 @@ pub enum EnqueueError {
     Refused(String),
 }
 
-/// `submit` refused the job: the buffer is full or the enqueuer has stopped.
-#[derive(Debug, thiserror::Error)]
-#[error("persist buffer full or closed")]
-pub struct Rejected;
+/// Why `submit` refused a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// The buffer is full or the enqueuer has stopped.
+    #[error("persist buffer full or closed")]
+    Full,
+    /// The owner already has its share of the buffer waiting.
+    #[error("this sender's share of the persist buffer is full")]
+    OverShare,
+}
 
 /// Called once with the job's fate: Ok once it is committed to the queue.
 pub type Done = Box<dyn FnOnce(Result<(), EnqueueError>) + Send>;
 
 struct Submission {
+    owner: UserId,
     payload: Payload,
     done: Done,
+}
+
+/// Jobs waiting per owner (submitted, not yet settled). Holds only owners
+/// with at least one job waiting, so at most capacity + one batch entries.
+struct Shares {
+    waiting: Mutex<HashMap<UserId, usize>>,
+    max_per_owner: usize,
+}
+
+impl Shares {
+    fn new(capacity: usize) -> Self {
+        Shares {
+            waiting: Mutex::default(),
+            max_per_owner: (capacity / SHARE_DIVISOR).max(MIN_SHARE),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<UserId, usize>> {
+        // Poisoning only means a panic elsewhere mid-update of a plain map.
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Count one more job of `owner`, if it is within its share.
+    fn take(&self, owner: UserId) -> Result<(), Rejected> {
+        let mut waiting = self.lock();
+        let n = waiting.entry(owner).or_insert(0);
+        if *n >= self.max_per_owner {
+            return Err(Rejected::OverShare);
+        }
+        *n += 1;
+        Ok(())
+    }
+
+    /// One job of `owner` settled (committed, refused or never buffered).
+    fn release(&self, owner: UserId) {
+        let mut waiting = self.lock();
+        if let Some(n) = waiting.get_mut(&owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                waiting.remove(&owner);
+            }
+        }
+    }
 }
 
 /// Handle to the enqueue task. Cheap to clone.
 #[derive(Clone)]
 pub struct Enqueuer {
     tx: mpsc::Sender<Submission>,
-    progress: Arc<Progress>,
+    state: Arc<State>,
 }
 
 /// A batch not committed after this long is stuck (Postgres down, a lock,
@@ -52,16 +119,16 @@ pub struct Enqueuer {
 /// wait its whole acquire timeout before it reports anything.
 const STALLED_AFTER: Duration = Duration::from_secs(1);
 
-/// How the enqueue task is doing, shared with `buffer()` for /readyz.
-#[derive(Default)]
-struct Progress {
-    /// The last attempt failed and is being retried.
+/// What the handles and the task share.
+struct State {
+    /// The last attempt to enqueue failed and is being retried.
     failing: AtomicBool,
     /// When the batch being sent now started; None between batches.
     sending_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+    shares: Shares,
 }
 
-impl Progress {
+impl State {
     fn sending(&self, since: Option<tokio::time::Instant>) {
         *self.sending_since.lock().unwrap_or_else(|p| p.into_inner()) = since;
     }
@@ -98,23 +165,35 @@ impl Enqueuer {
         tracker: &TaskTracker,
     ) -> Enqueuer {
         let (tx, rx) = mpsc::channel(cfg.capacity.max(1));
-        let progress = Arc::new(Progress::default());
-        tracker.spawn(run(rx, pool, queue, cfg, wake, shutdown, progress.clone()));
-        Enqueuer { tx, progress }
+        let state = Arc::new(State {
+            failing: AtomicBool::new(false),
+            sending_since: std::sync::Mutex::new(None),
+            shares: Shares::new(cfg.capacity),
+        });
+        tracker.spawn(run(rx, pool, queue, cfg, wake, shutdown, state.clone()));
+        Enqueuer { tx, state }
     }
 
     pub fn buffer(&self) -> PersistBuffer {
         PersistBuffer {
             buffered: self.tx.max_capacity() - self.tx.capacity(),
             capacity: self.tx.max_capacity(),
-            retrying: self.progress.stalled(),
+            retrying: self.state.stalled(),
         }
     }
 
-    pub fn submit(&self, payload: Payload, done: Done) -> Result<(), Rejected> {
-        self.tx
-            .try_send(Submission { payload, done })
-            .map_err(|_| Rejected)
+    /// Buffer `owner`'s job; `done` is called once with its fate.
+    pub fn submit(&self, owner: UserId, payload: Payload, done: Done) -> Result<(), Rejected> {
+        self.state.shares.take(owner)?;
+        let submission = Submission {
+            owner,
+            payload,
+            done,
+        };
+        self.tx.try_send(submission).map_err(|_| {
+            self.state.shares.release(owner);
+            Rejected::Full
+        })
     }
 }
 
@@ -125,9 +204,9 @@ async fn run(
     cfg: EnqueueConfig,
     wake: Arc<Notify>,
     shutdown: CancellationToken,
-    progress: Arc<Progress>,
+    state: Arc<State>,
 ) {
-    let failing = &progress.failing;
+    let failing = &state.failing;
     let mut batch: Vec<Submission> = Vec::with_capacity(cfg.max_batch);
     // One flush deadline for everything left at shutdown, not one per batch.
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -159,9 +238,11 @@ async fn run(
                 }
             }
         }
-        let (payloads, dones): (Vec<Payload>, Vec<Done>) =
-            batch.drain(..).map(|s| (s.payload, s.done)).unzip();
-        progress.sending(Some(tokio::time::Instant::now()));
+        let (payloads, settle): (Vec<Payload>, Vec<(UserId, Done)>) = batch
+            .drain(..)
+            .map(|s| (s.payload, (s.owner, s.done)))
+            .unzip();
+        state.sending(Some(tokio::time::Instant::now()));
         let results = match commit_with_retry(
             &pool,
             queue,
@@ -193,11 +274,13 @@ async fn run(
             }
             other => vec![other.map_err(EnqueueError::from); payloads.len()],
         };
-        progress.sending(None);
+        state.sending(None);
         if results.iter().any(Result::is_ok) {
             wake.notify_one();
         }
-        for (done, result) in dones.into_iter().zip(results) {
+        for ((owner, done), result) in settle.into_iter().zip(results) {
+            // Released first, so a sender acked now may send again at once.
+            state.shares.release(owner);
             done(result);
         }
     }
@@ -258,5 +341,31 @@ async fn commit_with_retry(
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_owner_past_its_share_is_refused_and_others_are_not() {
+        let shares = Shares::new(256);
+        assert_eq!(
+            shares.max_per_owner, MIN_SHARE,
+            "256 / 16 is below the floor"
+        );
+        let (flooder, polite) = (UserId(uuid::Uuid::new_v4()), UserId(uuid::Uuid::new_v4()));
+        for _ in 0..MIN_SHARE {
+            shares.take(flooder).unwrap();
+        }
+        assert_eq!(shares.take(flooder), Err(Rejected::OverShare));
+        assert_eq!(shares.take(polite), Ok(()));
+        // Settled jobs give the share back, and idle owners leave the map.
+        shares.release(flooder);
+        assert_eq!(shares.take(flooder), Ok(()));
+        shares.release(polite);
+        assert!(!shares.lock().contains_key(&polite));
+        assert_eq!(Shares::new(8192).max_per_owner, 512);
     }
 }

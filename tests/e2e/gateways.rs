@@ -16,11 +16,12 @@ const FAST: &[(&str, &str)] = &[
 
 async fn gateway(db_url: &str) -> (Proc, SocketAddr) {
     let port = free_port();
+    let env: Vec<(&str, &str)> = FAST.iter().chain(LOOSE_LIMITS_ENV).copied().collect();
     let child = spawn_postline(
         &["serve", "--no-worker", "--no-migrate"],
         db_url,
         port,
-        FAST,
+        &env,
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     wait_healthy(addr).await;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use postline::auth::Jwt;
-use postline::config::Config;
+use postline::config::{Config, LimitsConfig, Rate};
 use postline::domain::UserId;
 use postline::pglocal::{Cluster, ClusterOptions};
 use serde_json::{json, Value};
@@ -89,10 +89,55 @@ impl Default for Options {
         // Keep crash-recovery waits short in tests.
         config.worker.visibility_timeout = Duration::from_secs(1);
         config.worker.poll_interval = Duration::from_millis(50);
+        config.limits = loose_limits();
         Options {
             run_worker: true,
             config,
         }
+    }
+}
+
+/// Limits no test reaches unless it means to: the other tests send, sync
+/// and connect far faster than people do. The limits have their own tests
+/// (limits.rs), each with tight values.
+pub fn loose_limits() -> LimitsConfig {
+    let loose = rate(1_000_000, 1_000_000);
+    LimitsConfig {
+        send_per_user: loose,
+        send_per_conversation: loose,
+        join_per_user: loose,
+        history_per_user: loose,
+        http_per_user: loose,
+        http_per_ip: loose,
+        upgrade_per_ip: loose,
+        max_refusals: std::num::NonZeroU32::new(1_000_000).unwrap(),
+    }
+}
+
+/// [`loose_limits`] for a server started as a process.
+pub const LOOSE_LIMITS_ENV: &[(&str, &str)] = &[
+    ("POSTLINE_SEND_RATE", "1000000"),
+    ("POSTLINE_SEND_BURST", "1000000"),
+    ("POSTLINE_CONVERSATION_SEND_RATE", "1000000"),
+    ("POSTLINE_CONVERSATION_SEND_BURST", "1000000"),
+    ("POSTLINE_JOIN_RATE", "1000000"),
+    ("POSTLINE_JOIN_BURST", "1000000"),
+    ("POSTLINE_HISTORY_RATE", "1000000"),
+    ("POSTLINE_HISTORY_BURST", "1000000"),
+    ("POSTLINE_HTTP_USER_RATE", "1000000"),
+    ("POSTLINE_HTTP_USER_BURST", "1000000"),
+    ("POSTLINE_HTTP_IP_RATE", "1000000"),
+    ("POSTLINE_HTTP_IP_BURST", "1000000"),
+    ("POSTLINE_UPGRADE_IP_RATE", "1000000"),
+    ("POSTLINE_UPGRADE_IP_BURST", "1000000"),
+    ("POSTLINE_MAX_REFUSALS", "1000000"),
+];
+
+/// `per_second` sustained, `burst` at once (both at least 1).
+pub fn rate(per_second: u32, burst: u32) -> Rate {
+    Rate {
+        per_second: per_second.try_into().expect("a rate is at least 1"),
+        burst: burst.try_into().expect("a burst is at least 1"),
     }
 }
 

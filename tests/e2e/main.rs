@@ -11,6 +11,7 @@ mod chat;
 mod durability;
 mod gateways;
 mod http_api;
+mod limits;
 mod liveness;
 mod origins;
 mod process;

@@ -16,6 +16,18 @@ pub async fn raw_http(
     extra_headers: &str,
     body: Option<&str>,
 ) -> (u16, Value) {
+    let (status, _, v) = raw_http_with_head(addr, method, path, extra_headers, body).await;
+    (status, v)
+}
+
+/// As [`raw_http`], with the response head (status line and headers) too.
+pub async fn raw_http_with_head(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    extra_headers: &str,
+    body: Option<&str>,
+) -> (u16, String, Value) {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let body = body.unwrap_or("");
     let req = format!(
@@ -35,7 +47,11 @@ pub async fn raw_http(
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status line");
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+    (
+        status,
+        head.to_owned(),
+        serde_json::from_str(body).unwrap_or(Value::Null),
+    )
 }
 
 /// A WebSocket upgraded by hand over a raw TCP stream, for frames no client
