@@ -427,7 +427,7 @@ impl Writer {
                     // Whatever else is already queued goes out in the same write.
                     for _ in 1..MAX_FRAMES_PER_FLUSH {
                         // Flagged slow meanwhile: the close goes next (above).
-                        if self.slow.is_cancelled() {
+                        if self.out.overflowed() {
                             break;
                         }
                         match self.out.try_recv() {
