@@ -74,7 +74,7 @@ case "$scenario" in
     # Two gateways on one Postgres: senders on the first, receivers spread
     # over both; latency reported for same-gateway and cross-gateway deliveries.
     start_server
-    url=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'postgres://[^ ]*' | head -1)
+    url=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'postgres://[^ "]*' | head -1)
     addr2=127.0.0.1:$((port + 1))
     RUST_LOG=warn DATABASE_URL=$url POSTLINE_LISTEN=$addr2 ./target/release/postline serve --dev --no-worker --no-migrate &
     second=$!

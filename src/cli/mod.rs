@@ -325,6 +325,10 @@ async fn open_database(url: Option<String>, max: u32) -> anyhow::Result<(PgPool,
                 tokio::task::spawn_blocking(|| Cluster::start(ClusterOptions::default())).await??;
             let url = cluster.url("postgres");
             tracing::info!(%url, "started a throwaway local Postgres (removed at exit)");
+            // Plain on stdout, so the ops queries in sql/ are one paste away.
+            println!(
+                "dev database: psql \"{url}\"    (e.g. psql \"{url}\" -f sql/queue_depth.sql)"
+            );
             Ok((store::connect(&url, max).await?, Some(cluster)))
         }
     }

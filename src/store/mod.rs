@@ -66,7 +66,13 @@ pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreErr
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
-        .connect_with(options.application_name("postline"))
+        // pgmq's install and our idempotent migrations raise NOTICEs
+        // ("already exists, skipping") on every start: not worth a log line.
+        .connect_with(
+            options
+                .application_name("postline")
+                .options([("client_min_messages", "warning")]),
+        )
         .await?;
     Ok(pool)
 }
