@@ -9,7 +9,13 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    // Logs go to stdout; colour codes only where a person reads them, not
+    // into files, pipes or a platform's log collector.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .try_init();
 }
 
 /// A Prometheus histogram with fixed buckets.

@@ -132,5 +132,7 @@ async fn dev_against_a_real_database_warns_and_prefers_a_real_secret() {
         child.wait().unwrap();
         assert!(out.contains("WARN"), "{out}");
         assert_eq!(out.contains("PUBLIC dev JWT secret"), !real_secret, "{out}");
+        // Not a terminal: plain text, no colour codes in the log.
+        assert!(!out.contains('\x1b'), "ANSI codes in piped logs: {out:?}");
     }
 }
