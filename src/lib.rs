@@ -31,7 +31,8 @@
 //!   server, admission (connection caps and timeouts), `/v1` API, health,
 //!   `/ws` hand-off. Only these two touch hyper
 //!   and fastwebsockets; only `store`, `queue`, `notify` and `worker` touch sqlx.
-//! - [`cli`]: the composition root and shutdown order.
+//! - [`cli`]: the composition root and shutdown order; `chat`, a client that
+//!   speaks only the public contract.
 //! - [`pglocal`]: a throwaway local Postgres for `--dev` and tests.
 
 pub mod auth;
