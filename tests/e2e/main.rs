@@ -19,4 +19,5 @@ mod process;
 mod realtime;
 mod reliability;
 mod shutdown;
+mod socketio;
 mod sync;
