@@ -9,6 +9,7 @@
 //! - [`publish`]: the one place a frame leaves, here and to other gateways,
 //!   and where what other gateways and workers said is delivered.
 //! - [`presence`]: online/offline across gateways.
+//! - [`room_presence`]: who is in a conversation right now, across gateways.
 //! - [`error`]: why a request was refused, mapped to the contract once.
 //! - [`slots`]: the per-user cap on open WebSockets.
 //! - [`socketio`]: the Socket.IO handshake (auth after the upgrade); then
@@ -26,6 +27,7 @@ mod messages;
 mod presence;
 mod publish;
 mod receipts;
+mod room_presence;
 mod session;
 mod slots;
 mod socketio;
@@ -91,6 +93,9 @@ pub struct Gateway {
     user_slots: slots::UserSlots,
     /// Shared with the HTTP layer: history reads count the same over both.
     limits: Arc<Limits>,
+    /// Room departures waiting out the grace period: at most one per
+    /// (conversation, user) with a connection here that just closed.
+    departures: room_presence::Departures,
 }
 
 impl Gateway {
@@ -112,6 +117,7 @@ impl Gateway {
             queues,
             dedup: BoundedMap::new(cfg.dedup_capacity),
             receipts: BoundedMap::new(cfg.dedup_capacity),
+            departures: room_presence::Departures::default(),
             metrics,
             cfg,
             shutdown,

@@ -116,6 +116,7 @@ impl Gateway {
                 }
                 Err(e) => tracing::warn!(error = %e, "presence heartbeat failed"),
             }
+            self.reap_room_presence().await;
         }
         // Leaving: the sessions stay until they expire. Clearing them here
         // would announce offline too early (the drained clients are

@@ -113,7 +113,7 @@ impl Gateway {
 
     /// Membership changed through the HTTP API: tell the room, and take a
     /// removed user's connections out of it, on every gateway.
-    pub fn on_membership(&self, conv: ConversationId, user: UserId, joined: bool) {
+    pub async fn on_membership(&self, conv: ConversationId, user: UserId, joined: bool) {
         let frame: Bytes = if joined {
             server::member_joined(conv, user)
         } else {
@@ -122,6 +122,7 @@ impl Gateway {
         self.publish_to_room(conv, &frame, None);
         if !joined {
             self.publish(Target::Evict(conv, user), &Bytes::new(), None);
+            self.removed_from_room(conv, user).await;
         }
     }
 }

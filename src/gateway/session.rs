@@ -13,6 +13,7 @@ use fastwebsockets::WebSocket;
 
 use super::connection::{Codec, Connection, Inbound, Io, SocketLimits};
 use super::error::HandlerError;
+use super::room_presence::Departure;
 use super::typing::TypingStates;
 use super::Gateway;
 use crate::auth::{Jwt, Verified};
@@ -167,6 +168,7 @@ pub(super) async fn run(
     session.stop_all_typing();
     for conv in session.joined_conversations() {
         gw.rooms.leave(conv, session.id);
+        gw.left_room(conv, user, Departure::Disconnected);
     }
     gw.disconnected(user, session.id);
     match closing {
@@ -254,9 +256,10 @@ impl Session {
                 };
                 self.reply(
                     r,
-                    joined.map(|last_seq| server::Joined {
+                    joined.map(|(last_seq, present)| server::Joined {
                         conversation_id,
                         last_seq,
+                        present,
                     }),
                 );
             }
@@ -330,7 +333,11 @@ impl Session {
 
     /// Check membership and enter the room; tell the user's other devices.
     /// Returns the last persisted seq.
-    pub(super) async fn join(&self, conv: ConversationId) -> Result<Seq, HandlerError> {
+    /// Join `conv`: its last seq, and who is in it now.
+    pub(super) async fn join(
+        &self,
+        conv: ConversationId,
+    ) -> Result<(Seq, Vec<UserId>), HandlerError> {
         let gw = &self.gw;
         // Bounds the rooms (and fan-out entries) one socket can hold. Checked
         // up front; events of a session are handled one at a time, so no
@@ -379,7 +386,8 @@ impl Session {
         if announce {
             gw.publish_to_user(self.user, &server::joined(conv, last_seq), Some(self.id));
         }
-        Ok(last_seq)
+        let present = gw.entered_room(conv, self.user, self.id, announce).await;
+        Ok((last_seq, present))
     }
 
     fn leave(&self, conv: ConversationId) -> Result<server::Left, HandlerError> {
@@ -388,6 +396,7 @@ impl Session {
         if !self.gw.rooms.leave(conv, self.id) {
             return Err(HandlerError::NotInRoom);
         }
+        self.gw.left_room(conv, self.user, Departure::Left);
         self.gw
             .publish_to_user(self.user, &server::left(conv), Some(self.id));
         Ok(server::Left {

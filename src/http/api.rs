@@ -60,7 +60,7 @@ pub(super) async fn handle(
                     ApiError::BadRequest("user id in the path must be a UUID".into())
                 })?);
             ctx.store.remove_member(conv, user, member).await?;
-            ctx.gateway.on_membership(conv, member, false);
+            ctx.gateway.on_membership(conv, member, false).await;
             Ok(json(
                 StatusCode::OK,
                 &wire::MemberRemoved {
@@ -185,7 +185,7 @@ async fn add_member(
     let member = UserId(body.user_id);
     let added = ctx.store.add_member(conv, user, member).await?;
     if added {
-        ctx.gateway.on_membership(conv, member, true);
+        ctx.gateway.on_membership(conv, member, true).await;
     }
     Ok(json(
         if added {

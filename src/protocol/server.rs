@@ -63,6 +63,14 @@ enum Event<'a> {
         conversation_id: ConversationId,
         user_id: UserId,
     },
+    UserJoined {
+        conversation_id: ConversationId,
+        user_id: UserId,
+    },
+    UserLeft {
+        conversation_id: ConversationId,
+        user_id: UserId,
+    },
     Typing {
         conversation_id: ConversationId,
         user_id: UserId,
@@ -123,6 +131,9 @@ pub trait AckBody: Serialize {}
 pub struct Joined {
     pub conversation_id: ConversationId,
     pub last_seq: Seq,
+    /// Users in the conversation now (joined on some device, on any
+    /// gateway), the joining user included.
+    pub present: Vec<UserId>,
 }
 
 /// `leave_conversation`.
@@ -408,6 +419,24 @@ pub fn message_persisted(
 
 pub fn member_joined(conversation_id: ConversationId, user_id: UserId) -> Bytes {
     encode(&Event::MemberJoined {
+        conversation_id,
+        user_id,
+    })
+}
+
+/// Room presence: `user_id` is now in the conversation (its first device
+/// joined it, on any gateway). Not membership: see `member_joined`.
+pub fn user_joined(conversation_id: ConversationId, user_id: UserId) -> Bytes {
+    encode(&Event::UserJoined {
+        conversation_id,
+        user_id,
+    })
+}
+
+/// Room presence: `user_id` left the conversation (its last device left it,
+/// or disconnected and did not come back within the grace period).
+pub fn user_left(conversation_id: ConversationId, user_id: UserId) -> Bytes {
+    encode(&Event::UserLeft {
         conversation_id,
         user_id,
     })

@@ -118,6 +118,13 @@ impl Rooms {
         removed
     }
 
+    /// How many of `user`'s connections here are in the room.
+    pub fn user_connections(&self, conv: ConversationId, user: UserId) -> usize {
+        self.shard(conv).get(&conv).map_or(0, |room| {
+            room.members.iter().filter(|m| m.user == user).count()
+        })
+    }
+
     pub fn is_joined(&self, conv: ConversationId, conn: ConnectionId) -> bool {
         self.shard(conv)
             .get(&conv)

@@ -6,6 +6,7 @@
 
 mod conversations;
 mod messages;
+mod room_presence;
 
 pub use conversations::{Access, ConversationSummary, NewConversation, MAX_INITIAL_MEMBERS};
 pub use messages::{

@@ -381,3 +381,73 @@ async fn users_of_a_drained_gateway_who_do_not_return_go_offline_once_elsewhere(
     );
     assert_eq!(offline(frank), 0, "frank reconnected; no flap: {frames:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_presence_crosses_gateways_and_a_dead_gateway_s_users_leave_once() {
+    let (db_url, _pool) = fresh_database().await;
+    let (_gw_a, a_addr) = gateway(&db_url).await;
+    let (gw_b, b_addr) = gateway(&db_url).await;
+    let (alice, bob, carol) = (uid(), uid(), uid());
+    let conv = create_conversation(a_addr, alice, &[bob, carol]).await;
+    let mut a = client(a_addr, alice).await;
+    a.join(conv).await;
+
+    // Bob enters on the other gateway: Alice hears it, Bob's ack lists her.
+    let mut b = client(b_addr, bob).await;
+    let ack = b.join(conv).await;
+    let mut present: Vec<&str> = ack["present"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    present.sort();
+    let mut expected = vec![alice.0.to_string(), bob.0.to_string()];
+    expected.sort();
+    assert_eq!(present, expected);
+    let entered = a
+        .recv_where(|f| f["type"] == "user_joined" && f["user_id"] == bob.0.to_string())
+        .await;
+    assert_eq!(entered["conversation_id"], conv.to_string());
+
+    // Bob also on gateway A (a second device): no second announcement, and
+    // leaving there keeps him in through gateway B.
+    let mut b_on_a = client(a_addr, bob).await;
+    b_on_a.join(conv).await;
+    b_on_a
+        .request(json!({"type": "leave_conversation", "conversation_id": conv}))
+        .await;
+    let frames = a.frames_for(Duration::from_millis(500)).await;
+    assert!(
+        !frames
+            .iter()
+            .any(|f| f["type"] == "user_joined" || f["type"] == "user_left"),
+        "{frames:?}"
+    );
+
+    // Gateway B dies without a word: once its heartbeat is overdue, Bob's
+    // presence there is reaped and his departure announced, once.
+    signal(&gw_b, "-KILL");
+    let left = a
+        .recv_where(|f| f["type"] == "user_left" && f["user_id"] == bob.0.to_string())
+        .await;
+    assert_eq!(left["conversation_id"], conv.to_string());
+    let frames = a.frames_for(Duration::from_millis(1500)).await;
+    assert!(
+        !frames.iter().any(|f| f["type"] == "user_left"),
+        "announced once: {frames:?}"
+    );
+    // Carol, arriving now, sees only Alice.
+    let mut c = client(a_addr, carol).await;
+    let ack = c.join(conv).await;
+    let mut present: Vec<&str> = ack["present"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    present.sort();
+    let mut expected = vec![alice.0.to_string(), carol.0.to_string()];
+    expected.sort();
+    assert_eq!(present, expected);
+}

@@ -18,6 +18,7 @@ mod origins;
 mod process;
 mod realtime;
 mod reliability;
+mod room_presence;
 mod shutdown;
 mod socketio;
 mod sync;
