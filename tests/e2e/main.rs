@@ -13,6 +13,7 @@ mod gateways;
 mod http_api;
 mod limits;
 mod liveness;
+mod ops;
 mod origins;
 mod process;
 mod realtime;
