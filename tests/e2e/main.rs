@@ -4,6 +4,7 @@
 mod harness;
 mod raw;
 
+mod alerts;
 mod auth;
 mod bad_input;
 mod budgets;
