@@ -13,7 +13,8 @@
 //! - [`protocol`]: every wire shape. `client` decodes frames into events
 //!   (nesting depth checked first by `depth`); `server` encodes each server
 //!   frame once into shared `Bytes`; `http` types the API's bodies. No sockets.
-//! - [`auth`]: HS256 JWT verify/issue. [`telemetry`]: logs and counters.
+//! - [`auth`]: HS256 JWT verify/issue. [`telemetry`]: logs, counters, and
+//!   their recent history (`window`) for rates and p50/p99.
 //!   [`limits`]: keyed rate limits (governor) answering allow or retry-after,
 //!   bounded in keys; imports only `config` and `domain`.
 //! - [`rooms`]: conversation -> joined connections; fan-out of pre-encoded
@@ -31,10 +32,15 @@
 //!   server, admission (connection caps and timeouts), `/v1` API, health,
 //!   `/ws` hand-off. Only these two touch hyper
 //!   and fastwebsockets; only `store`, `queue`, `notify` and `worker` touch sqlx.
+//! - [`alerts`]: threshold rules over the counters and the queue tables,
+//!   evaluated in the process; `/alerts` and an optional webhook (hyper's
+//!   client, its only use outside `http`). Reads Postgres only through
+//!   `store` and `queue`.
 //! - [`cli`]: the composition root and shutdown order; `chat`, a client that
 //!   speaks only the public contract.
 //! - [`pglocal`]: a throwaway local Postgres for `--dev` and tests.
 
+pub mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;

@@ -1,6 +1,13 @@
 //! Logging setup and the process's counters, rendered as Prometheus text on
 //! /metrics. Counters are plain atomics: bumping one on a hot path costs a
-//! relaxed add.
+//! relaxed add. [`window`] keeps a short history of them, so the dashboard
+//! and the alerts can speak of "the last minute" (rates, p50/p99).
+
+mod rate_limit;
+mod window;
+
+pub use rate_limit::RateLimit;
+pub use window::{HistogramDelta, Recorder, Snapshot, Window};
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -59,6 +66,19 @@ impl Histogram {
             .fetch_add((v.max(0.0) * 1e6) as u64, Ordering::Relaxed);
     }
 
+    /// The bucket counts (not cumulative), the count and the sum, as they are now.
+    pub fn snapshot(&self) -> HistogramDelta {
+        HistogramDelta {
+            bounds: self.bounds,
+            buckets: self
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .collect(),
+            count: self.count.load(Ordering::Relaxed),
+        }
+    }
+
     fn render(&self, out: &mut String, name: &str, labels: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let sep = if labels.is_empty() { "" } else { "," };
@@ -85,6 +105,12 @@ impl Histogram {
 /// Seconds, from 1 ms to 1 min: how long a message waits between enqueue and commit.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Seconds, from 10 µs to 1 s: a send is handed to the room's outboxes well
+/// under a millisecond, so the latency buckets above would put it all in one.
+const FAST_BUCKETS: &[f64] = &[
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0,
 ];
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0];
 
@@ -113,10 +139,20 @@ pub struct Metrics {
     messages_sent: AtomicU64,
     messages_duplicate: AtomicU64,
     persisted_notified: AtomicU64,
+    /// Indexed by `RateLimit as usize`.
+    rate_limited: [AtomicU64; RateLimit::ALL.len()],
+    http_server_errors: AtomicU64,
+    alerts_firing: AtomicI64,
+    webhook_sent: AtomicU64,
+    webhook_failed: AtomicU64,
+    webhook_dropped: AtomicU64,
     pub persist: QueueCounters,
     pub background: QueueCounters,
     pub batch_size: Histogram,
     pub persist_latency: Histogram,
+    /// From taking a `send_message` frame to handing its broadcast to the
+    /// room's outboxes here.
+    pub send_broadcast_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -127,10 +163,17 @@ impl Default for Metrics {
             messages_sent: AtomicU64::new(0),
             messages_duplicate: AtomicU64::new(0),
             persisted_notified: AtomicU64::new(0),
+            rate_limited: Default::default(),
+            http_server_errors: AtomicU64::new(0),
+            alerts_firing: AtomicI64::new(0),
+            webhook_sent: AtomicU64::new(0),
+            webhook_failed: AtomicU64::new(0),
+            webhook_dropped: AtomicU64::new(0),
             persist: QueueCounters::default(),
             background: QueueCounters::default(),
             batch_size: Histogram::new(BATCH_BUCKETS),
             persist_latency: Histogram::new(LATENCY_BUCKETS),
+            send_broadcast_latency: Histogram::new(FAST_BUCKETS),
         }
     }
 }
@@ -159,6 +202,55 @@ impl Metrics {
 
     pub fn connections_open(&self) -> i64 {
         self.connections_open.load(Ordering::Relaxed)
+    }
+
+    /// A request refused by `limit`.
+    pub fn add_rate_limited(&self, limit: RateLimit) {
+        self.rate_limited[limit as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An HTTP response with a 5xx status.
+    pub fn add_http_server_error(&self) {
+        self.http_server_errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_alerts_firing(&self, n: usize) {
+        self.alerts_firing.store(n as i64, Ordering::Relaxed);
+    }
+
+    pub fn webhook_sent(&self) {
+        self.webhook_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn webhook_failed(&self) {
+        self.webhook_failed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn webhook_dropped(&self) {
+        self.webhook_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Every counter and histogram, as it is now.
+    pub fn snapshot(&self) -> Snapshot {
+        let jobs = |c: &QueueCounters| window::JobCounts {
+            processed: c.processed.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+            retried: c.retried.load(Ordering::Relaxed),
+            dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
+        };
+        Snapshot {
+            at: std::time::Instant::now(),
+            connections_open: self.connections_open(),
+            connections_total: self.connections_total.load(Ordering::Relaxed),
+            messages_sent: self.messages_sent.load(Ordering::Relaxed),
+            persisted_notified: self.persisted_notified.load(Ordering::Relaxed),
+            http_server_errors: self.http_server_errors.load(Ordering::Relaxed),
+            rate_limited: std::array::from_fn(|i| self.rate_limited[i].load(Ordering::Relaxed)),
+            persist: jobs(&self.persist),
+            background: jobs(&self.background),
+            persist_latency: self.persist_latency.snapshot(),
+            send_broadcast_latency: self.send_broadcast_latency.snapshot(),
+        }
     }
 
     /// Prometheus text exposition format, version 0.0.4.
@@ -199,6 +291,18 @@ impl Metrics {
             "counter",
             "message_persisted notifications received from workers.",
             self.persisted_notified.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            "postline_http_server_errors_total",
+            "counter",
+            "HTTP responses with a 5xx status.",
+            self.http_server_errors.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            "postline_alerts_firing",
+            "gauge",
+            "Alerts firing in this process's evaluator (GET /alerts).",
+            self.alerts_firing.load(Ordering::Relaxed).to_string(),
         );
         let mut family = |name: &str, kind: &str, help: &str, rows: Vec<(String, String)>| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -267,6 +371,35 @@ impl Metrics {
                     .collect(),
             );
         }
+        family(
+            "postline_rate_limited_total",
+            "counter",
+            "Requests refused by a rate limit (HTTP 429 or a rate_limited reply), by limit.",
+            RateLimit::ALL
+                .iter()
+                .map(|l| {
+                    (
+                        format!("limiter=\"{}\"", l.name()),
+                        self.rate_limited[*l as usize]
+                            .load(Ordering::Relaxed)
+                            .to_string(),
+                    )
+                })
+                .collect(),
+        );
+        family(
+            "postline_alert_webhook_total",
+            "counter",
+            "Alert transitions by webhook outcome: sent (2xx), failed (every attempt), dropped (queue full).",
+            [
+                ("sent", &self.webhook_sent),
+                ("failed", &self.webhook_failed),
+                ("dropped", &self.webhook_dropped),
+            ]
+            .iter()
+            .map(|(o, c)| (format!("outcome=\"{o}\""), c.load(Ordering::Relaxed).to_string()))
+            .collect(),
+        );
         self.batch_size.render(
             &mut out,
             "postline_worker_batch_size",
@@ -279,7 +412,40 @@ impl Metrics {
             "",
             "Time from enqueue to the commit that stored the message.",
         );
+        self.send_broadcast_latency.render(
+            &mut out,
+            "postline_send_broadcast_latency_seconds",
+            "",
+            "Time from taking a send_message frame to handing its broadcast to the room here.",
+        );
         out
+    }
+}
+
+/// What the database says about the whole cluster, read at scrape time:
+/// gateways alive and missing (`gateways` table), rows in `dead_letters`.
+/// Appended to [`Metrics::render`]'s text; a part that could not be read is
+/// left out rather than reported as zero.
+pub fn render_cluster(
+    out: &mut String,
+    gateways: Option<(usize, usize)>,
+    dead_letters: Option<i64>,
+) {
+    if let Some((alive, missing)) = gateways {
+        let _ = writeln!(
+            out,
+            "# HELP postline_gateways_alive Gateways heartbeating (any process reports all).\n\
+             # TYPE postline_gateways_alive gauge\npostline_gateways_alive {alive}\n\
+             # HELP postline_gateways_missing Gateways silent without a clean shutdown.\n\
+             # TYPE postline_gateways_missing gauge\npostline_gateways_missing {missing}"
+        );
+    }
+    if let Some(n) = dead_letters {
+        let _ = writeln!(
+            out,
+            "# HELP postline_dead_letters Rows in the dead_letters table.\n\
+             # TYPE postline_dead_letters gauge\npostline_dead_letters {n}"
+        );
     }
 }
 
@@ -314,5 +480,21 @@ mod tests {
         assert!(text.contains("postline_persist_latency_seconds_bucket{le=\"30\"} 2\n"));
         assert!(text.contains("postline_persist_latency_seconds_count 2\n"));
         assert!(text.contains("postline_jobs_dead_lettered_total{queue=\"postline_persist\"} 0\n"));
+    }
+
+    #[test]
+    fn rate_limit_refusals_are_counted_by_limiter() {
+        let m = Metrics::default();
+        m.add_rate_limited(RateLimit::UpgradePerIp);
+        m.add_rate_limited(RateLimit::UpgradePerIp);
+        m.send_broadcast_latency.observe(0.00003);
+        let text = m.render(&[]);
+        assert!(text.contains("postline_rate_limited_total{limiter=\"upgrade_per_ip\"} 2\n"));
+        assert!(text.contains("postline_rate_limited_total{limiter=\"send_per_user\"} 0\n"));
+        assert!(text.contains("postline_send_broadcast_latency_seconds_bucket{le=\"0.00005\"} 1\n"));
+        assert_eq!(
+            m.snapshot().rate_limited[RateLimit::UpgradePerIp as usize],
+            2
+        );
     }
 }

@@ -6,6 +6,7 @@
 
 mod chat;
 mod dlq;
+mod ops;
 mod serve;
 
 use chat::{chat, ChatArgs};
@@ -24,11 +25,12 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::auth::Jwt;
 use crate::config::{
-    Config, DatabaseArgs, DatabaseUrl, RuntimeArgs, RuntimeConfig, ServerArgs, WorkerArgs,
-    WorkerConfig, DEV_JWT_SECRET,
+    Config, DatabaseArgs, DatabaseUrl, OpsArgs, OpsConfig, RuntimeArgs, RuntimeConfig, ServerArgs,
+    WorkerArgs, WorkerConfig, WorkerHttpArgs, DEV_JWT_SECRET,
 };
 use crate::domain::UserId;
 use crate::pglocal::{Cluster, ClusterOptions};
@@ -74,7 +76,8 @@ enum Command {
         #[arg(long, env = "POSTLINE_DEV_ENV_FILE")]
         dev_env_file: Option<std::path::PathBuf>,
     },
-    /// Run the persistence worker alone.
+    /// Run the persistence worker alone (with /metrics, /healthz and /alerts
+    /// on POSTLINE_WORKER_LISTEN).
     Worker {
         #[command(flatten)]
         database: DatabaseArgs,
@@ -82,6 +85,10 @@ enum Command {
         worker: WorkerArgs,
         #[command(flatten)]
         runtime: RuntimeArgs,
+        #[command(flatten)]
+        http: WorkerHttpArgs,
+        #[command(flatten)]
+        ops: OpsArgs,
     },
     /// Apply the schema (pgmq from its SQL, then migrations/) and exit.
     Migrate {
@@ -147,6 +154,9 @@ enum Job {
         max_connections: u32,
         worker: WorkerConfig,
         runtime: RuntimeConfig,
+        listen: std::net::SocketAddr,
+        // Boxed, as serve's Config is: the alert settings outweigh the rest.
+        ops: Box<OpsConfig>,
     },
     Migrate {
         database_url: String,
@@ -188,11 +198,16 @@ impl Job {
                 database,
                 worker,
                 runtime,
+                http,
+                ops,
             } => Job::Worker {
                 database_url: database.url.required()?.to_owned(),
                 max_connections: database.max_connections()?,
                 worker: WorkerConfig::try_from(&worker)?,
                 runtime: RuntimeConfig::try_from(&runtime)?,
+                listen: http.worker_listen,
+                // A worker has no --dev: its /alerts always needs the token.
+                ops: Box::new(OpsConfig::new(&ops, false)?),
             },
             Command::Migrate { database } => Job::Migrate {
                 database_url: database.required()?.to_owned(),
@@ -315,22 +330,42 @@ async fn run(job: Job) -> anyhow::Result<()> {
             max_connections,
             worker,
             runtime,
+            listen,
+            ops: ops_cfg,
         } => {
             let pool = store::connect(&database_url, max_connections)
                 .await
                 .context("connecting to DATABASE_URL")?;
+            let listener = TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding POSTLINE_WORKER_LISTEN {listen}"))?;
             let shutdown = CancellationToken::new();
             tokio::spawn(cancel_on_signal(shutdown.clone()));
-            tracing::info!("postline worker running");
-            let mut task = tokio::spawn(
-                Worker::new(pool, worker, Arc::new(Notify::new())).run(shutdown.clone()),
+            tracing::info!(metrics = %listener.local_addr()?, "postline worker running");
+            let metrics = Arc::new(telemetry::Metrics::default());
+            let (ops_stop, ops_tasks) = (CancellationToken::new(), TaskTracker::new());
+            let ops = ops::start(
+                &pool,
+                metrics.clone(),
+                &ops_cfg,
+                None,
+                &ops_stop,
+                &ops_tasks,
             );
+            let http = tokio::spawn(crate::http::serve_ops(listener, ops, shutdown.clone()));
+            let worker = Worker::with_metrics(pool, worker, Arc::new(Notify::new()), metrics);
+            let mut task = tokio::spawn(worker.run(shutdown.clone()));
             tokio::select! {
                 r = &mut task => return r.context("the worker task failed"),
                 () = shutdown.cancelled() => {}
             }
+            // The same order as serve: requests, then the batch, then the rest.
             let deadline = Instant::now() + runtime.shutdown_grace;
+            stage("ops HTTP: in-flight requests", deadline, http).await;
             stage("worker: finish the batch in hand", deadline, task).await;
+            ops_stop.cancel();
+            ops_tasks.close();
+            stage("alerts and metrics tasks", deadline, ops_tasks.wait()).await;
             Ok(())
         }
     }

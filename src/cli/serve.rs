@@ -90,6 +90,15 @@ pub async fn serve(
         }
     });
     background.spawn(gateway.clone().presence_keeper(background_stop.clone()));
+    background.spawn(gateway.clone().liveness_keeper(background_stop.clone()));
+    let ops = super::ops::start(
+        &pool,
+        metrics.clone(),
+        &cfg.ops,
+        Some(cfg.gateway_id),
+        &background_stop,
+        &background,
+    );
     let heartbeat = run_worker.then(|| {
         let worker = Worker::with_metrics(pool.clone(), cfg.worker, wake, metrics.clone());
         let hb = worker.heartbeat();
@@ -107,6 +116,7 @@ pub async fn serve(
         admission: cfg.admission,
         origins: cfg.allowed_origins.clone(),
         limits,
+        ops,
     });
     let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
     let http_ended = tokio::select! {
@@ -138,8 +148,9 @@ pub async fn serve(
     // reconnect notices. Gateway::drain logs its own cut-short line.
     close_connections.cancel();
     gateway.drain(deadline).await;
-    // 4. Background tasks: the hint forwarder, the presence keeper (which
-    // clears this gateway's sessions) and the worker (which ends its batch).
+    // 4. Background tasks: the hint forwarder, the presence keeper, the
+    // liveness keeper (which removes this gateway's heartbeat row), the
+    // alerts, and the worker (which ends its batch).
     background_stop.cancel();
     background.close();
     stage("background tasks", deadline, background.wait()).await;

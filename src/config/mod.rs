@@ -9,9 +9,9 @@
 //! subcommand takes only its own options:
 //! - `serve`: [`ServerArgs`] = [`DatabaseArgs`] + [`HttpArgs`] +
 //!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
-//!   [`AdmissionArgs`];
-//!   [`LimitsArgs`];
-//! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`];
+//!   [`AdmissionArgs`] + [`LimitsArgs`] + [`OpsArgs`];
+//! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
+//!   [`OpsArgs`] + [`WorkerHttpArgs`];
 //! - `migrate`, `dlq`: [`DatabaseUrl`].
 //!
 //! This module sits at the bottom of the import graph and imports nothing
@@ -21,12 +21,16 @@ mod admission;
 mod enqueue;
 mod gateway;
 mod limits;
+mod ops;
 mod worker;
 
 pub use admission::{open_file_limit, AdmissionArgs, AdmissionConfig};
 pub use enqueue::{EnqueueArgs, EnqueueConfig};
 pub use gateway::{GatewayArgs, GatewayConfig};
 pub use limits::{LimitsArgs, LimitsConfig, Rate};
+pub use ops::{
+    AlertConfig, OperatorAuth, OperatorToken, OpsArgs, OpsConfig, WebhookUrl, WorkerHttpArgs,
+};
 pub use worker::{RetryPolicy, WorkerArgs, WorkerConfig};
 
 use std::net::SocketAddr;
@@ -88,6 +92,15 @@ pub enum ConfigError {
         "POSTLINE_ALLOWED_ORIGINS: {0:?} is not an origin (scheme://host[:port], no path), nor *"
     )]
     BadOrigin(String),
+    #[error("POSTLINE_OPERATOR_TOKEN must be at least {MIN_SECRET_BYTES} bytes")]
+    WeakOperatorToken,
+    #[error("POSTLINE_ALERT_WEBHOOK_URL: {0:?} is not an http://host[:port]/path URL")]
+    BadWebhookUrl(String),
+    #[error(
+        "POSTLINE_ALERT_WEBHOOK_URL: https is not supported (Postline carries no TLS client); \
+         use http:// to a relay on a trusted network"
+    )]
+    HttpsWebhook,
 }
 
 /// Which browser origins may use the server cross-origin.
@@ -275,6 +288,8 @@ pub struct ServerArgs {
     pub admission: AdmissionArgs,
     #[command(flatten)]
     pub limits: LimitsArgs,
+    #[command(flatten)]
+    pub ops: OpsArgs,
 }
 
 impl ServerArgs {
@@ -324,6 +339,8 @@ pub struct Config {
     /// Browser origins allowed on `/ws` and the HTTP API (CORS).
     pub allowed_origins: Origins,
     pub limits: LimitsConfig,
+    /// The operator token and the alerts.
+    pub ops: OpsConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -341,6 +358,7 @@ impl std::fmt::Debug for Config {
             .field("max_token_ttl", &self.max_token_ttl)
             .field("allowed_origins", &self.allowed_origins)
             .field("limits", &self.limits)
+            .field("ops", &self.ops)
             .finish()
     }
 }
@@ -362,6 +380,10 @@ impl Config {
             max_token_ttl: Duration::from_secs(HttpArgs::default().max_token_ttl_secs),
             allowed_origins: Origins::default(),
             limits: LimitsConfig::default(),
+            ops: OpsConfig {
+                operator: OperatorAuth::NotConfigured,
+                alerts: AlertConfig::default(),
+            },
         }
     }
 
@@ -413,6 +435,7 @@ impl Config {
                 (None, false) => Origins::default(),
             },
             limits: LimitsConfig::try_from(&args.limits)?,
+            ops: OpsConfig::new(&args.ops, args.dev)?,
         })
     }
 }

@@ -311,3 +311,70 @@ fn secret_is_redacted() {
     let cfg = Config::from_args(&args(&[]), None).unwrap();
     assert!(!format!("{cfg:?}").contains("0123456789abcdef"));
 }
+
+#[test]
+fn the_operator_token_is_checked_and_compared_whole() {
+    let ops = |token: Option<&str>, dev: bool| {
+        let mut a = args(&[]);
+        a.ops.operator_token = token.map(str::to_owned);
+        a.dev = dev;
+        Config::from_args(&a, None).map(|c| c.ops.operator)
+    };
+    assert!(matches!(
+        ops(None, false).unwrap(),
+        OperatorAuth::NotConfigured
+    ));
+    assert!(matches!(ops(None, true).unwrap(), OperatorAuth::Open));
+    assert!(matches!(
+        ops(Some("short"), true),
+        Err(ConfigError::WeakOperatorToken)
+    ));
+    let OperatorAuth::Token(t) = ops(Some("0123456789abcdef"), false).unwrap() else {
+        panic!("a token was given")
+    };
+    assert!(t.matches("0123456789abcdef"));
+    assert!(!t.matches("0123456789abcde"));
+    assert!(!t.matches("0123456789abcdefg"));
+    assert!(!t.matches(""));
+    assert_eq!(format!("{t:?}"), "<redacted>");
+}
+
+#[test]
+fn alert_settings_have_valid_defaults_and_refuse_https_webhooks() {
+    let cfg = Config::from_args(&args(&[]), None).unwrap();
+    let a = &cfg.ops.alerts;
+    assert_eq!(a.interval, Duration::from_secs(5));
+    assert_eq!(a.window, Duration::from_secs(300));
+    assert_eq!(a.oldest_job, Duration::from_secs(60));
+    assert_eq!(a.dead_letters, 0);
+    assert_eq!(a.persist_p99, Duration::from_millis(1000));
+    assert_eq!(a.errors_per_min, 10);
+    assert!(a.webhook.is_none());
+    let hook = |url: &str| {
+        let mut a = args(&[]);
+        a.ops.alert_webhook_url = Some(url.to_owned());
+        Config::from_args(&a, None).map(|c| c.ops.alerts.webhook)
+    };
+    assert_eq!(
+        hook("http://alerts.internal:9000/hook?x=1").unwrap(),
+        Some(WebhookUrl {
+            authority: "alerts.internal:9000".into(),
+            path: "/hook?x=1".into()
+        })
+    );
+    assert_eq!(hook("http://relay").unwrap().unwrap().authority, "relay:80");
+    assert!(matches!(
+        hook("https://hooks.example.com/x"),
+        Err(ConfigError::HttpsWebhook)
+    ));
+    for bad in ["ftp://x/", "relay:80", "http://user:pw@relay/", "http:///x"] {
+        assert!(
+            matches!(hook(bad), Err(ConfigError::BadWebhookUrl(_))),
+            "{bad} was accepted"
+        );
+    }
+    assert!(matches!(
+        refused(&["--alert-interval-secs", "0"]),
+        ConfigError::NotPositive("POSTLINE_ALERT_INTERVAL_SECS")
+    ));
+}

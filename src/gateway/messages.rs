@@ -15,6 +15,7 @@ use crate::protocol::client::SendMessage;
 use crate::protocol::server;
 use crate::queue::{EnqueueError, PersistJob, Rejected};
 use crate::rooms::Outbox;
+use crate::telemetry::RateLimit;
 
 /// What a sender past its share of the persist buffer is told to wait. Its
 /// share frees as Postgres catches up, which takes as long as the outage
@@ -101,16 +102,25 @@ impl Session {
     fn send_allowed(&self, conv: ConversationId) -> Result<(), HandlerError> {
         let limits = &self.gw.limits;
         self.allowed(
+            RateLimit::SendPerUser,
             limits.send_per_user.check(&self.user),
             "send_message: too many messages from you",
         )?;
         self.allowed(
+            RateLimit::SendPerConversation,
             limits.send_per_conversation.check(&conv),
             "send_message: too many messages in this conversation",
         )
     }
 
-    pub(super) fn send_message(&self, r: Option<&str>, send: SendMessage) {
+    /// `received`: when the session took the frame, where the
+    /// send→broadcast latency starts.
+    pub(super) fn send_message(
+        &self,
+        r: Option<&str>,
+        send: SendMessage,
+        received: std::time::Instant,
+    ) {
         // Limited only once joined, so only real conversations become keys.
         let admitted = self
             .require_joined(send.conversation_id)
@@ -206,14 +216,20 @@ impl Session {
             forget();
             let e = match rejected {
                 Rejected::Full => HandlerError::PersistBufferFull,
-                Rejected::OverShare => HandlerError::RateLimited {
-                    what: "too many of your messages are waiting to be stored",
-                    retry_after_ms: SHARE_RETRY_AFTER_MS,
-                },
+                Rejected::OverShare => {
+                    gw.metrics.add_rate_limited(RateLimit::PersistShare);
+                    HandlerError::RateLimited {
+                        what: "too many of your messages are waiting to be stored",
+                        retry_after_ms: SHARE_RETRY_AFTER_MS,
+                    }
+                }
             };
             return self.reply::<server::Done>(r, Err(e));
         }
         gw.metrics.add_sent();
         gw.publish(Target::Message(conv, id), &frame, None);
+        gw.metrics
+            .send_broadcast_latency
+            .observe(received.elapsed().as_secs_f64());
     }
 }

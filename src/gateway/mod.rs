@@ -8,7 +8,8 @@
 //!   dedup), [`typing`], [`receipts`], [`sync`] (sync and resume), [`edits`].
 //! - [`publish`]: the one place a frame leaves, here and to other gateways,
 //!   and where what other gateways and workers said is delivered.
-//! - [`presence`]: online/offline across gateways.
+//! - [`presence`]: online/offline across gateways; [`liveness`]: this
+//!   gateway's heartbeat row, for "gateways alive".
 //! - [`room_presence`]: who is in a conversation right now, across gateways.
 //! - [`error`]: why a request was refused, mapped to the contract once.
 //! - [`slots`]: the per-user cap on open WebSockets.
@@ -23,6 +24,7 @@ mod cache;
 mod connection;
 mod edits;
 mod error;
+mod liveness;
 mod messages;
 mod presence;
 mod publish;

@@ -24,6 +24,7 @@ use crate::protocol::server::{self, AckBody};
 use crate::protocol::{close, ErrorCode};
 use crate::rooms::{ConnectionId, Member, Outbox};
 use crate::store::Access;
+use crate::telemetry::RateLimit;
 
 /// `sync`/`resume` requests one connection may have running at once; they
 /// run beside the session so pings and sends are answered meanwhile.
@@ -202,15 +203,18 @@ impl Session {
         }
     }
 
-    /// `Ok` if `decision` allows; else `rate_limited`, naming `what`.
+    /// `Ok` if `decision` allows; else `rate_limited`, naming `what`, and
+    /// counted against `limit`.
     pub(super) fn allowed(
         &self,
+        limit: RateLimit,
         decision: Decision,
         what: &'static str,
     ) -> Result<(), HandlerError> {
-        decision
-            .into_result()
-            .map_err(|wait| HandlerError::rate_limited(what, wait))
+        decision.into_result().map_err(|wait| {
+            self.gw.metrics.add_rate_limited(limit);
+            HandlerError::rate_limited(what, wait)
+        })
     }
 
     fn joined(&self) -> MutexGuard<'_, HashMap<ConversationId, u64>> {
@@ -238,16 +242,19 @@ impl Session {
 
     /// The one place a client event enters the system.
     async fn handle(&self, buf: &mut [u8]) {
+        // Where send→broadcast latency starts: decoding is part of it.
+        let received = std::time::Instant::now();
         match decode(buf, self.gw.cfg.decode_limits()) {
-            Ok(Request { r#ref, event }) => self.dispatch(r#ref.as_deref(), event).await,
+            Ok(Request { r#ref, event }) => self.dispatch(r#ref.as_deref(), event, received).await,
             Err(e) => self.push(server::error(e.r#ref.as_deref(), e.code, &e.message)),
         }
     }
 
-    async fn dispatch(&self, r: Option<&str>, event: ClientEvent) {
+    async fn dispatch(&self, r: Option<&str>, event: ClientEvent, received: std::time::Instant) {
         match event {
             ClientEvent::JoinConversation { conversation_id } => {
                 let joined = match self.allowed(
+                    RateLimit::JoinPerUser,
                     self.gw.limits.join_per_user.check(&self.user),
                     "join_conversation: too many joins",
                 ) {
@@ -266,7 +273,7 @@ impl Session {
             ClientEvent::LeaveConversation { conversation_id } => {
                 self.reply(r, self.leave(conversation_id));
             }
-            ClientEvent::SendMessage(send) => self.send_message(r, send),
+            ClientEvent::SendMessage(send) => self.send_message(r, send, received),
             ClientEvent::Typing {
                 conversation_id,
                 is_typing,

@@ -112,9 +112,11 @@ fn admit(gw: &Gateway, jwt: &Jwt, token: &str) -> Result<(Verified, UserSlot), R
     let verified = jwt
         .verify_token(token)
         .map_err(|e| Refusal::Token(e.to_string()))?;
-    let slot = gw
-        .reserve(verified.user)
-        .map_err(|_| Refusal::TooManyConnections)?;
+    let slot = gw.reserve(verified.user).map_err(|_| {
+        gw.metrics
+            .add_rate_limited(crate::telemetry::RateLimit::ConnectionsPerUser);
+        Refusal::TooManyConnections
+    })?;
     Ok((verified, slot))
 }
 

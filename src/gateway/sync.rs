@@ -18,6 +18,7 @@ use super::session::Session;
 use crate::domain::{ConversationId, Seq, StoredMessage};
 use crate::protocol::server::{self, ErrorBody, Resumed};
 use crate::store::HistoryPage;
+use crate::telemetry::RateLimit;
 
 /// How long `sync` waits for messages broadcast before the join to be
 /// persisted, so none falls between history and live delivery.
@@ -87,16 +88,17 @@ impl Session {
     /// HTTP), and so are the reads running at once on this connection.
     fn sync_slot(&self) -> Result<OwnedSemaphorePermit, HandlerError> {
         self.allowed(
+            RateLimit::HistoryPerUser,
             self.gw.limits.history_per_user.check(&self.user),
             "too many history reads (sync, resume, GET messages)",
         )?;
-        self.syncs
-            .clone()
-            .try_acquire_owned()
-            .map_err(|_| HandlerError::RateLimited {
+        self.syncs.clone().try_acquire_owned().map_err(|_| {
+            self.gw.metrics.add_rate_limited(RateLimit::SyncInFlight);
+            HandlerError::RateLimited {
                 what: "too many sync or resume requests in flight on this connection",
                 retry_after_ms: SYNC_RETRY_AFTER_MS,
-            })
+            }
+        })
     }
 
     pub(super) fn sync(&self, r: Option<&str>, conv: ConversationId, after: Seq, limit: i64) {

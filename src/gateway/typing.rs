@@ -10,6 +10,7 @@ use super::error::HandlerError;
 use super::session::Session;
 use crate::domain::ConversationId;
 use crate::protocol::server;
+use crate::telemetry::RateLimit;
 
 #[derive(Debug, Clone, Copy)]
 struct Typing {
@@ -55,7 +56,11 @@ impl Session {
                 // refused, though: turning on after off always shows.
                 let decision = self.gw.limits.typing.check(&(self.id.0, conv));
                 if state.on {
-                    self.allowed(decision, "typing: at most one refresh per interval")?;
+                    self.allowed(
+                        RateLimit::Typing,
+                        decision,
+                        "typing: at most one refresh per interval",
+                    )?;
                 }
             }
             if !on && !state.on {

@@ -11,6 +11,7 @@ use super::{authenticate, json, limited, ApiError, Body, HttpContext};
 use crate::domain::{ConversationId, UserId};
 use crate::protocol::http as wire;
 use crate::store::{HistoryPage, MAX_INITIAL_MEMBERS};
+use crate::telemetry::RateLimit;
 
 /// Request bodies are small JSON documents.
 const MAX_BODY: usize = 64 * 1024;
@@ -25,6 +26,8 @@ pub(super) async fn handle(
 ) -> Result<Response<Body>, ApiError> {
     let user = authenticate(ctx, &req)?;
     limited(
+        &ctx.metrics,
+        RateLimit::HttpPerUser,
         ctx.limits.http_per_user.check(&user),
         "too many requests from you",
     )?;
@@ -75,6 +78,8 @@ pub(super) async fn handle(
             let page = parse_page(req.uri().query().unwrap_or(""))?;
             // Counted with `sync` and `resume`: the same reads, the same budget.
             limited(
+                &ctx.metrics,
+                RateLimit::HistoryPerUser,
                 ctx.limits.history_per_user.check(&user),
                 "too many history reads (sync, resume, GET messages)",
             )?;

@@ -40,6 +40,10 @@ pub enum ApiError {
     AtCapacity,
     #[error("requests from origin {0:?} are not allowed")]
     OriginNotAllowed(String),
+    #[error("the operator token is not configured: set POSTLINE_OPERATOR_TOKEN (or run --dev)")]
+    OperatorTokenNotConfigured,
+    #[error("this needs the operator token: Authorization: Bearer <POSTLINE_OPERATOR_TOKEN>")]
+    NotOperator,
     #[error("{what}: retry after {} ms", retry_after.as_millis())]
     RateLimited {
         what: &'static str,
@@ -79,6 +83,8 @@ impl ApiError {
             ApiError::TimedOut(_) => (StatusCode::REQUEST_TIMEOUT, ErrorCode::Unavailable),
             ApiError::AtCapacity => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
             ApiError::OriginNotAllowed(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            ApiError::OperatorTokenNotConfigured => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            ApiError::NotOperator => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
         }
     }
@@ -118,6 +124,12 @@ impl ApiError {
             ApiError::TimedOut(_) => {
                 res.headers_mut()
                     .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+            ApiError::NotOperator => {
+                res.headers_mut().insert(
+                    hyper::header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"postline-operator\""),
+                );
             }
             ApiError::RateLimited { retry_after, .. } => {
                 res.headers_mut().insert(

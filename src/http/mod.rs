@@ -1,12 +1,18 @@
-//! The hyper server: accept loop, routing, the `/v1` JSON API, health and
-//! metrics, and the hand-off of `/ws` upgrades to the gateway. Who gets a
-//! connection at all, and for how long it may idle: [`admission`].
+//! The hyper server: accept loop, routing, the `/v1` JSON API, health,
+//! and the hand-off of `/ws` upgrades to the gateway. Who gets a
+//! connection at all, and for how long it may idle: [`admission`]. What
+//! operators read (`/metrics`, `/alerts`, the dashboard): [`ops`], also
+//! served alone by a standalone worker.
 
 mod admission;
 mod api;
+mod dashboard;
 mod error;
+mod ops;
 
+pub use dashboard::WINDOW as DASHBOARD_WINDOW;
 pub use error::ApiError;
+pub use ops::{serve_ops, Ops};
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -34,7 +40,7 @@ use crate::limits::{Decision, Limits};
 use crate::protocol::http as wire;
 use crate::queue::Enqueuer;
 use crate::store::Store;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, RateLimit};
 use crate::worker::Heartbeat;
 
 pub type Body = Full<Bytes>;
@@ -52,6 +58,8 @@ pub struct HttpContext {
     /// Browser origins allowed on `/ws` and, through CORS, the API.
     pub origins: Origins,
     pub limits: Arc<Limits>,
+    /// `/metrics`, `/alerts`, the dashboard.
+    pub ops: Arc<Ops>,
 }
 
 /// How long a browser may cache a preflight answer: ten minutes saves a
@@ -202,6 +210,9 @@ async fn route(
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
     let allowed = origin.as_deref().is_none_or(|o| ctx.origins.allows(o));
     let mut response = route_inner(ctx, peer, req, origin.as_deref(), allowed, pending).await;
+    if response.status().is_server_error() {
+        ctx.metrics.add_http_server_error();
+    }
     if let (Some(o), true) = (&origin, allowed) {
         cors(&mut response, o);
     }
@@ -249,23 +260,32 @@ async fn route_inner(
         (&Method::OPTIONS, ["v1", ..]) => Ok(preflight()),
         (&Method::GET, ["healthz"]) => Ok(json(StatusCode::OK, &wire::Health { status: "ok" })),
         (&Method::GET, ["readyz"]) => Ok(readyz(ctx).await),
-        (&Method::GET, ["metrics"]) => Ok(metrics(ctx).await),
+        (_, ["metrics"] | ["alerts"] | ["dashboard"] | ["dashboard", "stats"]) => {
+            match ops::route(&ctx.ops, &req, &segments).await {
+                Some(res) => Ok(res),
+                None => Err(ApiError::NotFound("no such route".into())),
+            }
+        }
         // Limited before the token is checked: guessing tokens costs too.
         (&Method::GET, ["ws"]) => limited(
+            &ctx.metrics,
+            RateLimit::UpgradePerIp,
             ctx.limits.upgrade_per_ip.check(&peer),
             "too many WebSocket upgrades from this address",
         )
         .and_then(|()| upgrade(ctx, req)),
         (&Method::GET, ["socket.io"]) if !allowed => Err(refused()),
         (&Method::GET, ["socket.io"]) => limited(
+            &ctx.metrics,
+            RateLimit::UpgradePerIp,
             ctx.limits.upgrade_per_ip.check(&peer),
             "too many WebSocket upgrades from this address",
         )
         .and_then(|()| socketio_upgrade(ctx, req, pending)),
-        (_, ["healthz"] | ["readyz"] | ["metrics"] | ["ws"] | ["socket.io"]) => {
-            Err(ApiError::MethodNotAllowed)
-        }
+        (_, ["healthz"] | ["readyz"] | ["ws"] | ["socket.io"]) => Err(ApiError::MethodNotAllowed),
         (_, ["v1", ..]) => match limited(
+            &ctx.metrics,
+            RateLimit::HttpPerIp,
             ctx.limits.http_per_ip.check(&peer),
             "too many requests from this address",
         ) {
@@ -300,7 +320,9 @@ fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Bod
             "expected a WebSocket upgrade request".into(),
         ));
     }
-    let slot = ctx.gateway.reserve(verified.user)?;
+    let slot = ctx.gateway.reserve(verified.user).inspect_err(|_| {
+        ctx.metrics.add_rate_limited(RateLimit::ConnectionsPerUser);
+    })?;
     let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
     ctx.gateway.accept(slot, verified, &ctx.jwt, fut);
@@ -359,11 +381,17 @@ fn socketio_upgrade(
     Ok(response.map(|_| Full::new(Bytes::new())))
 }
 
-/// `Ok` if `decision` allows; else a 429 naming `what`.
-pub(crate) fn limited(decision: Decision, what: &'static str) -> Result<(), ApiError> {
-    decision
-        .into_result()
-        .map_err(|retry_after| ApiError::RateLimited { what, retry_after })
+/// `Ok` if `decision` allows; else a 429 naming `what`, counted against `limit`.
+pub(crate) fn limited(
+    metrics: &Metrics,
+    limit: RateLimit,
+    decision: Decision,
+    what: &'static str,
+) -> Result<(), ApiError> {
+    decision.into_result().map_err(|retry_after| {
+        metrics.add_rate_limited(limit);
+        ApiError::RateLimited { what, retry_after }
+    })
 }
 
 fn bearer_token<B>(req: &Request<B>) -> Option<&str> {
@@ -415,30 +443,6 @@ async fn readyz(ctx: &HttpContext) -> Response<Body> {
             },
         },
     )
-}
-
-async fn metrics(ctx: &HttpContext) -> Response<Body> {
-    let queues = tokio::time::timeout(
-        Duration::from_secs(1),
-        crate::queue::stats(ctx.store.pool()),
-    )
-    .await
-    .ok()
-    .and_then(Result::ok)
-    .unwrap_or_default()
-    .into_iter()
-    .map(|q| crate::telemetry::QueueGauge {
-        queue: q.queue_name,
-        depth: q.queue_length,
-        visible: q.queue_visible_length,
-        oldest_age_secs: q.oldest_msg_age_sec.unwrap_or(0).into(),
-    })
-    .collect::<Vec<_>>();
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "text/plain; version=0.0.4")
-        .body(Full::new(Bytes::from(ctx.metrics.render(&queues))))
-        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
 pub(crate) fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Response<Body> {

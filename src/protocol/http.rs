@@ -105,3 +105,120 @@ pub struct PersistBuffer {
     pub capacity: usize,
     pub state: &'static str,
 }
+
+/// `GET /dashboard/stats`: one poll of the live dashboard. Rates and
+/// percentiles are over the last `window_secs`; `*_total` since this
+/// process started; queues, dead letters and gateways are read from
+/// Postgres, so every process shows the whole cluster (null if unreadable).
+#[derive(Serialize)]
+pub struct DashboardStats {
+    pub at: DateTime<Utc>,
+    /// This gateway's id (absent on a standalone worker).
+    pub gateway_id: Option<uuid::Uuid>,
+    pub uptime_secs: u64,
+    pub window_secs: f64,
+    pub connections: i64,
+    pub connections_total: u64,
+    pub messages_per_sec: f64,
+    pub messages_sent_total: u64,
+    /// Jobs of the persist queue stored by this process's worker, per second.
+    pub persisted_per_sec: f64,
+    pub send_broadcast_ms: Percentiles,
+    pub persist_ms: Percentiles,
+    pub queues: Option<Vec<QueueView>>,
+    pub retries_per_sec: f64,
+    pub retries_total: u64,
+    pub dead_letters: Option<DeadLetterCounts>,
+    pub gateways: Option<Vec<GatewayView>>,
+    pub gateways_alive: Option<usize>,
+    pub rate_limited_per_sec: f64,
+    pub rate_limited: Vec<RateLimitView>,
+    pub alerts_firing: usize,
+}
+
+/// p50/p99 in milliseconds over the window (null without observations).
+#[derive(Serialize)]
+pub struct Percentiles {
+    pub p50: Option<f64>,
+    pub p99: Option<f64>,
+    pub count: u64,
+}
+
+#[derive(Serialize)]
+pub struct QueueView {
+    pub queue: String,
+    pub depth: i64,
+    pub visible: i64,
+    pub oldest_age_secs: i64,
+}
+
+#[derive(Serialize)]
+pub struct DeadLetterCounts {
+    /// Rows in `dead_letters`.
+    pub total: i64,
+    /// Of those, dead within the alert window.
+    pub recent: i64,
+}
+
+#[derive(Serialize)]
+pub struct GatewayView {
+    pub id: uuid::Uuid,
+    pub started_at: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub alive: bool,
+}
+
+#[derive(Serialize)]
+pub struct RateLimitView {
+    pub limiter: &'static str,
+    pub total: u64,
+    pub per_sec: f64,
+}
+
+/// `GET /alerts`: every rule, and every alert that fired since start.
+#[derive(Serialize)]
+pub struct Alerts<'a> {
+    /// Which process evaluated them (`gateway <id>` or `worker <pid>`).
+    pub source: &'a str,
+    pub evaluated_at: Option<DateTime<Utc>>,
+    pub firing: usize,
+    pub rules: Vec<AlertRule>,
+    pub alerts: Vec<Alert>,
+}
+
+#[derive(Serialize)]
+pub struct AlertRule {
+    pub name: &'static str,
+    pub threshold: f64,
+    pub unit: &'static str,
+    pub summary: &'static str,
+}
+
+#[derive(Serialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AlertState {
+    Firing,
+    Resolved,
+}
+
+/// One alert: a rule for one subject (a queue, a gateway; none for
+/// process-wide rules), in the state it entered at `since`.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct Alert {
+    pub name: &'static str,
+    pub subject: Option<String>,
+    pub state: AlertState,
+    pub since: DateTime<Utc>,
+    /// The value that made it fire or resolve (null: no data any more).
+    pub value: Option<f64>,
+    pub threshold: f64,
+    pub unit: &'static str,
+    pub summary: &'static str,
+}
+
+/// The webhook's body, POSTed once per transition.
+#[derive(Serialize)]
+pub struct AlertEvent<'a> {
+    pub source: &'a str,
+    pub alert: &'a Alert,
+}

@@ -137,3 +137,16 @@ pub async fn purge_older_than(pool: &PgPool, age: Duration) -> Result<u64, Queue
     .await?
     .rows_affected())
 }
+
+/// Rows in the dead-letter table, and how many of them died within `window`
+/// (the dead-letter growth the alert watches; replayed and purged rows are
+/// gone from both).
+pub async fn counts(pool: &PgPool, window: Duration) -> Result<(i64, i64), QueueError> {
+    Ok(sqlx::query_as(
+        "select count(*), count(*) filter (where dead_at > now() - make_interval(secs => $1::float8))
+         from dead_letters",
+    )
+    .bind(window.as_secs_f64())
+    .fetch_one(pool)
+    .await?)
+}

@@ -5,10 +5,12 @@
 //! run time (no database is needed to build) and every value is bound.
 
 mod conversations;
+mod gateways;
 mod messages;
 mod room_presence;
 
 pub use conversations::{Access, ConversationSummary, NewConversation, MAX_INITIAL_MEMBERS};
+pub use gateways::{gateways, GatewayRow, FORGET_SILENT_AFTER, MISSED_BEATS};
 pub use messages::{
     advance_receipts, persist_batch, EditRefusal, HistoryPage, PersistOutcome, ReceiptState,
     ReceiptUpdate,

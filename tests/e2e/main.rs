@@ -4,6 +4,7 @@
 mod harness;
 mod raw;
 
+mod alerts;
 mod auth;
 mod bad_input;
 mod budgets;
@@ -14,6 +15,7 @@ mod gateways;
 mod http_api;
 mod limits;
 mod liveness;
+mod ops;
 mod origins;
 mod process;
 mod realtime;
