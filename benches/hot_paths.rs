@@ -1,5 +1,6 @@
 //! In-process costs of the hot paths: decoding each client event, encoding a
-//! broadcast, fanning a frame out to rooms of 10 / 100 / 1000 connections,
+//! broadcast, fanning a frame out to rooms of 10 / 100 / 1000 connections
+//! (and to a room mixing native and Socket.IO connections),
 //! verifying a JWT, and the rate-limit checks of a send. `cargo bench`;
 //! results in BENCHMARKS.md.
 
@@ -186,5 +187,64 @@ fn limits(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, decoding, encoding, fanout, jwt, limits);
+/// A room of 1,000 where every receiver's writer takes its frame as it would
+/// put it on the wire: native connections the shared bytes as they are,
+/// Socket.IO ones wrapped into a per-connection buffer that is reused. All
+/// native, half and half, all Socket.IO: the cost per delivery should not
+/// move (nothing is serialized per connection either way).
+fn mixed_fanout(c: &mut Criterion) {
+    use postline::protocol::socketio;
+    let mut group = c.benchmark_group("deliver");
+    let size = 1000usize;
+    for (name, every_nth_sio) in [("native", 0usize), ("mixed", 2), ("socketio", 1)] {
+        let rooms = Rooms::default();
+        let conv = ConversationId::new_v7();
+        let mut receivers = Vec::with_capacity(size);
+        for i in 0..size {
+            let (outbox, rx) = Outbox::new(256 * 1024);
+            rooms.join(
+                conv,
+                Member {
+                    conn: ConnectionId::next(),
+                    user: UserId(uuid::Uuid::new_v4()),
+                    outbox,
+                },
+            );
+            let sio = every_nth_sio > 0 && i % every_nth_sio == 0;
+            receivers.push((rx, sio, Vec::<u8>::with_capacity(512)));
+        }
+        let frame = server::new_message(&message());
+        group.throughput(Throughput::Elements(size as u64));
+        group.bench_function(BenchmarkId::new(name, size), |b| {
+            b.iter(|| {
+                let n = rooms.broadcast(conv, &frame, None);
+                for (rx, sio, head) in receivers.iter_mut() {
+                    if let Some(f) = rx.try_recv() {
+                        let wire: &[u8] = if *sio {
+                            socketio::wrap(&f, head);
+                            head.extend_from_slice(&f);
+                            head.extend_from_slice(socketio::TAIL);
+                            head
+                        } else {
+                            &f
+                        };
+                        black_box(wire);
+                    }
+                }
+                black_box(n)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    decoding,
+    encoding,
+    fanout,
+    mixed_fanout,
+    jwt,
+    limits
+);
 criterion_main!(benches);

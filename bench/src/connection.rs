@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError};
-use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::latency::{Stats, SHARDS};
-use crate::ws::{frame_type, open_ws, stamp, WsRead, WsWrite};
+use crate::ws::{event, kind, open_socketio, open_ws, stamp, WsRead, WsWrite};
 use crate::Args;
 
 /// What one connection is and does: its user's token, the conversation it
@@ -55,21 +54,29 @@ async fn connect(
         TcpStream::connect(plan.addr).await?
     };
     stream.set_nodelay(true)?;
-    let ws = open_ws(stream, plan.addr, &plan.token).await?;
+    let sio = args.socketio;
+    let ws = if sio {
+        open_socketio(stream, plan.addr, &plan.token).await?
+    } else {
+        open_ws(stream, plan.addr, &plan.token).await?
+    };
     let (mut rx, mut tx) = ws.split(tokio::io::split);
     let mut no_obligations = |_: Frame<'_>| async { Ok::<(), WebSocketError>(()) };
     let hello = rx.read_frame(&mut no_obligations).await?;
-    if frame_type(&hello.payload) != b"hello" {
+    if kind(&hello.payload, sio) != b"hello" {
         bail!("expected hello");
     }
-    let join =
-        json!({"type": "join_conversation", "ref": "j", "conversation_id": plan.conversation})
-            .to_string();
+    let join = event(
+        sio,
+        "join_conversation",
+        0,
+        &format!(r#""conversation_id":"{}""#, plan.conversation),
+    );
     tx.write_frame(Frame::text(Payload::Borrowed(join.as_bytes())))
         .await?;
     loop {
         let f = rx.read_frame(&mut no_obligations).await?;
-        match frame_type(&f.payload) {
+        match kind(&f.payload, sio) {
             b"ack" => break,
             b"error" => bail!("join refused: {}", String::from_utf8_lossy(&f.payload)),
             _ => {}
@@ -126,6 +133,7 @@ pub(crate) async fn run_connection(
     let reader_stats = stats.clone();
     let observer = plan.observer;
     let cross = plan.cross;
+    let sio = args.socketio;
     let reader = tokio::spawn(async move {
         let shard = idx % SHARDS;
         loop {
@@ -137,7 +145,7 @@ pub(crate) async fn run_connection(
                 return;
             }
             let now = reader_stats.now_ns();
-            match frame_type(&f.payload) {
+            match kind(&f.payload, sio) {
                 b"new_message" => {
                     if let Some(t) = stamp(&f.payload) {
                         if reader_stats.in_window(t) {
@@ -178,9 +186,14 @@ pub(crate) async fn run_connection(
                 break;
             }
             n += 1;
-            let msg = format!(
-                r#"{{"type":"send_message","ref":"{n}","conversation_id":"{}","client_message_id":"{idx}-{n}","content":"t={t};{pad}"}}"#,
-                plan.conversation
+            let msg = event(
+                args.socketio,
+                "send_message",
+                n,
+                &format!(
+                    r#""conversation_id":"{}","client_message_id":"{idx}-{n}","content":"t={t};{pad}""#,
+                    plan.conversation
+                ),
             );
             tx.write_frame(Frame::text(Payload::Borrowed(msg.as_bytes())))
                 .await?;

@@ -13,7 +13,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use crate::connection::{run_connection, Plan, Start};
-use crate::rss::rss_kib;
+use crate::rss::{cpu_secs, rss_kib};
 use crate::setup::{self, Setup};
 use crate::Args;
 
@@ -140,6 +140,19 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
         .store(begin + warmup_ns + measure_ns, Ordering::Relaxed);
     stop_at.store(begin + warmup_ns + measure_ns, Ordering::Relaxed);
     go.notify_waiters();
+    // The server's CPU time over the measurement window: cores busy.
+    let cpu = args.server_pid.map(|pid| {
+        let (warmup, measure) = (
+            std::time::Duration::from_nanos(warmup_ns),
+            std::time::Duration::from_nanos(measure_ns),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(warmup).await;
+            let before = cpu_secs(pid)?;
+            tokio::time::sleep(measure).await;
+            Some((cpu_secs(pid)? - before) / measure.as_secs_f64())
+        })
+    });
     let mut failed = 0usize;
     let mut first_failure = None;
     for t in tasks {
@@ -167,6 +180,10 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
     let connect = stats.connect.lock().unwrap().clone();
     let secs = args.duration;
     let rss = args.server_pid.and_then(rss_kib);
+    let cpu_cores = match cpu {
+        Some(task) => task.await.ok().flatten(),
+        None => None,
+    };
     let report = json!({
         "connections": args.connections,
         "conversations": args.conversations,
@@ -186,6 +203,8 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
         "error_sample": *stats.error_sample.lock().unwrap(),
         "failed_connections": failed,
         "failure_sample": first_failure,
+        "protocol": if args.socketio { "socketio" } else { "native" },
+        "server_cpu_cores": cpu_cores,
         "server_rss_kib": rss,
         "server_rss_per_connection_kib": rss.map(|r| r as f64 / args.connections as f64),
         "connect_wall_s": connect_wall.as_secs_f64(),
@@ -218,6 +237,9 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
         println!("  sends/s {:>10.0}   deliveries/s {:>10.0}   persisted/s {:>10.0}   errors {}   failed connections {}",
             report["sends_per_s"].as_f64().unwrap_or(0.0), report["deliveries_per_s"].as_f64().unwrap_or(0.0), report["persisted_per_s"].as_f64().unwrap_or(0.0),
             report["errors"], failed);
+        if let Some(c) = cpu_cores {
+            println!("  server CPU {:.2} cores over the window", c);
+        }
         if let Some(r) = rss {
             println!(
                 "  server RSS {} KiB ({:.1} KiB per connection)",

@@ -95,6 +95,10 @@ struct Args {
     /// (127.0.0.1, 127.0.0.2, ...): one address has ~28k ephemeral ports.
     #[arg(long, default_value_t = 1)]
     source_ips: u8,
+    /// Speak Socket.IO v4 on /socket.io/ instead of the native protocol on
+    /// /ws: the same events, Engine.IO/Socket.IO framing.
+    #[arg(long)]
+    socketio: bool,
 }
 
 fn main() -> anyhow::Result<()> {

@@ -35,9 +35,37 @@ pub(crate) async fn open_ws(
     addr: SocketAddr,
     token: &str,
 ) -> anyhow::Result<Ws> {
+    handshake(stream, addr, &format!("/ws?token={token}")).await
+}
+
+/// A Socket.IO connection on `stream`: the WebSocket handshake on
+/// /socket.io/, Engine.IO's open packet, then CONNECT with `auth.token`.
+/// The next frame is the `hello` event.
+pub(crate) async fn open_socketio(
+    stream: TcpStream,
+    addr: SocketAddr,
+    token: &str,
+) -> anyhow::Result<Ws> {
+    use fastwebsockets::{Frame, Payload};
+    let mut ws = handshake(stream, addr, "/socket.io/?EIO=4&transport=websocket").await?;
+    let open = ws.read_frame().await?;
+    anyhow::ensure!(open.payload.starts_with(b"0{"), "expected Engine.IO open");
+    let connect = format!(r#"40{{"token":"{token}"}}"#);
+    ws.write_frame(Frame::text(Payload::Borrowed(connect.as_bytes())))
+        .await?;
+    let reply = ws.read_frame().await?;
+    anyhow::ensure!(
+        reply.payload.starts_with(b"40{"),
+        "CONNECT refused: {}",
+        String::from_utf8_lossy(&reply.payload)
+    );
+    Ok(ws)
+}
+
+async fn handshake(stream: TcpStream, addr: SocketAddr, path: &str) -> anyhow::Result<Ws> {
     let req = Request::builder()
         .method("GET")
-        .uri(format!("http://{addr}/ws?token={token}"))
+        .uri(format!("http://{addr}{path}"))
         .header("Host", addr.to_string())
         .header(UPGRADE, "websocket")
         .header(CONNECTION, "upgrade")
@@ -58,6 +86,34 @@ pub(crate) fn stamp(frame: &[u8]) -> Option<u64> {
     let digits = &frame[at..];
     let end = digits.iter().position(|b| !b.is_ascii_digit())?;
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
+/// [`frame_type`] of a native frame, or of one in Socket.IO framing: an
+/// event `42["<name>",{...}]`, or an ack `43N[{"type":"ack"...}]`.
+pub(crate) fn kind(frame: &[u8], socketio: bool) -> &[u8] {
+    if !socketio {
+        return frame_type(frame);
+    }
+    if let Some(rest) = frame.strip_prefix(b"42[\"") {
+        let end = rest.iter().position(|b| *b == b'"').unwrap_or(0);
+        return &rest[..end];
+    }
+    if let Some(rest) = frame.strip_prefix(b"43") {
+        let open = rest.iter().position(|b| *b == b'[').unwrap_or(rest.len());
+        return frame_type(rest.get(open + 1..).unwrap_or_default());
+    }
+    b""
+}
+
+/// A client event as sent: native `{"type":...,"ref":"N",...}` or Socket.IO
+/// `42N["type",{...}]` (the ref as the acknowledgement id). `fields` is the
+/// rest of the object, without braces.
+pub(crate) fn event(socketio: bool, ty: &str, ack: u64, fields: &str) -> String {
+    if socketio {
+        format!(r#"42{ack}["{ty}",{{{fields}}}]"#)
+    } else {
+        format!(r#"{{"type":"{ty}","ref":"{ack}",{fields}}}"#)
+    }
 }
 
 pub(crate) fn frame_type(frame: &[u8]) -> &[u8] {
