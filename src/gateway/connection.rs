@@ -23,21 +23,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{close, server, socketio};
+use crate::protocol::{close, server, socketio, Framing};
 use crate::rooms::{Outbox, OutboxReceiver};
 
 pub(super) type Io = TokioIo<Upgraded>;
-
-/// How frames are framed on this socket. Sessions speak native frames
-/// either way; the codec sits between them and the socket.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Codec {
-    /// `/ws`: native frames as they are.
-    Native,
-    /// `/socket.io/`: Engine.IO/Socket.IO packets around native frames
-    /// (`protocol::socketio`), Engine.IO pings instead of WebSocket ones.
-    SocketIo,
-}
 
 /// Bytes coalesced per connection before a write; a flush happens sooner
 /// whenever the outbox runs empty.
@@ -129,7 +118,7 @@ impl LastRead {
 /// The socket of one client, as the session sees it: messages in, frames
 /// out through the outbox.
 pub(super) struct Connection {
-    codec: Codec,
+    codec: Framing,
     inbound: mpsc::Receiver<Inbound>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -146,7 +135,7 @@ impl Connection {
     /// Split the socket and start its reader and writer.
     pub(super) fn start(
         ws: fastwebsockets::WebSocket<Io>,
-        codec: Codec,
+        codec: Framing,
         limits: SocketLimits,
         out: OutboxReceiver,
         outbox: &Outbox,
@@ -221,7 +210,7 @@ impl Connection {
     pub(super) async fn close_with(self, code: u16, reason: &[u8]) {
         // Socket.IO clients reconnect after a bare close; a DISCONNECT
         // first says the server meant it (an expired token, a flood).
-        if self.codec == Codec::SocketIo && !close::should_reconnect(code) {
+        if self.codec == Framing::SocketIo && !close::should_reconnect(code) {
             let _ = self
                 ._control
                 .try_send((OpCode::Text, socketio::DISCONNECT.to_vec()));
@@ -263,7 +252,7 @@ fn was_masked(frame: &mut Frame<'_>) -> bool {
 /// dropping `inbound`, which the session sees as the end of the connection.
 async fn read_loop(
     mut read: WebSocketRead<ReadHalf<Io>>,
-    codec: Codec,
+    codec: Framing,
     max: usize,
     inbound: mpsc::Sender<Inbound>,
     control: mpsc::Sender<Control>,
@@ -351,7 +340,7 @@ async fn read_loop(
             }
         };
         let message = match (codec, message) {
-            (Codec::SocketIo, Inbound::Text(text)) => match socketio::decode(&text) {
+            (Framing::SocketIo, Inbound::Text(text)) => match socketio::decode(&text) {
                 Ok(socketio::Packet::Event(native)) => Inbound::Text(native),
                 Ok(socketio::Packet::Pong) => continue,
                 Ok(socketio::Packet::Ping(data)) => {
@@ -410,7 +399,7 @@ async fn read_loop(
 /// The writing half of a socket and everything that decides what it writes.
 struct Writer {
     write: WebSocketWrite<BufWriter<WriteHalf<Io>>>,
-    codec: Codec,
+    codec: Framing,
     /// Socket.IO: where a frame is wrapped (prefix, the shared bytes, a
     /// bracket) before it is written; reused, so no allocation per frame.
     head: Vec<u8>,
@@ -440,8 +429,11 @@ impl Writer {
 
     async fn text(&mut self, frame: &[u8]) -> Result<(), WebSocketError> {
         let payload = match self.codec {
-            Codec::Native => frame,
-            Codec::SocketIo => {
+            Framing::Native => frame,
+            // A room's broadcast, wrapped once for every Socket.IO member.
+            Framing::SocketIo if socketio::is_wrapped(frame) => frame,
+            // Its own replies and user pushes: wrapped here.
+            Framing::SocketIo => {
                 socketio::wrap(frame, &mut self.head);
                 self.head.extend_from_slice(frame);
                 self.head.extend_from_slice(socketio::TAIL);
@@ -457,8 +449,8 @@ impl Writer {
     /// Socket.IO clients expect and answer at their level.
     fn ping_frame(&self) -> Frame<'static> {
         match self.codec {
-            Codec::Native => Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[])),
-            Codec::SocketIo => Frame::text(Payload::Borrowed(socketio::PING)),
+            Framing::Native => Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[])),
+            Framing::SocketIo => Frame::text(Payload::Borrowed(socketio::PING)),
         }
     }
 

@@ -149,7 +149,7 @@ impl Gateway {
         let (gw, jwt) = (self.clone(), jwt.clone());
         self.connections.spawn(async move {
             if let Some(ws) = session::upgraded(&gw, upgrade).await {
-                session::run(gw, token, jwt, ws, connection::Codec::Native).await;
+                session::run(gw, token, jwt, ws, crate::protocol::Framing::Native).await;
             }
             drop(slot);
         });

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use fastwebsockets::WebSocket;
 
-use super::connection::{Codec, Connection, Inbound, Io, SocketLimits};
+use super::connection::{Connection, Inbound, Io, SocketLimits};
 use super::error::HandlerError;
 use super::room_presence::Departure;
 use super::typing::TypingStates;
@@ -21,7 +21,7 @@ use crate::domain::{now_micros, ConversationId, Seq, UserId};
 use crate::limits::{Decision, Tolerance};
 use crate::protocol::client::{decode, ClientEvent, Request};
 use crate::protocol::server::{self, AckBody};
-use crate::protocol::{close, ErrorCode};
+use crate::protocol::{close, ErrorCode, Framing};
 use crate::rooms::{ConnectionId, Member, Outbox};
 use crate::store::Access;
 use crate::telemetry::RateLimit;
@@ -36,6 +36,8 @@ pub(super) struct Session {
     pub(super) id: ConnectionId,
     pub(super) user: UserId,
     pub(super) outbox: Outbox,
+    /// How its frames travel: rooms wrap a broadcast once per framing.
+    framing: Framing,
     /// Conversations this connection joined (a superset of its rooms: the
     /// HTTP API may evict it), each with the room's broadcast mark at the
     /// join, so `sync` knows what reached this connection live.
@@ -74,13 +76,13 @@ pub(super) async fn upgraded(
 
 /// Run one WebSocket for the holder of `token` until it closes, the client
 /// proves too slow, or the server shuts down. Both protocols end up here;
-/// only `codec` differs.
+/// only `framing` differs.
 pub(super) async fn run(
     gw: Arc<Gateway>,
     token: Verified,
     jwt: Jwt,
     ws: WebSocket<Io>,
-    codec: Codec,
+    framing: Framing,
 ) {
     let user = token.user;
     let (outbox, out_rx) = Outbox::new(gw.cfg.outbox_bytes);
@@ -91,12 +93,13 @@ pub(super) async fn run(
         ping_interval: gw.cfg.ping_interval,
         read_timeout: gw.cfg.ws_read_timeout,
     };
-    let mut conn = Connection::start(ws, codec, limits, out_rx, &outbox, gw.shutdown.clone());
+    let mut conn = Connection::start(ws, framing, limits, out_rx, &outbox, gw.shutdown.clone());
     gw.metrics.connection_opened();
     let session = Session {
         id: ConnectionId::next(),
         user,
         outbox: outbox.clone(),
+        framing,
         joined: Arc::default(),
         typing: TypingStates::default(),
         syncs: Arc::new(Semaphore::new(SYNCS_PER_CONNECTION)),
@@ -367,6 +370,7 @@ impl Session {
             conn: self.id,
             user: self.user,
             outbox: self.outbox.clone(),
+            framing: self.framing,
         };
         let (new, mark) = gw.rooms.join(conv, member);
         if new {

@@ -10,9 +10,10 @@ use std::sync::Arc;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
 use tokio::time::Instant;
 
-use super::connection::{Codec, Io};
+use super::connection::Io;
 use super::{session, Gateway, UserSlot};
 use crate::auth::{Jwt, Verified};
+use crate::protocol::Framing;
 use crate::protocol::{close, socketio};
 
 /// Why a CONNECT was refused, as socket.io-client shows it (`err.message`).
@@ -104,7 +105,7 @@ pub(super) async fn run(
     if send(&mut ws, &socketio::connected(&sid)).await.is_err() {
         return;
     }
-    session::run(gw, verified, jwt, ws, Codec::SocketIo).await;
+    session::run(gw, verified, jwt, ws, Framing::SocketIo).await;
     drop(slot);
 }
 

@@ -16,6 +16,16 @@ pub mod socketio;
 
 use serde::Serialize;
 
+/// How frames travel on a connection: native frames as they are (`/ws`), or
+/// Socket.IO packets around them (`/socket.io/`). Sessions, handlers and
+/// rooms speak native frames; a broadcast is wrapped once per framing, not
+/// once per connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    Native,
+    SocketIo,
+}
+
 /// Error codes of the contract (docs/PROTOCOL.md lists when each is sent).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -6,11 +6,11 @@
 //! It is a codec in front of the native protocol, not a second protocol:
 //! an incoming `42N["send_message",{...}]` becomes the native frame
 //! `{"type":"send_message","ref":"N",...}` and enters the session like any
-//! other; every outgoing native frame — encoded once for all its recipients
-//! — is wrapped on its way out: a push `{"type":"X",...}` as
-//! `42["X",{...}]`, the reply to ref N as `43N[{...}]`. Wrapping copies the
-//! shared bytes between a prefix and a bracket, so a broadcast is never
-//! serialized per Socket.IO connection.
+//! other; every outgoing native frame is wrapped on its way out: a push
+//! `{"type":"X",...}` as `42["X",{...}]`, the reply to ref N as
+//! `43N[{...}]`. A room wraps a broadcast once for all its Socket.IO members
+//! ([`wrapped`]) and they share those bytes, as native members share the
+//! native ones; a connection's own replies are wrapped by its writer.
 //!
 //! Each WebSocket message is one Engine.IO packet; a Socket.IO packet rides
 //! in an Engine.IO `4` (message), so every Socket.IO string starts with `4`.
@@ -250,6 +250,22 @@ pub fn wrap(native: &[u8], head: &mut Vec<u8>) {
 /// Closes what [`wrap`] opened.
 pub const TAIL: &[u8] = b"]";
 
+/// A native frame wrapped whole, for sharing: a room wraps a broadcast once
+/// for all its Socket.IO connections. Starts with `4`, where every native
+/// frame starts with `{`, so a writer tells the two apart by the first byte.
+pub fn wrapped(native: &[u8]) -> bytes::Bytes {
+    let mut out = Vec::with_capacity(native.len() + 32);
+    wrap(native, &mut out);
+    out.extend_from_slice(native);
+    out.extend_from_slice(TAIL);
+    out.into()
+}
+
+/// Whether `frame` is already in Socket.IO framing (see [`wrapped`]).
+pub fn is_wrapped(frame: &[u8]) -> bool {
+    frame.first() == Some(&b'4')
+}
+
 /// The `type` of a native frame and, for replies, their `ref` (a number on
 /// a Socket.IO connection). Reads only the frame's first bytes: the server
 /// encodes `type` first and `ref` second.
@@ -400,6 +416,18 @@ mod tests {
         // An error to a frame without ref is an event named "error".
         let v = wrapped(br#"{"type":"error","code":"bad_request","message":"no"}"#);
         assert_eq!(v["event"][0], "error");
+    }
+
+    #[test]
+    fn a_shared_wrapped_frame_is_what_a_writer_would_write_and_is_told_apart() {
+        let native = br#"{"type":"new_message","message":{"id":"m"}}"#;
+        let shared = super::wrapped(native);
+        assert!(is_wrapped(&shared));
+        assert!(!is_wrapped(native));
+        assert_eq!(
+            &shared[..],
+            br#"42["new_message",{"type":"new_message","message":{"id":"m"}}]"#
+        );
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! process, and each connection's bounded outbox.
 //!
 //! Memory and channels only: no socket, no SQL. A broadcast receives a frame
-//! already encoded and hands every recipient a clone of the same `Bytes`.
+//! already encoded and hands every recipient a clone of the same `Bytes`
+//! (Socket.IO connections a clone of the same wrapped `Bytes`, made once).
 //! Shard locks are `std::sync::Mutex`, held only for non-blocking work
 //! (`try_send`), never across an `.await`.
 
@@ -23,6 +24,7 @@ use std::sync::Mutex;
 use bytes::Bytes;
 
 use crate::domain::{ConversationId, MessageId, UserId};
+use crate::protocol::{socketio, Framing};
 
 /// A connection on this process; unique for the process lifetime.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -41,6 +43,7 @@ pub struct Member {
     pub conn: ConnectionId,
     pub user: UserId,
     pub outbox: Outbox,
+    pub framing: Framing,
 }
 
 /// A conversation's state on this process.
@@ -233,12 +236,24 @@ impl Rooms {
 
 /// try_send never waits, so holding the shard lock here costs no more than
 /// copying the handles out would, and saves an allocation per broadcast.
+/// One frame to every member but `except`: the same bytes for all native
+/// connections, and for all Socket.IO ones the same wrapped bytes, wrapped
+/// at most once per broadcast.
 fn fan_out(members: &[Member], frame: &Bytes, except: Option<ConnectionId>) -> usize {
-    members
-        .iter()
-        .filter(|m| Some(m.conn) != except)
-        .filter(|m| m.outbox.push(frame.clone()) == Push::Queued)
-        .count()
+    let mut wrapped: Option<Bytes> = None;
+    let mut queued = 0;
+    for m in members.iter().filter(|m| Some(m.conn) != except) {
+        let f = match m.framing {
+            Framing::Native => frame.clone(),
+            Framing::SocketIo => wrapped
+                .get_or_insert_with(|| socketio::wrapped(frame))
+                .clone(),
+        };
+        if m.outbox.push(f) == Push::Queued {
+            queued += 1;
+        }
+    }
+    queued
 }
 
 #[cfg(test)]
@@ -252,6 +267,7 @@ mod tests {
                 conn: ConnectionId::next(),
                 user,
                 outbox,
+                framing: Framing::Native,
             },
             rx,
         )
@@ -282,6 +298,32 @@ mod tests {
         assert!(ra.try_recv().is_none());
         assert_eq!(rb.try_recv().unwrap(), frame);
         assert_eq!(rb.try_recv().unwrap(), frame);
+    }
+
+    #[test]
+    fn a_mixed_room_wraps_a_broadcast_once_for_all_its_socket_io_members() {
+        let rooms = Rooms::new(1);
+        let conv = ConversationId::new_v7();
+        let mut rx = Vec::new();
+        for framing in [Framing::Native, Framing::SocketIo, Framing::SocketIo] {
+            let (mut m, r) = member(uid(), 1024);
+            m.framing = framing;
+            rooms.join(conv, m);
+            rx.push(r);
+        }
+        let frame = Bytes::from_static(br#"{"type":"typing","is_typing":true}"#);
+        assert_eq!(rooms.broadcast(conv, &frame, None), 3);
+        let got: Vec<Bytes> = rx.iter_mut().map(|r| r.try_recv().unwrap()).collect();
+        assert_eq!(got[0].as_ptr(), frame.as_ptr(), "native: the frame itself");
+        assert_eq!(
+            &got[1][..],
+            br#"42["typing",{"type":"typing","is_typing":true}]"#
+        );
+        assert_eq!(
+            got[1].as_ptr(),
+            got[2].as_ptr(),
+            "Socket.IO members share one wrapped copy"
+        );
     }
 
     #[test]
