@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Jwt;
-use crate::config::Config;
+use crate::config::{Config, DevLogin};
 use crate::gateway::{Enqueuers, Gateway};
 use crate::http::{self, HttpContext};
 use crate::limits::Limits;
@@ -107,6 +107,7 @@ pub async fn serve(
         admission: cfg.admission,
         origins: cfg.allowed_origins.clone(),
         limits,
+        dev_login: DevLogin::for_server(cfg.dev_login == DevLogin::DemoUsers, &cfg.jwt_secret),
     });
     let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
     let http_ended = tokio::select! {

@@ -1,10 +1,13 @@
 //! The hyper server: accept loop, routing, the `/v1` JSON API, health and
 //! metrics, and the hand-off of `/ws` upgrades to the gateway. Who gets a
-//! connection at all, and for how long it may idle: [`admission`].
+//! connection at all, and for how long it may idle: [`admission`]. The demo
+//! web client at `/`: [`static_files`], and its `--dev` sign-in: [`dev`].
 
 mod admission;
 mod api;
+pub mod dev;
 mod error;
+mod static_files;
 
 pub use error::ApiError;
 
@@ -27,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use self::admission::{AcceptBackoff, Admission, Admit, Counted, Pending, Slot};
 use crate::auth::{self, AuthError, Jwt};
 use crate::config::AdmissionConfig;
-use crate::config::Origins;
+use crate::config::{DevLogin, Origins};
 use crate::domain::UserId;
 use crate::gateway::Gateway;
 use crate::limits::{Decision, Limits};
@@ -52,6 +55,8 @@ pub struct HttpContext {
     /// Browser origins allowed on `/ws` and, through CORS, the API.
     pub origins: Origins,
     pub limits: Arc<Limits>,
+    /// Whether `/dev/...` mints demo users' tokens (`--dev` only).
+    pub dev_login: DevLogin,
 }
 
 /// How long a browser may cache a preflight answer: ten minutes saves a
@@ -192,12 +197,31 @@ async fn route(ctx: &HttpContext, peer: IpAddr, req: Request<Incoming>) -> Respo
         .headers()
         .get(hyper::header::ORIGIN)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let allowed = origin.as_deref().is_none_or(|o| ctx.origins.allows(o));
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let allowed = origin
+        .as_deref()
+        .is_none_or(|o| ctx.origins.allows(o) || same_origin(o, host));
     let mut response = route_inner(ctx, peer, req, origin.as_deref(), allowed).await;
     if let (Some(o), true) = (&origin, allowed) {
         cors(&mut response, o);
     }
     response
+}
+
+/// Whether `origin` is this server as the browser reached it (the page at
+/// `/`): its host and port are the request's Host. The scheme is not
+/// compared, since behind a TLS-terminating proxy the request arrives as
+/// plain HTTP. A page on another site sends its own host, so this opens
+/// nothing to it.
+fn same_origin(origin: &str, host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|o| !host.is_empty() && o.eq_ignore_ascii_case(host))
 }
 
 /// CORS headers for an allowed origin, echoed (never `*`, so a response
@@ -248,6 +272,15 @@ async fn route_inner(
         )
         .and_then(|()| upgrade(ctx, req)),
         (_, ["healthz"] | ["readyz"] | ["metrics"] | ["ws"]) => Err(ApiError::MethodNotAllowed),
+        // The demo client: embedded files, no token needed to load them.
+        (_, [""] | ["demo", _]) => static_files::handle(&req, &segments),
+        (_, ["dev", ..]) => match limited(
+            ctx.limits.http_per_ip.check(&peer),
+            "too many requests from this address",
+        ) {
+            Ok(()) => dev::handle(ctx, req, &segments[1..]).await,
+            Err(e) => Err(e),
+        },
         (_, ["v1", ..]) => match limited(
             ctx.limits.http_per_ip.check(&peer),
             "too many requests from this address",
@@ -379,4 +412,20 @@ pub(crate) fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Respons
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(bytes)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_origin;
+
+    #[test]
+    fn same_origin_is_the_host_the_browser_reached() {
+        assert!(same_origin("http://127.0.0.1:8080", Some("127.0.0.1:8080")));
+        assert!(same_origin("https://Chat.Example", Some("chat.example")));
+        assert!(!same_origin("https://evil.example", Some("chat.example")));
+        assert!(!same_origin("http://chat.example:81", Some("chat.example")));
+        assert!(!same_origin("chat.example", Some("chat.example")));
+        assert!(!same_origin("http://chat.example", None));
+        assert!(!same_origin("http://", Some("")));
+    }
 }

@@ -8,6 +8,7 @@ mod auth;
 mod bad_input;
 mod budgets;
 mod chat;
+mod demo;
 mod durability;
 mod gateways;
 mod http_api;
