@@ -112,7 +112,7 @@
   // A stable colour per user, from a small palette (classes in style.css).
   function hue(id) {
     let h = 0;
-    for (const ch of String(id)) h = (h * 31 + ch.charCodeAt(0)) >>> 0;
+    for (const ch of String(id)) h = (h * 41 + ch.charCodeAt(0)) >>> 0;
     return `hue-${h % 6}`;
   }
 
@@ -142,14 +142,33 @@
   }
 
   // ---- Sign-in -----------------------------------------------------------
-  function tokenSubject(token) {
+  // The token's claims, read (not verified: the server does that) to know
+  // who we are and when to get a new token.
+  function tokenClaims(token) {
     try {
       const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-      const claims = JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), '=')));
-      return typeof claims.sub === 'string' ? claims.sub : null;
+      return JSON.parse(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), '=')));
     } catch (_) {
-      return null;
+      return {};
     }
+  }
+
+  function tokenSubject(token) {
+    const { sub } = tokenClaims(token);
+    return typeof sub === 'string' ? sub : null;
+  }
+
+  // A browser cannot read the 401 of a refused upgrade, so an expired token
+  // is caught here, before trying, rather than by reconnecting forever.
+  function tokenExpired() {
+    const { exp } = tokenClaims(state.token);
+    return typeof exp === 'number' && exp * 1000 <= Date.now();
+  }
+
+  function onTokenExpired() {
+    const u = state.mode === 'dev' && state.demoUsers.find((d) => d.user_id === state.me.id);
+    if (u) return void pickDemoUser(u); // the same demo user, a fresh token
+    signOut('Your token expired: sign in again.');
   }
 
   async function start() {
@@ -377,6 +396,7 @@
       setStatus('offline', 'offline');
       return;
     }
+    if (tokenExpired()) return onTokenExpired();
     setStatus('connecting', state.attempt ? 'reconnecting…' : 'connecting…');
     const proto = location.protocol === 'https:' ? 'wss:' : 'ws:';
     const ws = new WebSocket(`${proto}//${location.host}/ws?token=${encodeURIComponent(state.token)}`);
@@ -417,12 +437,7 @@
   function onClosed(ws, code) {
     if (state.ws !== ws) return;
     forgetSocket();
-    if (code === 4001 && state.mode === 'dev') {
-      // The demo token expired: sign in as the same demo user again.
-      const u = state.demoUsers.find((d) => d.user_id === state.me.id);
-      if (u) return void pickDemoUser(u);
-    }
-    if (code === 4001) return signOut('Your token expired: sign in again.');
+    if (code === 4001) return onTokenExpired();
     if (!navigator.onLine) {
       setStatus('offline', 'offline');
       return;
