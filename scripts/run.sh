@@ -7,5 +7,7 @@ bash scripts/ensure-postgres.sh
 args=(serve)
 if [ -z "${POSTLINE_JWT_SECRET:-}" ] || [ -z "${DATABASE_URL:-}" ]; then
   args+=(--dev)
+  # `. target/dev.env` then gives psql the throwaway database (sql/ queries).
+  if [ -z "${DATABASE_URL:-}" ]; then args+=(--dev-env-file target/dev.env); fi
 fi
 exec cargo run --release --locked --bin postline -- "${args[@]}" "$@"

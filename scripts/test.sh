@@ -3,8 +3,9 @@
 # formatting, lints (clippy --all-targets type-checks the criterion benches
 # too, without the release build `cargo bench` would add), then unit and
 # integration tests (the integration tests start their own throwaway
-# Postgres cluster), then the browser tests (tests/browser/: the demo client
-# in headless Chromium against the server binary the cargo tests built).
+# Postgres cluster), then the JavaScript tests against the server binary the
+# cargo tests built: real clients (tests/node/: socket.io-client) and the
+# browser tests (tests/browser/: the demo client in headless Chromium).
 # Ends with one line: "tests: N passed, N failed".
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,10 @@ trap 'kill "$setup_pid" 2>/dev/null || true; rm -f "$log" "$browser_log" "$setup
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo test --locked --workspace --lib --bins --tests 2>&1 | tee "$log"
+# Real JavaScript clients (socket.io-client) against the debug binary that
+# cargo test just built.
+npm ci --prefix tests/node --no-audit --no-fund --loglevel=error
+node --test --test-concurrency=1 --test-reporter=tap tests/node/ 2>&1 | tee -a "$log"
 if ! wait "$setup_pid"; then
   cat "$setup_log" >&2
   echo "the browser tests' setup failed (scripts/browser-setup.sh)" >&2
@@ -31,11 +36,12 @@ node --test --test-reporter=tap --test-concurrency=1 tests/browser/ 2>&1 | tee "
 # cargo prints "test result: ok. P passed; F failed; ..." per test binary;
 # node's TAP reporter ends with "# pass P" and "# fail F".
 awk '
-  FILENAME == ARGV[1] && /^test result:/ { p += $4; f += $6 }
-  FILENAME == ARGV[2] && /^# pass / { p += $3; node = 1 }
-  FILENAME == ARGV[2] && /^# fail / { f += $3 }
+  /^test result:/ { p += $4; f += $6 }
+  /^# pass / { p += $3 }
+  /^# fail / { f += $3 }
+  FILENAME == ARGV[2] && /^# pass / { browser = 1 }
   END {
-    if (!node) f += 1   # the browser tests did not report: count it as a failure
+    if (!browser) f += 1   # the browser tests did not report: count it as a failure
     printf "tests: %d passed, %d failed\n", p, f
   }' "$log" "$browser_log"
 if [ "$browser_status" -ne 0 ]; then

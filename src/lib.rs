@@ -32,7 +32,8 @@
 //!   `/ws` hand-off, the demo page at `/` (`web/demo/`, embedded) and its
 //!   `--dev`-only sign-in. Only these two touch hyper
 //!   and fastwebsockets; only `store`, `queue`, `notify` and `worker` touch sqlx.
-//! - [`cli`]: the composition root and shutdown order.
+//! - [`cli`]: the composition root and shutdown order; `chat`, a client that
+//!   speaks only the public contract.
 //! - [`pglocal`]: a throwaway local Postgres for `--dev` and tests.
 
 pub mod auth;

@@ -5,17 +5,29 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+/// How log lines are written (`POSTLINE_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event; colours only on a terminal.
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`,
+    /// `span`s), for log collectors that parse rather than grep.
+    Json,
+}
+
 /// Install the tracing subscriber (RUST_LOG, default `info`).
-pub fn init_tracing() {
+pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Logs go to stdout; colour codes only where a person reads them, not
-    // into files, pipes or a platform's log collector.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        // Colour codes only where a person reads them, not into files,
+        // pipes or a platform's log collector.
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
 }
 
 /// A Prometheus histogram with fixed buckets.

@@ -1,11 +1,14 @@
-//! The composition root: the command line (`serve | worker | migrate | dlq |
+//! The composition root: the command line (`serve | worker | migrate | dlq | chat |
 //! token`) and the runtime. [`serve`] wires a server together and owns the
 //! one shutdown order; tests call it directly with a listener bound to port 0
-//! and their own shutdown token. `dlq` is the dead-letter tooling.
+//! and their own shutdown token. `dlq` is the dead-letter tooling;
+//! `chat` a command-line client of a running server.
 
+mod chat;
 mod dlq;
 mod serve;
 
+use chat::{chat, ChatArgs};
 use dlq::{dlq, DlqAction};
 pub use serve::serve;
 use serve::stage;
@@ -40,6 +43,15 @@ use crate::worker::Worker;
     about = "Real-time chat over WebSocket, made durable through a queue inside Postgres"
 )]
 struct Cli {
+    /// Log lines as `text` (coloured only on a terminal) or `json` (one
+    /// object a line, for a log collector).
+    #[arg(
+        long,
+        global = true,
+        env = "POSTLINE_LOG_FORMAT",
+        default_value = "text"
+    )]
+    log_format: telemetry::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +69,10 @@ enum Command {
         /// Do not apply the schema at start.
         #[arg(long)]
         no_migrate: bool,
+        /// With a throwaway dev database: write `DATABASE_URL=...` to this
+        /// file (removed at exit), so `. FILE` readies `psql` for `sql/`.
+        #[arg(long, env = "POSTLINE_DEV_ENV_FILE")]
+        dev_env_file: Option<std::path::PathBuf>,
     },
     /// Run the persistence worker alone.
     Worker {
@@ -79,6 +95,9 @@ enum Command {
         #[command(subcommand)]
         action: DlqAction,
     },
+    /// A command-line client of a running server: create a conversation,
+    /// listen to one, send to one.
+    Chat(Box<ChatArgs>),
     /// Print a signed token for local use.
     Token {
         /// The user id (UUID) to put in `sub`.
@@ -121,6 +140,7 @@ enum Job {
         run_worker: bool,
         migrate: bool,
         threads: Option<usize>,
+        dev_env_file: Option<std::path::PathBuf>,
     },
     Worker {
         database_url: String,
@@ -140,6 +160,7 @@ enum Job {
         ttl: Duration,
         jwt_secret: String,
     },
+    Chat(Box<ChatArgs>),
 }
 
 impl Job {
@@ -149,7 +170,9 @@ impl Job {
                 args,
                 no_worker,
                 no_migrate,
+                dev_env_file,
             } => Job::Serve {
+                dev_env_file,
                 cfg: Box::new({
                     for w in args.warnings() {
                         tracing::warn!("{w}");
@@ -187,6 +210,7 @@ impl Job {
                 ttl,
                 jwt_secret: jwt_secret.unwrap_or_else(|| DEV_JWT_SECRET.to_owned()),
             },
+            Command::Chat(args) => Job::Chat(args),
         })
     }
 
@@ -203,7 +227,7 @@ impl Job {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init_tracing();
+    telemetry::init_tracing(cli.log_format);
     let job = match Job::from_cli(cli) {
         Ok(job) => job,
         Err(e) => {
@@ -257,6 +281,7 @@ async fn run(job: Job) -> anyhow::Result<()> {
             database_url,
             action,
         } => dlq(&database_url, action).await,
+        Job::Chat(args) => chat(*args).await,
         Job::Migrate { database_url } => {
             let pool = store::connect(&database_url, 2).await?;
             store::migrate(&pool).await?;
@@ -269,8 +294,10 @@ async fn run(job: Job) -> anyhow::Result<()> {
             run_worker,
             migrate,
             threads: _,
+            dev_env_file,
         } => {
-            let (pool, _cluster) = open_database(database_url, cfg.db_max_connections).await?;
+            let (pool, _cluster) =
+                open_database(database_url, cfg.db_max_connections, dev_env_file).await?;
             if migrate {
                 store::migrate(&pool).await.context("applying the schema")?;
             }
@@ -312,7 +339,11 @@ async fn run(job: Job) -> anyhow::Result<()> {
 /// The configured database, or without one (`serve --dev`; validation
 /// refused it otherwise) a throwaway local cluster, returned so it lives as
 /// long as the caller.
-async fn open_database(url: Option<String>, max: u32) -> anyhow::Result<(PgPool, Option<Cluster>)> {
+async fn open_database(
+    url: Option<String>,
+    max: u32,
+    env_file: Option<std::path::PathBuf>,
+) -> anyhow::Result<(PgPool, Option<DevDatabase>)> {
     match url {
         Some(url) => Ok((
             store::connect(&url, max)
@@ -329,7 +360,38 @@ async fn open_database(url: Option<String>, max: u32) -> anyhow::Result<(PgPool,
             println!(
                 "dev database: psql \"{url}\"    (e.g. psql \"{url}\" -f sql/queue_depth.sql)"
             );
-            Ok((store::connect(&url, max).await?, Some(cluster)))
+            let env_file = match env_file {
+                Some(path) => {
+                    std::fs::write(&path, format!("DATABASE_URL={url}\nexport DATABASE_URL\n"))
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    Some(path)
+                }
+                None => None,
+            };
+            let pool = store::connect(&url, max).await?;
+            Ok((
+                pool,
+                Some(DevDatabase {
+                    _cluster: cluster,
+                    env_file,
+                }),
+            ))
+        }
+    }
+}
+
+/// A throwaway cluster and the file naming it: both gone when this drops,
+/// so a stale file never points at a dead cluster.
+struct DevDatabase {
+    /// Held for its Drop: the cluster is stopped and removed.
+    _cluster: Cluster,
+    env_file: Option<std::path::PathBuf>,
+}
+
+impl Drop for DevDatabase {
+    fn drop(&mut self) {
+        if let Some(path) = &self.env_file {
+            let _ = std::fs::remove_file(path);
         }
     }
 }

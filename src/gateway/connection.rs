@@ -23,10 +23,21 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::protocol::{close, server};
+use crate::protocol::{close, server, socketio};
 use crate::rooms::{Outbox, OutboxReceiver};
 
-type Io = TokioIo<Upgraded>;
+pub(super) type Io = TokioIo<Upgraded>;
+
+/// How frames are framed on this socket. Sessions speak native frames
+/// either way; the codec sits between them and the socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Codec {
+    /// `/ws`: native frames as they are.
+    Native,
+    /// `/socket.io/`: Engine.IO/Socket.IO packets around native frames
+    /// (`protocol::socketio`), Engine.IO pings instead of WebSocket ones.
+    SocketIo,
+}
 
 /// Bytes coalesced per connection before a write; a flush happens sooner
 /// whenever the outbox runs empty.
@@ -55,6 +66,12 @@ pub(super) enum Inbound {
     /// A complete text message (fragments reassembled, UTF-8 checked).
     Text(Vec<u8>),
     Binary,
+    /// A Socket.IO packet the codec could not turn into a native frame; the
+    /// session answers it (to its acknowledgement id when known).
+    Refused {
+        r#ref: Option<String>,
+        reason: String,
+    },
 }
 
 /// Settings of one socket.
@@ -112,6 +129,7 @@ impl LastRead {
 /// The socket of one client, as the session sees it: messages in, frames
 /// out through the outbox.
 pub(super) struct Connection {
+    codec: Codec,
     inbound: mpsc::Receiver<Inbound>,
     reader: JoinHandle<()>,
     writer: JoinHandle<()>,
@@ -128,6 +146,7 @@ impl Connection {
     /// Split the socket and start its reader and writer.
     pub(super) fn start(
         ws: fastwebsockets::WebSocket<Io>,
+        codec: Codec,
         limits: SocketLimits,
         out: OutboxReceiver,
         outbox: &Outbox,
@@ -151,6 +170,7 @@ impl Connection {
         let last_read = Arc::new(LastRead::new());
         let reader = tokio::spawn(read_loop(
             read,
+            codec,
             limits.max_message_bytes,
             inbound_tx,
             control.clone(),
@@ -159,6 +179,8 @@ impl Connection {
         let writer = tokio::spawn(
             Writer {
                 write,
+                codec,
+                head: Vec::new(),
                 out,
                 control: control_rx,
                 slow: outbox.slow_signal().clone(),
@@ -174,6 +196,7 @@ impl Connection {
             .run(writer_done.clone()),
         );
         Connection {
+            codec,
             inbound,
             reader,
             writer,
@@ -196,6 +219,13 @@ impl Connection {
     /// Close with `code`: the writer sends it ahead of anything still
     /// queued, then as [`Connection::close`].
     pub(super) async fn close_with(self, code: u16, reason: &[u8]) {
+        // Socket.IO clients reconnect after a bare close; a DISCONNECT
+        // first says the server meant it (an expired token, a flood).
+        if self.codec == Codec::SocketIo && !close::should_reconnect(code) {
+            let _ = self
+                ._control
+                .try_send((OpCode::Text, socketio::DISCONNECT.to_vec()));
+        }
         let _ = self._control.try_send(close_frame(code, reason));
         self.close().await;
     }
@@ -233,6 +263,7 @@ fn was_masked(frame: &mut Frame<'_>) -> bool {
 /// dropping `inbound`, which the session sees as the end of the connection.
 async fn read_loop(
     mut read: WebSocketRead<ReadHalf<Io>>,
+    codec: Codec,
     max: usize,
     inbound: mpsc::Sender<Inbound>,
     control: mpsc::Sender<Control>,
@@ -319,6 +350,47 @@ async fn read_loop(
                 Inbound::Text(whole)
             }
         };
+        let message = match (codec, message) {
+            (Codec::SocketIo, Inbound::Text(text)) => match socketio::decode(&text) {
+                Ok(socketio::Packet::Event(native)) => Inbound::Text(native),
+                Ok(socketio::Packet::Pong) => continue,
+                Ok(socketio::Packet::Ping(data)) => {
+                    let mut pong = socketio::PONG.to_vec();
+                    pong.extend_from_slice(&data);
+                    if control.send((OpCode::Text, pong)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                Ok(socketio::Packet::Close) => return,
+                Ok(socketio::Packet::Connect(_)) => Inbound::Refused {
+                    r#ref: None,
+                    reason: "already connected to namespace \"/\"".into(),
+                },
+                Ok(socketio::Packet::ForeignNamespace(ns)) => {
+                    if control
+                        .send((OpCode::Text, socketio::invalid_namespace(&ns)))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                Err(refused) if refused.fatal => {
+                    let _ = control.try_send(close_frame(
+                        close::PROTOCOL_ERROR,
+                        b"invalid Socket.IO packet",
+                    ));
+                    return;
+                }
+                Err(refused) => Inbound::Refused {
+                    r#ref: refused.ack.map(|a| a.to_string()),
+                    reason: refused.reason,
+                },
+            },
+            (_, message) => message,
+        };
         // Waits while the session is busy: the socket is not read meanwhile,
         // and that wait is not the client's silence.
         match inbound.try_send(message) {
@@ -338,6 +410,10 @@ async fn read_loop(
 /// The writing half of a socket and everything that decides what it writes.
 struct Writer {
     write: WebSocketWrite<BufWriter<WriteHalf<Io>>>,
+    codec: Codec,
+    /// Socket.IO: where a frame is wrapped (prefix, the shared bytes, a
+    /// bracket) before it is written; reused, so no allocation per frame.
+    head: Vec<u8>,
     out: OutboxReceiver,
     control: mpsc::Receiver<Control>,
     slow: CancellationToken,
@@ -363,9 +439,27 @@ impl Writer {
     }
 
     async fn text(&mut self, frame: &[u8]) -> Result<(), WebSocketError> {
+        let payload = match self.codec {
+            Codec::Native => frame,
+            Codec::SocketIo => {
+                socketio::wrap(frame, &mut self.head);
+                self.head.extend_from_slice(frame);
+                self.head.extend_from_slice(socketio::TAIL);
+                &self.head
+            }
+        };
         self.write
-            .write_frame(Frame::text(Payload::Borrowed(frame)))
+            .write_frame(Frame::text(Payload::Borrowed(payload)))
             .await
+    }
+
+    /// A keep-alive: a WebSocket ping, or Engine.IO's own ("2"), which
+    /// Socket.IO clients expect and answer at their level.
+    fn ping_frame(&self) -> Frame<'static> {
+        match self.codec {
+            Codec::Native => Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[])),
+            Codec::SocketIo => Frame::text(Payload::Borrowed(socketio::PING)),
+        }
     }
 
     async fn write_until_done(&mut self) -> Result<(), WebSocketError> {
@@ -395,7 +489,8 @@ impl Writer {
                 }
                 // Before the outbox, so a busy room cannot starve them.
                 _ = ping.tick() => {
-                    self.write.write_frame(Frame::new(true, OpCode::Ping, None, Payload::Borrowed(&[]))).await?;
+                    let ping = self.ping_frame();
+                    self.write.write_frame(ping).await?;
                     self.write.flush().await?;
                 }
                 () = &mut idle => {

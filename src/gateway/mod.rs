@@ -11,6 +11,8 @@
 //! - [`presence`]: online/offline across gateways.
 //! - [`error`]: why a request was refused, mapped to the contract once.
 //! - [`slots`]: the per-user cap on open WebSockets.
+//! - [`socketio`]: the Socket.IO handshake (auth after the upgrade); then
+//!   the same session, with the Socket.IO codec on the socket.
 //!
 //! The session never writes to the socket: every frame goes through the
 //! connection's bounded outbox, owned by the writer task. Messages head for
@@ -26,6 +28,7 @@ mod publish;
 mod receipts;
 mod session;
 mod slots;
+mod socketio;
 mod sync;
 mod typing;
 
@@ -137,9 +140,26 @@ impl Gateway {
     ) {
         let (gw, jwt) = (self.clone(), jwt.clone());
         self.connections.spawn(async move {
-            session::run(gw, token, jwt, upgrade).await;
+            if let Some(ws) = session::upgraded(&gw, upgrade).await {
+                session::run(gw, token, jwt, ws, connection::Codec::Native).await;
+            }
             drop(slot);
         });
+    }
+
+    /// Take over an upgraded Socket.IO connection, not yet authenticated:
+    /// its token comes in its CONNECT packet (or `header_token`, from the
+    /// upgrade request). `authenticated` runs once it verified.
+    pub fn accept_socketio(
+        self: &Arc<Self>,
+        jwt: &Jwt,
+        header_token: Option<String>,
+        upgrade: fastwebsockets::upgrade::UpgradeFut,
+        authenticated: impl FnOnce() + Send + 'static,
+    ) {
+        let (gw, jwt) = (self.clone(), jwt.clone());
+        self.connections
+            .spawn(socketio::run(gw, jwt, header_token, upgrade, authenticated));
     }
 
     /// Wait for every connection to finish closing after shutdown, until

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::connection::{Connection, Inbound, SocketLimits};
+use fastwebsockets::WebSocket;
+
+use super::connection::{Codec, Connection, Inbound, Io, SocketLimits};
 use super::error::HandlerError;
 use super::typing::TypingStates;
 use super::Gateway;
@@ -50,26 +52,35 @@ pub(super) struct Session {
     flooding: CancellationToken,
 }
 
-/// Run one upgraded WebSocket for `user` until it closes, the client proves
-/// too slow, or the server shuts down.
+/// Finish a WebSocket upgrade, bounded by the handshake timeout.
+pub(super) async fn upgraded(
+    gw: &Gateway,
+    upgrade: fastwebsockets::upgrade::UpgradeFut,
+) -> Option<WebSocket<Io>> {
+    match tokio::time::timeout(gw.cfg.handshake_timeout, upgrade).await {
+        Ok(Ok(ws)) => Some(ws),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "websocket upgrade failed");
+            None
+        }
+        Err(_) => {
+            tracing::debug!("websocket upgrade timed out");
+            None
+        }
+    }
+}
+
+/// Run one WebSocket for the holder of `token` until it closes, the client
+/// proves too slow, or the server shuts down. Both protocols end up here;
+/// only `codec` differs.
 pub(super) async fn run(
     gw: Arc<Gateway>,
     token: Verified,
     jwt: Jwt,
-    upgrade: fastwebsockets::upgrade::UpgradeFut,
+    ws: WebSocket<Io>,
+    codec: Codec,
 ) {
     let user = token.user;
-    let ws = match tokio::time::timeout(gw.cfg.handshake_timeout, upgrade).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "websocket upgrade failed");
-            return;
-        }
-        Err(_) => {
-            tracing::debug!("websocket upgrade timed out");
-            return;
-        }
-    };
     let (outbox, out_rx) = Outbox::new(gw.cfg.outbox_bytes);
     let limits = SocketLimits {
         max_message_bytes: gw.cfg.max_frame_bytes,
@@ -78,7 +89,7 @@ pub(super) async fn run(
         ping_interval: gw.cfg.ping_interval,
         read_timeout: gw.cfg.ws_read_timeout,
     };
-    let mut conn = Connection::start(ws, limits, out_rx, &outbox, gw.shutdown.clone());
+    let mut conn = Connection::start(ws, codec, limits, out_rx, &outbox, gw.shutdown.clone());
     gw.metrics.connection_opened();
     let session = Session {
         id: ConnectionId::next(),
@@ -134,6 +145,11 @@ pub(super) async fn run(
                 None,
                 ErrorCode::BadRequest,
                 "binary frames are not supported; send JSON text frames",
+            )),
+            Some(Inbound::Refused { r#ref, reason }) => session.push(server::error(
+                r#ref.as_deref(),
+                ErrorCode::BadRequest,
+                &reason,
             )),
             None => break,
         }

@@ -134,9 +134,10 @@ async fn connection(
             if !pending.is_released() && has_valid_token(&ctx, &req) {
                 pending.release();
             }
-            let res = tokio::time::timeout(cfg.request_timeout, route(&ctx, peer, req))
-                .await
-                .unwrap_or_else(|_| ApiError::TimedOut(cfg.request_timeout).into_response());
+            let res =
+                tokio::time::timeout(cfg.request_timeout, route(&ctx, peer, req, Some(&pending)))
+                    .await
+                    .unwrap_or_else(|_| ApiError::TimedOut(cfg.request_timeout).into_response());
             Ok::<_, Infallible>(res)
         }
     });
@@ -167,7 +168,7 @@ async fn triage(ctx: Arc<HttpContext>, stream: TcpStream, peer: IpAddr) {
             let probe = req.method() == Method::GET
                 && matches!(req.uri().path().trim_matches('/'), "healthz" | "readyz");
             let res = if probe {
-                route(&ctx, peer, req).await
+                route(&ctx, peer, req, None).await
             } else {
                 ApiError::AtCapacity.into_response()
             };
@@ -190,7 +191,14 @@ fn has_valid_token<B>(ctx: &HttpContext, req: &Request<B>) -> bool {
 }
 
 /// `peer` is the TCP peer: behind a proxy, the proxy (see docs/PROTOCOL.md).
-async fn route(ctx: &HttpContext, peer: IpAddr, req: Request<Incoming>) -> Response<Body> {
+/// `pending` is the connection's place among its IP's not-yet-authenticated
+/// ones (none in triage).
+async fn route(
+    ctx: &HttpContext,
+    peer: IpAddr,
+    req: Request<Incoming>,
+    pending: Option<&Arc<Pending>>,
+) -> Response<Body> {
     // A browser names the page's origin; other clients send none and are
     // not subject to the allowlist.
     let origin = req
@@ -204,7 +212,7 @@ async fn route(ctx: &HttpContext, peer: IpAddr, req: Request<Incoming>) -> Respo
     let allowed = origin
         .as_deref()
         .is_none_or(|o| ctx.origins.allows(o) || same_origin(o, host));
-    let mut response = route_inner(ctx, peer, req, origin.as_deref(), allowed).await;
+    let mut response = route_inner(ctx, peer, req, origin.as_deref(), allowed, pending).await;
     if let (Some(o), true) = (&origin, allowed) {
         cors(&mut response, o);
     }
@@ -252,6 +260,7 @@ async fn route_inner(
     req: Request<Incoming>,
     origin: Option<&str>,
     allowed: bool,
+    pending: Option<&Arc<Pending>>,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -271,7 +280,15 @@ async fn route_inner(
             "too many WebSocket upgrades from this address",
         )
         .and_then(|()| upgrade(ctx, req)),
-        (_, ["healthz"] | ["readyz"] | ["metrics"] | ["ws"]) => Err(ApiError::MethodNotAllowed),
+        (&Method::GET, ["socket.io"]) if !allowed => Err(refused()),
+        (&Method::GET, ["socket.io"]) => limited(
+            ctx.limits.upgrade_per_ip.check(&peer),
+            "too many WebSocket upgrades from this address",
+        )
+        .and_then(|()| socketio_upgrade(ctx, req, pending)),
+        (_, ["healthz"] | ["readyz"] | ["metrics"] | ["ws"] | ["socket.io"]) => {
+            Err(ApiError::MethodNotAllowed)
+        }
         // The demo client: embedded files, no token needed to load them.
         (_, [""] | ["demo", _]) => static_files::handle(&req, &segments),
         (_, ["dev", ..]) => match limited(
@@ -320,6 +337,58 @@ fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Bod
     let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
     ctx.gateway.accept(slot, verified, &ctx.jwt, fut);
+    Ok(response.map(|_| Full::new(Bytes::new())))
+}
+
+/// A Socket.IO v4 client over the WebSocket transport. It authenticates
+/// after the upgrade (its CONNECT packet's `auth`), so the upgrade itself
+/// takes no token: until the token verifies, the connection still counts
+/// among its IP's pending ones, and the handshake timeout bounds it.
+fn socketio_upgrade(
+    ctx: &HttpContext,
+    mut req: Request<Incoming>,
+    pending: Option<&Arc<Pending>>,
+) -> Result<Response<Body>, ApiError> {
+    let query = req.uri().query().unwrap_or("");
+    let param = |key: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    };
+    if param("EIO") != Some(crate::protocol::socketio::ENGINE_IO_VERSION) {
+        return Err(ApiError::BadRequest(
+            "unsupported Engine.IO version: EIO=4 (socket.io-client v3 and v4) only".into(),
+        ));
+    }
+    if param("transport") != Some("websocket") {
+        return Err(ApiError::BadRequest(
+            "only the websocket transport is served: use transports: [\"websocket\"] in socket.io-client".into(),
+        ));
+    }
+    if param("sid").is_some() {
+        return Err(ApiError::BadRequest(
+            "no Engine.IO session to upgrade: connect over websocket without sid".into(),
+        ));
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        return Err(ApiError::BadRequest(
+            "expected a WebSocket upgrade request".into(),
+        ));
+    }
+    let header_token = bearer_token(&req)
+        .or_else(|| auth::query_token(query))
+        .map(str::to_owned);
+    let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
+        .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
+    let pending = pending.cloned();
+    ctx.gateway
+        .accept_socketio(&ctx.jwt, header_token, fut, move || {
+            if let Some(p) = pending {
+                p.release();
+            }
+        });
     Ok(response.map(|_| Full::new(Bytes::new())))
 }
 

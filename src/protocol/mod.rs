@@ -1,4 +1,5 @@
-//! The wire format of `/ws`: client events in, server events out.
+//! The wire format of `/ws`: client events in, server events out; and
+//! `socketio`, the codec that carries the same frames on `/socket.io/`.
 //!
 //! `client::decode` turns one text frame into a validated [`client::Request`]
 //! or a [`client::DecodeError`] carrying the contract's error code; `server`
@@ -11,6 +12,7 @@ pub mod depth;
 pub(crate) mod fuzz;
 pub mod http;
 pub mod server;
+pub mod socketio;
 
 use serde::Serialize;
 
@@ -75,4 +77,11 @@ pub mod close {
     /// The connection's token expired and no fresh one came (`refresh_token`):
     /// reconnect with a fresh token.
     pub const TOKEN_EXPIRED: u16 = 4001;
+
+    /// Whether a client may reconnect as it is, at once or after a pause:
+    /// the server went away or the path broke. Otherwise something about
+    /// the client must change first (its token, its pace, its frames).
+    pub fn should_reconnect(code: u16) -> bool {
+        matches!(code, GOING_AWAY | SLOW_CONSUMER | IDLE_TIMEOUT)
+    }
 }
