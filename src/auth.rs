@@ -125,6 +125,12 @@ impl Jwt {
         self
     }
 
+    /// The longest lifetime accepted, if any: what a token issued here for
+    /// this server may live at most.
+    pub fn max_ttl(&self) -> Option<Duration> {
+        self.max_ttl
+    }
+
     pub fn verify(&self, token: &str) -> Result<UserId, AuthError> {
         self.verify_token(token).map(|v| v.user)
     }

@@ -30,7 +30,8 @@
 //!   (`session`), handlers by concern, and the one place a frame is
 //!   published, here and to other gateways (`publish`). [`http`]: hyper
 //!   server, admission (connection caps and timeouts), `/v1` API, health,
-//!   `/ws` hand-off. Only these two touch hyper
+//!   `/ws` hand-off, the demo page at `/` (`web/demo/`, embedded) and its
+//!   `--dev`-only sign-in. Only these two touch hyper
 //!   and fastwebsockets; only `store`, `queue`, `notify` and `worker` touch sqlx.
 //! - [`alerts`]: threshold rules over the counters and the queue tables,
 //!   evaluated in the process; `/alerts` and an optional webhook (hyper's

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Jwt;
-use crate::config::Config;
+use crate::config::{Config, DevLogin};
 use crate::gateway::{Enqueuers, Gateway};
 use crate::http::{self, HttpContext};
 use crate::limits::Limits;
@@ -117,6 +117,7 @@ pub async fn serve(
         origins: cfg.allowed_origins.clone(),
         limits,
         ops,
+        dev_login: DevLogin::for_server(cfg.dev_login == DevLogin::DemoUsers, &cfg.jwt_secret),
     });
     let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
     let http_ended = tokio::select! {

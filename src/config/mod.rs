@@ -103,6 +103,31 @@ pub enum ConfigError {
     HttpsWebhook,
 }
 
+/// Whether the server mints tokens for the demo users (`POST /dev/token`,
+/// behind the demo page at `/`). An enum, not a flag, so that the only way
+/// to turn it on is [`DevLogin::for_server`], which checks both conditions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DevLogin {
+    /// No `/dev/...` routes (404): always outside `--dev`.
+    #[default]
+    Off,
+    /// `--dev` signing with the public [`DEV_JWT_SECRET`]: what is minted
+    /// is accepted by no deployment that set its own secret.
+    DemoUsers,
+}
+
+impl DevLogin {
+    /// On only for `--dev` with the public dev secret: a `--dev` server
+    /// given a real POSTLINE_JWT_SECRET must not hand out tokens for it.
+    pub fn for_server(dev: bool, jwt_secret: &str) -> DevLogin {
+        if dev && jwt_secret == DEV_JWT_SECRET {
+            DevLogin::DemoUsers
+        } else {
+            DevLogin::Off
+        }
+    }
+}
+
 /// Which browser origins may use the server cross-origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Origins {
@@ -341,6 +366,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// The operator token and the alerts.
     pub ops: OpsConfig,
+    /// Demo users' tokens for the page at `/` (`--dev` only).
+    pub dev_login: DevLogin,
 }
 
 impl std::fmt::Debug for Config {
@@ -359,6 +386,7 @@ impl std::fmt::Debug for Config {
             .field("allowed_origins", &self.allowed_origins)
             .field("limits", &self.limits)
             .field("ops", &self.ops)
+            .field("dev_login", &self.dev_login)
             .finish()
     }
 }
@@ -384,6 +412,7 @@ impl Config {
                 operator: OperatorAuth::NotConfigured,
                 alerts: AlertConfig::default(),
             },
+            dev_login: DevLogin::Off,
         }
     }
 
@@ -412,7 +441,6 @@ impl Config {
         Ok(Config {
             listen,
             gateway_id: args.gateway.gateway_id.unwrap_or_else(uuid::Uuid::new_v4),
-            jwt_secret,
             gateway: GatewayConfig::try_from(&args.gateway)?,
             enqueue: EnqueueConfig::try_from(&args.enqueue)?.within_grace(shutdown_grace),
             worker: WorkerConfig::try_from(&args.worker)?,
@@ -436,6 +464,8 @@ impl Config {
             },
             limits: LimitsConfig::try_from(&args.limits)?,
             ops: OpsConfig::new(&args.ops, args.dev)?,
+            dev_login: DevLogin::for_server(args.dev, &jwt_secret),
+            jwt_secret,
         })
     }
 }

@@ -307,6 +307,29 @@ fn dev_against_a_real_database_is_warned_about_loudly() {
 }
 
 #[test]
+fn demo_tokens_are_minted_only_in_dev_with_the_public_secret() {
+    let mut a = args(&[]);
+    assert_eq!(
+        Config::from_args(&a, None).unwrap().dev_login,
+        DevLogin::Off
+    );
+    a.dev = true;
+    // --dev with a real secret: a token minted for a demo user would be a
+    // real token, so none is.
+    assert_eq!(
+        Config::from_args(&a, None).unwrap().dev_login,
+        DevLogin::Off
+    );
+    a.http.jwt_secret = None;
+    assert_eq!(
+        Config::from_args(&a, None).unwrap().dev_login,
+        DevLogin::DemoUsers
+    );
+    assert_eq!(DevLogin::for_server(false, DEV_JWT_SECRET), DevLogin::Off);
+    assert_eq!(Config::with_secret(DEV_JWT_SECRET).dev_login, DevLogin::Off);
+}
+
+#[test]
 fn secret_is_redacted() {
     let cfg = Config::from_args(&args(&[]), None).unwrap();
     assert!(!format!("{cfg:?}").contains("0123456789abcdef"));

@@ -106,7 +106,7 @@ fn parse_conversation(s: &str) -> Result<ConversationId, ApiError> {
         .map_err(|_| ApiError::BadRequest("conversation id in the path must be a UUID".into()))
 }
 
-async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
+pub(super) async fn read_json<T: DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
     let body = Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await

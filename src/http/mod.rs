@@ -1,14 +1,17 @@
 //! The hyper server: accept loop, routing, the `/v1` JSON API, health,
-//! and the hand-off of `/ws` upgrades to the gateway. Who gets a
-//! connection at all, and for how long it may idle: [`admission`]. What
-//! operators read (`/metrics`, `/alerts`, the dashboard): [`ops`], also
-//! served alone by a standalone worker.
+//! and the hand-off of `/ws` and `/socket.io/` upgrades to the gateway. Who
+//! gets a connection at all, and for how long it may idle: [`admission`].
+//! What operators read (`/metrics`, `/alerts`, the dashboard): [`ops`], also
+//! served alone by a standalone worker. The demo web client at `/`:
+//! [`static_files`], and its `--dev` sign-in: [`dev`].
 
 mod admission;
 mod api;
 mod dashboard;
+pub mod dev;
 mod error;
 mod ops;
+mod static_files;
 
 pub use dashboard::WINDOW as DASHBOARD_WINDOW;
 pub use error::ApiError;
@@ -33,7 +36,7 @@ use tokio_util::task::TaskTracker;
 use self::admission::{AcceptBackoff, Admission, Admit, Counted, Pending, Slot};
 use crate::auth::{self, AuthError, Jwt};
 use crate::config::AdmissionConfig;
-use crate::config::Origins;
+use crate::config::{DevLogin, Origins};
 use crate::domain::UserId;
 use crate::gateway::Gateway;
 use crate::limits::{Decision, Limits};
@@ -60,6 +63,8 @@ pub struct HttpContext {
     pub limits: Arc<Limits>,
     /// `/metrics`, `/alerts`, the dashboard.
     pub ops: Arc<Ops>,
+    /// Whether `/dev/...` mints demo users' tokens (`--dev` only).
+    pub dev_login: DevLogin,
 }
 
 /// How long a browser may cache a preflight answer: ten minutes saves a
@@ -208,7 +213,13 @@ async fn route(
         .headers()
         .get(hyper::header::ORIGIN)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-    let allowed = origin.as_deref().is_none_or(|o| ctx.origins.allows(o));
+    let host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|v| v.to_str().ok());
+    let allowed = origin
+        .as_deref()
+        .is_none_or(|o| ctx.origins.allows(o) || same_origin(o, host));
     let mut response = route_inner(ctx, peer, req, origin.as_deref(), allowed, pending).await;
     if response.status().is_server_error() {
         ctx.metrics.add_http_server_error();
@@ -217,6 +228,19 @@ async fn route(
         cors(&mut response, o);
     }
     response
+}
+
+/// Whether `origin` is this server as the browser reached it (the page at
+/// `/`): its host and port are the request's Host. The scheme is not
+/// compared, since behind a TLS-terminating proxy the request arrives as
+/// plain HTTP. A page on another site sends its own host, so this opens
+/// nothing to it.
+fn same_origin(origin: &str, host: Option<&str>) -> bool {
+    let Some(host) = host else { return false };
+    origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"))
+        .is_some_and(|o| !host.is_empty() && o.eq_ignore_ascii_case(host))
 }
 
 /// CORS headers for an allowed origin, echoed (never `*`, so a response
@@ -283,6 +307,17 @@ async fn route_inner(
         )
         .and_then(|()| socketio_upgrade(ctx, req, pending)),
         (_, ["healthz"] | ["readyz"] | ["ws"] | ["socket.io"]) => Err(ApiError::MethodNotAllowed),
+        // The demo client: embedded files, no token needed to load them.
+        (_, [""] | ["demo", _]) => static_files::handle(&req, &segments),
+        (_, ["dev", ..]) => match limited(
+            &ctx.metrics,
+            RateLimit::HttpPerIp,
+            ctx.limits.http_per_ip.check(&peer),
+            "too many requests from this address",
+        ) {
+            Ok(()) => dev::handle(ctx, req, &segments[1..]).await,
+            Err(e) => Err(e),
+        },
         (_, ["v1", ..]) => match limited(
             &ctx.metrics,
             RateLimit::HttpPerIp,
@@ -452,4 +487,20 @@ pub(crate) fn json<T: serde::Serialize>(status: StatusCode, body: &T) -> Respons
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(bytes)))
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_origin;
+
+    #[test]
+    fn same_origin_is_the_host_the_browser_reached() {
+        assert!(same_origin("http://127.0.0.1:8080", Some("127.0.0.1:8080")));
+        assert!(same_origin("https://Chat.Example", Some("chat.example")));
+        assert!(!same_origin("https://evil.example", Some("chat.example")));
+        assert!(!same_origin("http://chat.example:81", Some("chat.example")));
+        assert!(!same_origin("chat.example", Some("chat.example")));
+        assert!(!same_origin("http://chat.example", None));
+        assert!(!same_origin("http://", Some("")));
+    }
 }

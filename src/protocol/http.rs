@@ -222,3 +222,32 @@ pub struct AlertEvent<'a> {
     pub source: &'a str,
     pub alert: &'a Alert,
 }
+
+/// `POST /dev/token` (`--dev` only): which demo user to sign a token for.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevTokenRequest {
+    pub user_id: UserId,
+}
+
+/// A demo user: a fixed id and a display name.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct DemoUser {
+    pub user_id: UserId,
+    pub name: &'static str,
+}
+
+/// `GET /dev/users` (`--dev` only).
+#[derive(Serialize)]
+pub struct DemoUsers {
+    pub users: &'static [DemoUser],
+}
+
+/// `POST /dev/token` (201): a token signed with the public dev secret.
+#[derive(Serialize)]
+pub struct DevToken {
+    pub token: String,
+    pub user_id: UserId,
+    pub name: &'static str,
+    pub expires_at: DateTime<Utc>,
+}

@@ -10,6 +10,7 @@ mod bad_input;
 mod budgets;
 mod chat;
 mod cli;
+mod demo;
 mod durability;
 mod gateways;
 mod http_api;
