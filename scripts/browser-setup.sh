@@ -20,7 +20,7 @@ if [ ! -x "$chromium" ]; then
   export DEBIAN_FRONTEND=noninteractive
   lock=(-o DPkg::Lock::Timeout=600)
   nice -n 10 $SUDO apt-get "${lock[@]}" update -qq
-  nice -n 10 $SUDO apt-get "${lock[@]}" install -y -qq --no-install-recommends chromium >/dev/null
+  nice -n 10 $SUDO apt-get "${lock[@]}" install -y -qq --no-install-recommends chromium fonts-liberation >/dev/null
 fi
 "$chromium" --version >/dev/null 2>&1 || { echo "browser-setup: $chromium does not run" >&2; exit 1; }
 

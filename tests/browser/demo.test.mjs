@@ -164,3 +164,28 @@ test('screenshots of the demo (docs/img with UPDATE_SCREENSHOTS=1)', async () =>
   assert.deepEqual(alice.errors, [], 'no script errors on Alice\'s page');
   assert.deepEqual(bob.errors, [], 'no script errors on Bob\'s page');
 });
+
+test('the live dashboard shows this run: connections, messages, latency plots (docs/img with UPDATE_SCREENSHOTS=1)', async () => {
+  const operator = await newPerson(browser);
+  // --dev without POSTLINE_OPERATOR_TOKEN: the stats are open.
+  await operator.page.goto(`${server.url}/dashboard`);
+  await operator.page.locator('body[data-ready="1"]').waitFor();
+  // Alice's and Bob's sockets are open; the chat above sent messages.
+  const connections = Number(await operator.page.locator('#connections').textContent());
+  assert.ok(connections >= 2, `connections ${connections}`);
+  const total = Number((await operator.page.locator('#messages-total').textContent()).replace(/\D/g, ''));
+  assert.ok(total >= 6, `messages total ${total}`);
+  // A few more messages while it watches, so the plots have a shape.
+  for (const text of ['one more', 'and another', 'last one']) {
+    await sendText(alice.page, text);
+    await message(bob.page, text).waitFor();
+  }
+  await operator.page.waitForTimeout(3000);
+  for (const id of ['plot-messages', 'plot-send-latency', 'plot-persist-latency', 'plot-queues']) {
+    assert.equal(await operator.page.locator(`#${id}`).count(), 1, id);
+  }
+  assert.notEqual((await operator.page.locator('#send-p50').textContent()).trim(), '');
+  await operator.page.screenshot({ path: screenshotPath('dashboard.png'), fullPage: true });
+  assert.deepEqual(operator.errors, [], 'no script errors on the dashboard');
+  await operator.context.close();
+});
