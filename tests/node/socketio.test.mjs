@@ -95,7 +95,12 @@ describe('socket.io-client v4', () => {
     assert.equal(joined.type, 'ack');
     assert.equal(joined.conversation_id, conv);
     assert.equal(joined.last_seq, 0);
-    await call(b, 'join_conversation', { conversation_id: conv });
+    assert.deepEqual(joined.present, [alice]);
+    // Room presence, the original front-end's "user joined" notice.
+    const entered = next(a, 'user_joined', (p) => p.user_id === bob);
+    const bobJoined = await call(b, 'join_conversation', { conversation_id: conv });
+    assert.deepEqual([...bobJoined.present].sort(), [alice, bob].sort());
+    assert.equal((await entered).conversation_id, conv);
 
     const received = [];
     b.on('new_message', (m) => received.push(m.message.content));
@@ -130,8 +135,10 @@ describe('socket.io-client v4', () => {
     a.emit('send_message', { conversation_id: conv, client_message_id: 'z' });
     assert.equal((await pushed).code, 'invalid');
 
+    const gone = next(b, 'user_left', (p) => p.user_id === alice);
     const left = await call(a, 'leave_conversation', { conversation_id: conv });
     assert.equal(left.type, 'ack');
+    assert.equal((await gone).conversation_id, conv);
     const afterLeave = await call(a, 'send_message', { conversation_id: conv, client_message_id: 'late', content: 'late' });
     assert.equal(afterLeave.code, 'not_joined');
     a.disconnect();
