@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run one benchmark scenario of BENCHMARKS.md against a release build:
-#   scripts/bench.sh S1|S2|S3|S4|S5|S6 [extra postline-bench flags]
+#   scripts/bench.sh S1|S2|S3|S4|S5|S6|SQL [extra postline-bench flags]
 # S1-S3 start `postline serve --dev` (a throwaway local Postgres, fsync off:
 # they measure the gateway, not the disk); S4 starts its own cluster with
 # fsync on; S5 restarts the server against a ready database.
@@ -81,6 +81,13 @@ case "$scenario" in
     wait_up "$addr2"
     $bench --addr "$addr" --also "$addr2" --connections 1000 --conversations 100 \
       --senders-per-conversation 1 --rate 10 --payload 64 --duration "${DURATION:-30}" --warmup 5 "$@"
+    ;;
+  SQL)
+    # Publish from SQL: commit -> new_message / message_persisted on a member's socket.
+    start_server
+    url=$(sed 's/\x1b\[[0-9;]*m//g' "$log" | grep -o 'postgres://[^ "]*' | head -1)
+    $bench --addr "$addr" --database-url "$url" --connections 1 --conversations 1 \
+      --sql-publish "${PUBLISHES:-500}" "$@"
     ;;
   S4)
     trap - EXIT

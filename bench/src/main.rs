@@ -16,6 +16,7 @@ mod cold_start;
 mod connection;
 mod latency;
 mod persist;
+mod publish;
 mod rss;
 mod setup;
 mod ws;
@@ -95,6 +96,12 @@ struct Args {
     /// (127.0.0.1, 127.0.0.2, ...): one address has ~28k ephemeral ports.
     #[arg(long, default_value_t = 1)]
     source_ips: u8,
+    /// Instead of the WebSocket run: call postline.publish() this many times
+    /// against DATABASE_URL (the server's database), one transaction each,
+    /// and time commit -> new_message and commit -> message_persisted on a
+    /// member's WebSocket connected to `addr`.
+    #[arg(long)]
+    sql_publish: Option<usize>,
     /// Speak Socket.IO v4 on /socket.io/ instead of the native protocol on
     /// /ws: the same events, Engine.IO/Socket.IO framing.
     #[arg(long)]
@@ -118,6 +125,9 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Arc<Args>) -> anyhow::Result<()> {
     if let Some(runs) = args.cold_start {
         return cold_start::cold_start_benchmark(&args, runs.max(1)).await;
+    }
+    if let Some(n) = args.sql_publish {
+        return publish::sql_publish_benchmark(&args, n.max(1)).await;
     }
     if let Some(jobs) = args.persist_jobs {
         return persist::persist_benchmark(&args, jobs).await;

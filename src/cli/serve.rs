@@ -35,6 +35,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let store = Store::new(pool.clone());
+    // postline.publish() validates as this gateway does.
+    if let Err(e) = store.share_settings(cfg.gateway.max_content_bytes).await {
+        tracing::warn!(error = %e, "could not share settings with postline.publish()");
+    }
     let wake = Arc::new(Notify::new());
 
     // Connections close only after the persist buffer is flushed, so the

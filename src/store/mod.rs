@@ -108,3 +108,18 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
         .await?;
     migrated
 }
+
+impl Store {
+    /// The limits `postline.publish()` must apply as the gateways do
+    /// (migrations/0008_publish.sql).
+    pub async fn share_settings(&self, max_content_bytes: usize) -> Result<(), StoreError> {
+        sqlx::query(
+            "insert into postline.settings (key, value) values ('max_content_bytes', $1)
+             on conflict (key) do update set value = excluded.value",
+        )
+        .bind(max_content_bytes.to_string())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}

@@ -19,6 +19,7 @@ mod liveness;
 mod ops;
 mod origins;
 mod process;
+mod publish;
 mod realtime;
 mod reliability;
 mod room_presence;
