@@ -16,7 +16,7 @@ use postline::domain::{
 use postline::limits::Limits;
 use postline::protocol::client::{decode, DecodeLimits};
 use postline::protocol::{server, Framing};
-use postline::rooms::{ConnectionId, Member, Outbox, Rooms};
+use postline::rooms::{ConnectionId, Member, Outbox, OutboxReceiver, Rooms};
 use serde_json::json;
 
 const CONV: &str = "0190f3a4-3b1c-7cc2-9d1e-1a2b3c4d5e6f";
@@ -98,25 +98,35 @@ fn encoding(c: &mut Criterion) {
     });
 }
 
+/// A room of `size` connections, member i framed as `framing(i)`, and the
+/// receiving ends of their outboxes.
+fn room(
+    size: usize,
+    framing: impl Fn(usize) -> Framing,
+) -> (Rooms, ConversationId, Vec<OutboxReceiver>) {
+    let rooms = Rooms::default();
+    let conv = ConversationId::new_v7();
+    let mut receivers = Vec::with_capacity(size);
+    for i in 0..size {
+        let (outbox, rx) = Outbox::new(256 * 1024);
+        rooms.join(
+            conv,
+            Member {
+                conn: ConnectionId::next(),
+                user: UserId(uuid::Uuid::new_v4()),
+                outbox,
+                framing: framing(i),
+            },
+        );
+        receivers.push(rx);
+    }
+    (rooms, conv, receivers)
+}
+
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("broadcast");
     for size in [10usize, 100, 1000] {
-        let rooms = Rooms::default();
-        let conv = ConversationId::new_v7();
-        let mut receivers = Vec::with_capacity(size);
-        for _ in 0..size {
-            let (outbox, rx) = Outbox::new(256 * 1024);
-            rooms.join(
-                conv,
-                Member {
-                    conn: ConnectionId::next(),
-                    user: UserId(uuid::Uuid::new_v4()),
-                    outbox,
-                    framing: Framing::Native,
-                },
-            );
-            receivers.push(rx);
-        }
+        let (rooms, conv, mut receivers) = room(size, |_| Framing::Native);
         let frame = server::new_message(&message());
         group.throughput(Throughput::Elements(size as u64));
         group.bench_with_input(BenchmarkId::new("room", size), &size, |b, _| {
@@ -198,27 +208,17 @@ fn mixed_fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("deliver");
     let size = 1000usize;
     for (name, every_nth_sio) in [("native", 0usize), ("mixed", 2), ("socketio", 1)] {
-        let rooms = Rooms::default();
-        let conv = ConversationId::new_v7();
-        let mut receivers = Vec::with_capacity(size);
-        for i in 0..size {
-            let (outbox, rx) = Outbox::new(256 * 1024);
-            let framing = if every_nth_sio > 0 && i % every_nth_sio == 0 {
+        let (rooms, conv, receivers) = room(size, |i| {
+            if every_nth_sio > 0 && i % every_nth_sio == 0 {
                 Framing::SocketIo
             } else {
                 Framing::Native
-            };
-            rooms.join(
-                conv,
-                Member {
-                    conn: ConnectionId::next(),
-                    user: UserId(uuid::Uuid::new_v4()),
-                    outbox,
-                    framing,
-                },
-            );
-            receivers.push((rx, Vec::<u8>::with_capacity(16 * 1024)));
-        }
+            }
+        });
+        let mut receivers: Vec<_> = receivers
+            .into_iter()
+            .map(|rx| (rx, Vec::<u8>::with_capacity(16 * 1024)))
+            .collect();
         let frame = server::new_message(&message());
         group.throughput(Throughput::Elements(size as u64));
         group.bench_function(BenchmarkId::new(name, size), |b| {

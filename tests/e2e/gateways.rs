@@ -395,16 +395,7 @@ async fn room_presence_crosses_gateways_and_a_dead_gateway_s_users_leave_once() 
     // Bob enters on the other gateway: Alice hears it, Bob's ack lists her.
     let mut b = client(b_addr, bob).await;
     let ack = b.join(conv).await;
-    let mut present: Vec<&str> = ack["present"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    present.sort();
-    let mut expected = vec![alice.0.to_string(), bob.0.to_string()];
-    expected.sort();
-    assert_eq!(present, expected);
+    assert_eq!(present(&ack), ids(&[alice, bob]));
     let entered = a
         .recv_where(|f| f["type"] == "user_joined" && f["user_id"] == bob.0.to_string())
         .await;
@@ -440,14 +431,23 @@ async fn room_presence_crosses_gateways_and_a_dead_gateway_s_users_leave_once() 
     // Carol, arriving now, sees only Alice.
     let mut c = client(a_addr, carol).await;
     let ack = c.join(conv).await;
-    let mut present: Vec<&str> = ack["present"]
+    assert_eq!(present(&ack), ids(&[alice, carol]));
+}
+
+/// The join ack's `present` list, sorted.
+fn present(ack: &serde_json::Value) -> Vec<String> {
+    let mut v: Vec<String> = ack["present"]
         .as_array()
-        .unwrap()
+        .unwrap_or_else(|| panic!("no present list: {ack}"))
         .iter()
-        .map(|v| v.as_str().unwrap())
+        .map(|u| u.as_str().unwrap().to_owned())
         .collect();
-    present.sort();
-    let mut expected = vec![alice.0.to_string(), carol.0.to_string()];
-    expected.sort();
-    assert_eq!(present, expected);
+    v.sort();
+    v
+}
+
+fn ids(users: &[postline::domain::UserId]) -> Vec<String> {
+    let mut v: Vec<String> = users.iter().map(|u| u.0.to_string()).collect();
+    v.sort();
+    v
 }

@@ -16,6 +16,36 @@ async fn app() -> TestApp {
     TestApp::spawn_with(o).await
 }
 
+/// Alice and Bob in one conversation, each joined on one connection, and
+/// Alice told that Bob came in.
+struct Room {
+    app: TestApp,
+    conv: uuid::Uuid,
+    alice: postline::domain::UserId,
+    bob: postline::domain::UserId,
+    a: Client,
+    b: Client,
+}
+
+async fn room_with_both_in() -> Room {
+    let app = app().await;
+    let (alice, bob) = (uid(), uid());
+    let conv = app.conversation(alice, &[bob]).await;
+    let mut a = app.ws(alice).await;
+    a.join(conv).await;
+    let mut b = app.ws(bob).await;
+    b.join(conv).await;
+    a.recv_where(is("user_joined", bob)).await;
+    Room {
+        app,
+        conv,
+        alice,
+        bob,
+        a,
+        b,
+    }
+}
+
 fn present(ack: &Value) -> Vec<String> {
     let mut v: Vec<String> = ack["present"]
         .as_array()
@@ -73,14 +103,14 @@ async fn entering_and_leaving_are_announced_and_the_join_ack_lists_who_is_in() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_within_the_grace_period_announces_nothing_and_a_real_departure_does() {
-    let app = app().await;
-    let (alice, bob) = (uid(), uid());
-    let conv = app.conversation(alice, &[bob]).await;
-    let mut a = app.ws(alice).await;
-    a.join(conv).await;
-    let mut b = app.ws(bob).await;
-    b.join(conv).await;
-    a.recv_where(is("user_joined", bob)).await;
+    let Room {
+        app,
+        conv,
+        alice,
+        bob,
+        mut a,
+        b,
+    } = room_with_both_in().await;
 
     // The connection drops and comes back at once: no flapping.
     drop(b);
@@ -104,14 +134,14 @@ async fn a_reconnect_within_the_grace_period_announces_nothing_and_a_real_depart
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_removed_member_leaves_the_room_presence_too() {
-    let app = app().await;
-    let (alice, bob) = (uid(), uid());
-    let conv = app.conversation(alice, &[bob]).await;
-    let mut a = app.ws(alice).await;
-    a.join(conv).await;
-    let mut b = app.ws(bob).await;
-    b.join(conv).await;
-    a.recv_where(is("user_joined", bob)).await;
+    let Room {
+        app,
+        conv,
+        alice,
+        bob,
+        mut a,
+        b,
+    } = room_with_both_in().await;
     let (status, _) = app
         .http(
             "DELETE",
