@@ -122,6 +122,7 @@ pub async fn serve(
         limits,
         ops,
         dev_login: DevLogin::for_server(cfg.dev_login == DevLogin::DemoUsers, &cfg.jwt_secret),
+        service_keys: cfg.service_keys.clone(),
     });
     let mut http = tokio::spawn(http::serve(listener, ctx, shutdown.clone()));
     let http_ended = tokio::select! {

@@ -22,6 +22,7 @@ mod enqueue;
 mod gateway;
 mod limits;
 mod ops;
+mod service;
 mod worker;
 
 pub use admission::{open_file_limit, AdmissionArgs, AdmissionConfig};
@@ -31,6 +32,7 @@ pub use limits::{LimitsArgs, LimitsConfig, Rate};
 pub use ops::{
     AlertConfig, OperatorAuth, OperatorToken, OpsArgs, OpsConfig, WebhookUrl, WorkerHttpArgs,
 };
+pub use service::ServiceKeys;
 pub use worker::{RetryPolicy, WorkerArgs, WorkerConfig};
 
 use std::net::SocketAddr;
@@ -92,6 +94,8 @@ pub enum ConfigError {
         "POSTLINE_ALLOWED_ORIGINS: {0:?} is not an origin (scheme://host[:port], no path), nor *"
     )]
     BadOrigin(String),
+    #[error("POSTLINE_SERVICE_KEYS: {0}")]
+    BadServiceKeys(String),
     #[error("POSTLINE_OPERATOR_TOKEN must be at least {MIN_SECRET_BYTES} bytes")]
     WeakOperatorToken,
     #[error("POSTLINE_ALERT_WEBHOOK_URL: {0:?} is not an http://host[:port]/path URL")]
@@ -232,6 +236,10 @@ pub struct HttpArgs {
     /// clients) are always allowed. `--dev` without it: any.
     #[arg(long, env = "POSTLINE_ALLOWED_ORIGINS")]
     pub allowed_origins: Option<String>,
+    /// Service credentials for `/v1/service/...`: `name=secret,...`
+    /// (secrets of at least 16 bytes; several at once for rotation).
+    #[arg(long, env = "POSTLINE_SERVICE_KEYS", hide_env_values = true)]
+    pub service_keys: Option<String>,
 }
 
 impl Default for HttpArgs {
@@ -368,6 +376,8 @@ pub struct Config {
     pub ops: OpsConfig,
     /// Demo users' tokens for the page at `/` (`--dev` only).
     pub dev_login: DevLogin,
+    /// Credentials of the service API (`/v1/service/...`); empty: off.
+    pub service_keys: ServiceKeys,
 }
 
 impl std::fmt::Debug for Config {
@@ -387,6 +397,7 @@ impl std::fmt::Debug for Config {
             .field("limits", &self.limits)
             .field("ops", &self.ops)
             .field("dev_login", &self.dev_login)
+            .field("service_keys", &self.service_keys)
             .finish()
     }
 }
@@ -413,6 +424,7 @@ impl Config {
                 alerts: AlertConfig::default(),
             },
             dev_login: DevLogin::Off,
+            service_keys: ServiceKeys::default(),
         }
     }
 
@@ -465,6 +477,7 @@ impl Config {
             limits: LimitsConfig::try_from(&args.limits)?,
             ops: OpsConfig::new(&args.ops, args.dev)?,
             dev_login: DevLogin::for_server(args.dev, &jwt_secret),
+            service_keys: ServiceKeys::parse(args.http.service_keys.as_deref().unwrap_or(""))?,
             jwt_secret,
         })
     }

@@ -62,13 +62,18 @@ impl OperatorToken {
     /// Whether `given` is the token. Constant time in the token's contents,
     /// so a caller cannot find it a byte at a time by timing refusals.
     pub fn matches(&self, given: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), given.as_bytes());
-        let mut diff = a.len() ^ b.len();
-        for (i, x) in a.iter().enumerate() {
-            diff |= usize::from(x ^ b.get(i).copied().unwrap_or(0));
-        }
-        std::hint::black_box(diff) == 0
+        constant_time_eq(self.0.as_bytes(), given.as_bytes())
     }
+}
+
+/// Whether `given` equals `secret`, in time that depends on neither's
+/// contents (only on `secret`'s length).
+pub(crate) fn constant_time_eq(secret: &[u8], given: &[u8]) -> bool {
+    let mut diff = secret.len() ^ given.len();
+    for (i, x) in secret.iter().enumerate() {
+        diff |= usize::from(x ^ given.get(i).copied().unwrap_or(0));
+    }
+    std::hint::black_box(diff) == 0
 }
 
 impl std::fmt::Debug for OperatorToken {

@@ -44,6 +44,10 @@ pub enum ApiError {
     OperatorTokenNotConfigured,
     #[error("this needs the operator token: Authorization: Bearer <POSTLINE_OPERATOR_TOKEN>")]
     NotOperator,
+    #[error("the service API is not configured: set POSTLINE_SERVICE_KEYS")]
+    ServiceNotConfigured,
+    #[error("this needs a service key: Authorization: Bearer <a secret of POSTLINE_SERVICE_KEYS>")]
+    NotService,
     #[error("{what}: retry after {} ms", retry_after.as_millis())]
     RateLimited {
         what: &'static str,
@@ -85,6 +89,8 @@ impl ApiError {
             ApiError::OriginNotAllowed(_) => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
             ApiError::OperatorTokenNotConfigured => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
             ApiError::NotOperator => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
+            ApiError::ServiceNotConfigured => (StatusCode::FORBIDDEN, ErrorCode::Forbidden),
+            ApiError::NotService => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized),
             ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::RateLimited),
         }
     }

@@ -11,6 +11,7 @@ mod dashboard;
 pub mod dev;
 mod error;
 mod ops;
+mod service;
 mod static_files;
 
 pub use dashboard::WINDOW as DASHBOARD_WINDOW;
@@ -65,6 +66,8 @@ pub struct HttpContext {
     pub ops: Arc<Ops>,
     /// Whether `/dev/...` mints demo users' tokens (`--dev` only).
     pub dev_login: DevLogin,
+    /// Credentials of `/v1/service/...`; empty: the service API is off.
+    pub service_keys: crate::config::ServiceKeys,
 }
 
 /// How long a browser may cache a preflight answer: ten minutes saves a
@@ -324,6 +327,10 @@ async fn route_inner(
             ctx.limits.http_per_ip.check(&peer),
             "too many requests from this address",
         ) {
+            // Server to server, with a service key instead of a user's token.
+            Ok(()) if segments.get(1) == Some(&"service") => {
+                service::handle(ctx, req, &segments[2..]).await
+            }
             Ok(()) => api::handle(ctx, req, &segments[1..]).await,
             Err(e) => Err(e),
         },

@@ -251,3 +251,48 @@ pub struct DevToken {
     pub name: &'static str,
     pub expires_at: DateTime<Utc>,
 }
+
+/// `POST /v1/service/conversations`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceCreateConversation {
+    pub title: Option<String>,
+    pub member_ids: Vec<uuid::Uuid>,
+    /// Recorded as the creator (a service or bot id); not made a member.
+    pub created_by: Option<uuid::Uuid>,
+}
+
+/// `POST /v1/service/conversations/{id}/members`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceMember {
+    pub user_id: uuid::Uuid,
+}
+
+/// `POST /v1/service/conversations/{id}/messages`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePost {
+    pub sender_id: uuid::Uuid,
+    /// `system` unless said otherwise.
+    pub kind: Option<String>,
+    pub content: serde_json::Value,
+    /// Defaults to one made from the Idempotency-Key.
+    pub client_message_id: Option<String>,
+}
+
+/// A member added (`changed`: was not one yet) or removed by the service API.
+#[derive(Serialize)]
+pub struct MemberChange {
+    pub conversation_id: ConversationId,
+    pub user_id: UserId,
+    pub changed: bool,
+}
+
+/// A message posted by the service API (stored and delivered as any other).
+#[derive(Serialize)]
+pub struct Posted<'a> {
+    pub message_id: uuid::Uuid,
+    pub conversation_id: ConversationId,
+    pub client_message_id: &'a str,
+}

@@ -8,6 +8,7 @@ mod conversations;
 mod gateways;
 mod messages;
 mod room_presence;
+mod service;
 
 pub use conversations::{Access, ConversationSummary, NewConversation, MAX_INITIAL_MEMBERS};
 pub use gateways::{gateways, GatewayRow, FORGET_SILENT_AFTER, MISSED_BEATS};
@@ -15,6 +16,7 @@ pub use messages::{
     advance_receipts, persist_batch, EditRefusal, HistoryPage, PersistOutcome, ReceiptState,
     ReceiptUpdate,
 };
+pub use service::{PublishRefusal, StoredResponse};
 
 use std::time::Duration;
 

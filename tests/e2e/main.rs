@@ -23,6 +23,7 @@ mod publish;
 mod realtime;
 mod reliability;
 mod room_presence;
+mod service;
 mod shutdown;
 mod socketio;
 mod sync;
