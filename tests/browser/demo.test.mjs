@@ -12,8 +12,11 @@ let browser;
 let alice;
 let bob;
 
+/** A service key, so a test can post as the application does (docs/INTEGRATION.md). */
+const SERVICE_KEY = 'browser-tests-service-key-0123';
+
 before(async () => {
-  server = await startServer();
+  server = await startServer({ env: { POSTLINE_SERVICE_KEYS: `app=${SERVICE_KEY}` } });
   browser = await launchChromium();
 });
 
@@ -141,6 +144,26 @@ test('Bob goes offline while Alice sends two messages: back online, he sees both
   assert.deepEqual(seqs, [1, 2, 3, 4], 'each once, in seq order');
   // And reading them turns Alice's ticks blue again.
   await message(alice.page, 'Second, while you were away').and(alice.page.locator('[data-status="read"]')).waitFor();
+});
+
+test('a system message posted by the application shows as a notice, not a bubble', async () => {
+  const item = bob.page.locator('[data-testid="conversation-item"][data-title="Lunch plans"]');
+  const conv = await item.getAttribute('data-conversation-id');
+  const res = await fetch(`${server.url}/v1/service/conversations/${conv}/messages`, {
+    method: 'POST',
+    headers: {
+      authorization: `Bearer ${SERVICE_KEY}`,
+      'idempotency-key': 'lunch-reminder',
+      'content-type': 'application/json',
+    },
+    body: JSON.stringify({ sender_id: '00000000-0000-0000-0000-00000000b071', content: 'Reminder: the table is booked for 12:30' }),
+  });
+  assert.equal(res.status, 201, await res.text());
+  for (const page of [alice.page, bob.page]) {
+    const notice = page.locator('[data-testid="message"][data-kind="system"]', { hasText: 'table is booked' });
+    await notice.waitFor();
+    assert.equal(await notice.locator('.bubble').count(), 0, 'a notice, not a bubble');
+  }
 });
 
 test('screenshots of the demo (docs/img with UPDATE_SCREENSHOTS=1)', async () => {

@@ -947,6 +947,20 @@
   };
 
   function renderMessage(m, prev) {
+    // Posted by the application (postline.publish(), the service API):
+    // a notice across the conversation, not anyone's bubble.
+    if (m.kind === 'system') {
+      return el('li', {
+        class: 'message system',
+        'data-testid': 'message',
+        'data-kind': 'system',
+        'data-message-id': m.id,
+        'data-seq': m.seq || '',
+      },
+      el('div', { class: 'system-notice' },
+        el('span', { class: 'content', 'data-testid': 'message-content', text: textOf(m) }),
+        el('time', { datetime: m.created_at, text: formatTime(m.created_at) })));
+    }
     const own = m.sender_id === state.me.id;
     const grouped = prev && prev.sender_id === m.sender_id;
     const [tick, tickLabel] = TICKS[m.status] || TICKS.persisted;
