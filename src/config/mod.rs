@@ -9,9 +9,9 @@
 //! subcommand takes only its own options:
 //! - `serve`: [`ServerArgs`] = [`DatabaseArgs`] + [`HttpArgs`] +
 //!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
-//!   [`AdmissionArgs`] + [`LimitsArgs`] + [`OpsArgs`];
+//!   [`AdmissionArgs`] + [`LimitsArgs`] + [`OpsArgs`] + [`WebhookArgs`];
 //! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
-//!   [`OpsArgs`] + [`WorkerHttpArgs`];
+//!   [`OpsArgs`] + [`WorkerHttpArgs`] + [`WebhookArgs`];
 //! - `migrate`, `dlq`: [`DatabaseUrl`].
 //!
 //! This module sits at the bottom of the import graph and imports nothing
@@ -22,6 +22,7 @@ mod enqueue;
 mod gateway;
 mod limits;
 mod ops;
+mod webhooks;
 mod worker;
 
 pub use admission::{open_file_limit, AdmissionArgs, AdmissionConfig};
@@ -31,6 +32,7 @@ pub use limits::{LimitsArgs, LimitsConfig, Rate};
 pub use ops::{
     AlertConfig, OperatorAuth, OperatorToken, OpsArgs, OpsConfig, WebhookUrl, WorkerHttpArgs,
 };
+pub use webhooks::{WebhookArgs, WebhookConfig};
 pub use worker::{RetryPolicy, WorkerArgs, WorkerConfig};
 
 use std::net::SocketAddr;
@@ -94,13 +96,17 @@ pub enum ConfigError {
     BadOrigin(String),
     #[error("POSTLINE_OPERATOR_TOKEN must be at least {MIN_SECRET_BYTES} bytes")]
     WeakOperatorToken,
-    #[error("POSTLINE_ALERT_WEBHOOK_URL: {0:?} is not an http://host[:port]/path URL")]
-    BadWebhookUrl(String),
+    #[error("{var}: {url:?} is not an http://host[:port]/path URL")]
+    BadWebhookUrl { var: &'static str, url: String },
     #[error(
-        "POSTLINE_ALERT_WEBHOOK_URL: https is not supported (Postline carries no TLS client); \
+        "{var}: https is not supported (Postline carries no TLS client); \
          use http:// to a relay on a trusted network"
     )]
-    HttpsWebhook,
+    HttpsWebhook { var: &'static str },
+    #[error("POSTLINE_WEBHOOK_SECRET is required when POSTLINE_WEBHOOK_URLS is set")]
+    MissingWebhookSecret,
+    #[error("POSTLINE_WEBHOOK_SECRET must be at least {MIN_SECRET_BYTES} bytes")]
+    WeakWebhookSecret,
 }
 
 /// Whether the server mints tokens for the demo users (`POST /dev/token`,
@@ -315,6 +321,8 @@ pub struct ServerArgs {
     pub limits: LimitsArgs,
     #[command(flatten)]
     pub ops: OpsArgs,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
 }
 
 impl ServerArgs {
@@ -368,6 +376,8 @@ pub struct Config {
     pub ops: OpsConfig,
     /// Demo users' tokens for the page at `/` (`--dev` only).
     pub dev_login: DevLogin,
+    /// Outgoing webhooks; `None` when no endpoint is set.
+    pub webhooks: Option<WebhookConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -387,6 +397,7 @@ impl std::fmt::Debug for Config {
             .field("limits", &self.limits)
             .field("ops", &self.ops)
             .field("dev_login", &self.dev_login)
+            .field("webhooks", &self.webhooks)
             .finish()
     }
 }
@@ -413,6 +424,7 @@ impl Config {
                 alerts: AlertConfig::default(),
             },
             dev_login: DevLogin::Off,
+            webhooks: None,
         }
     }
 
@@ -465,6 +477,7 @@ impl Config {
             limits: LimitsConfig::try_from(&args.limits)?,
             ops: OpsConfig::new(&args.ops, args.dev)?,
             dev_login: DevLogin::for_server(args.dev, &jwt_secret),
+            webhooks: WebhookConfig::new(&args.webhooks)?,
             jwt_secret,
         })
     }
