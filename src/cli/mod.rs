@@ -87,10 +87,11 @@ enum Command {
         runtime: RuntimeArgs,
         #[command(flatten)]
         http: WorkerHttpArgs,
+        /// Boxed, as serve's are: the largest groups stay off the stack.
         #[command(flatten)]
-        ops: OpsArgs,
+        ops: Box<OpsArgs>,
         #[command(flatten)]
-        webhooks: WebhookArgs,
+        webhooks: Box<WebhookArgs>,
     },
     /// Apply the schema (pgmq from its SQL, then migrations/) and exit.
     Migrate {
@@ -159,7 +160,7 @@ enum Job {
         listen: std::net::SocketAddr,
         // Boxed, as serve's Config is: the alert settings outweigh the rest.
         ops: Box<OpsConfig>,
-        webhooks: Option<WebhookConfig>,
+        webhooks: Option<Box<WebhookConfig>>,
     },
     Migrate {
         database_url: String,
@@ -205,7 +206,7 @@ impl Job {
                 ops,
                 webhooks,
             } => Job::Worker {
-                webhooks: WebhookConfig::new(&webhooks)?,
+                webhooks: WebhookConfig::new(&webhooks)?.map(Box::new),
                 database_url: database.url.required()?.to_owned(),
                 max_connections: database.max_connections()?,
                 worker: WorkerConfig::try_from(&worker)?,

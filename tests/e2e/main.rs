@@ -26,3 +26,4 @@ mod room_presence;
 mod shutdown;
 mod socketio;
 mod sync;
+mod webhooks;

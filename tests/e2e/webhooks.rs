@@ -1,0 +1,392 @@
+//! Webhooks: real HTTP to a receiver on 127.0.0.1 that each test scripts
+//! (fail, hang, succeed), signatures checked as a receiver would.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use postline::config::{WebhookConfig, WebhookUrl};
+use postline::webhooks::sign;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::harness::*;
+
+const HOOK_SECRET: &str = "webhook-secret-0123456789";
+
+/// How the receiver answers its n-th request (from 0).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reply {
+    Status(u16),
+    /// Read the request and never answer.
+    Hang,
+}
+
+/// One request as received, and what it was answered.
+struct Received {
+    timestamp: i64,
+    signature: String,
+    event_id: String,
+    body: String,
+    json: Value,
+    answered: Reply,
+}
+
+impl Received {
+    fn signed_correctly(&self) -> bool {
+        sign::verify(
+            HOOK_SECRET.as_bytes(),
+            self.timestamp,
+            self.body.as_bytes(),
+            &self.signature,
+        )
+    }
+}
+
+/// A webhook endpoint on a local port, answering by `script(n)`.
+async fn receiver(
+    script: impl Fn(usize) -> Reply + Send + Sync + 'static,
+) -> (WebhookUrl, mpsc::UnboundedReceiver<Received>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let script = Arc::new(script);
+    let count = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (tx, script, count) = (tx.clone(), script.clone(), count.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).into_owned();
+                    let Some((head, body)) = text.split_once("\r\n\r\n") else {
+                        continue;
+                    };
+                    let header = |name: &str| {
+                        head.lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case(name).then(|| v.trim().to_owned())
+                            })
+                            .unwrap_or_default()
+                    };
+                    let len: usize = header("content-length").parse().unwrap_or(0);
+                    if body.len() < len {
+                        continue;
+                    }
+                    assert!(head.starts_with("POST /hooks "), "{head}");
+                    let answered = script(count.fetch_add(1, Ordering::SeqCst));
+                    let _ = tx.send(Received {
+                        timestamp: header("postline-timestamp").parse().unwrap_or(0),
+                        signature: header("postline-signature"),
+                        event_id: header("postline-event-id"),
+                        body: body.to_owned(),
+                        json: serde_json::from_str(body).expect("a JSON body"),
+                        answered,
+                    });
+                    match answered {
+                        Reply::Status(code) => {
+                            let head = format!(
+                                "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            );
+                            let _ = s.write_all(head.as_bytes()).await;
+                        }
+                        Reply::Hang => {
+                            // Hold the socket open, unanswered, for the test's life.
+                            tokio::time::sleep(Duration::from_secs(600)).await;
+                        }
+                    }
+                    return;
+                }
+            });
+        }
+    });
+    let url = WebhookUrl {
+        authority: addr.to_string(),
+        path: "/hooks".into(),
+    };
+    (url, rx)
+}
+
+/// The server's options with webhooks to `url`, retried fast.
+fn options(url: WebhookUrl, max_attempts: i32) -> Options {
+    let mut o = Options::default();
+    o.config.worker.retry.base = Duration::from_millis(20);
+    o.config.worker.retry.cap = Duration::from_millis(200);
+    o.config.worker.retry.max_attempts = max_attempts;
+    o.config.webhooks = Some(WebhookConfig {
+        endpoints: vec![url],
+        secret: HOOK_SECRET.into(),
+        timeout: Duration::from_secs(10),
+        concurrency: 4,
+    });
+    o
+}
+
+async fn next(rx: &mut mpsc::UnboundedReceiver<Received>) -> Received {
+    tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .expect("a webhook POST in time")
+        .expect("the receiver runs")
+}
+
+/// The next request whose event is of type `ty` (others of the
+/// conversation's setup are skipped).
+async fn next_of(rx: &mut mpsc::UnboundedReceiver<Received>, ty: &str) -> Received {
+    loop {
+        let r = next(rx).await;
+        if r.json["type"] == ty {
+            return r;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_failing_three_times_gets_the_event_on_the_fourth_try_signed_and_in_order() {
+    let (url, mut rx) = receiver(|n| {
+        if n < 3 {
+            Reply::Status(500)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let app = TestApp::spawn_with(options(url, 8)).await;
+    let (a, b) = (uid(), uid());
+    let conv = app.conversation(a, &[b]).await;
+    let mut alice = app.ws(a).await;
+    alice.join(conv).await;
+    // Sent while the first event (conversation.created) is being retried.
+    for i in 1..=3 {
+        alice
+            .send_text(conv, &format!("w{i}"), &format!("m{i}"))
+            .await;
+    }
+
+    let mut tries = Vec::new();
+    for _ in 0..4 {
+        tries.push(next(&mut rx).await);
+    }
+    let first_id = tries[0].event_id.clone();
+    for (i, t) in tries.iter().enumerate() {
+        assert_eq!(t.json["type"], "conversation.created", "try {i}");
+        assert_eq!(t.event_id, first_id, "every try is the same event");
+        assert_eq!(t.json["id"], first_id);
+        assert!(t.signed_correctly(), "try {i}: bad signature");
+    }
+    assert_eq!(
+        tries[3].answered,
+        Reply::Status(200),
+        "the fourth try succeeds"
+    );
+    assert_eq!(
+        tries[0].json["data"]["conversation_id"],
+        conv.to_string(),
+        "{}",
+        tries[0].json
+    );
+    // Then the messages, in seq order, each once, each signed.
+    for seq in 1..=3 {
+        let r = next(&mut rx).await;
+        assert_eq!(r.json["type"], "message.created", "{}", r.json);
+        assert_eq!(r.json["data"]["message"]["seq"], seq, "{}", r.json);
+        assert_eq!(r.json["data"]["message"]["content"], format!("m{seq}"));
+        assert!(r.signed_correctly());
+    }
+    // Recorded once the 2xx is in (just after the receiver saw the request).
+    eventually("every delivery recorded as delivered", || async {
+        let states: Vec<(String, i32)> =
+            sqlx::query_as("select state, attempts from webhook_deliveries order by id")
+                .fetch_all(&app.pool)
+                .await
+                .unwrap();
+        let expected = [
+            ("delivered", 4),
+            ("delivered", 1),
+            ("delivered", 1),
+            ("delivered", 1),
+        ];
+        (states.len() == expected.len()
+            && states
+                .iter()
+                .zip(expected)
+                .all(|((s, a), (es, ea))| s == es && *a == ea))
+        .then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_type_is_delivered_in_the_conversations_order() {
+    let (url, mut rx) = receiver(|_| Reply::Status(204)).await;
+    let app = TestApp::spawn_with(options(url, 8)).await;
+    let (a, b, c) = (uid(), uid(), uid());
+    let conv = app.conversation(a, &[b]).await;
+    let body = json!({ "user_id": c }).to_string();
+    let (status, _) = app
+        .http(
+            "POST",
+            &format!("/v1/conversations/{conv}/members"),
+            Some(a),
+            Some(&body),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let mut alice = app.ws(a).await;
+    alice.join(conv).await;
+    let id = alice.send_text(conv, "e1", "draft").await["message_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    alice.recv_type("message_persisted").await;
+    let ack = alice
+        .request(
+            json!({"type": "edit_message", "message_id": id, "content": "final", "version": 1}),
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let ack = alice
+        .request(json!({"type": "delete_message", "message_id": id, "version": 2}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let (status, _) = app
+        .http(
+            "DELETE",
+            &format!("/v1/conversations/{conv}/members/{c}"),
+            Some(a),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    let mut got = Vec::new();
+    for _ in 0..6 {
+        let r = next(&mut rx).await;
+        assert!(r.signed_correctly());
+        assert_eq!(
+            r.json["data"]["conversation_id"]
+                .as_str()
+                .or(r.json["data"]["message"]["conversation_id"].as_str()),
+            Some(conv.to_string().as_str())
+        );
+        got.push(r.json);
+    }
+    let types: Vec<&str> = got.iter().map(|v| v["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        types,
+        [
+            "conversation.created",
+            "member.joined",
+            "message.created",
+            "message.updated",
+            "message.deleted",
+            "member.left"
+        ]
+    );
+    assert_eq!(got[0]["data"]["member_ids"], json!([a, b]));
+    assert_eq!(got[1]["data"]["user_id"], json!(c));
+    assert_eq!(got[2]["data"]["message"]["id"], json!(id));
+    assert_eq!(got[3]["data"]["message"]["content"], "final");
+    assert_eq!(got[3]["data"]["message"]["version"], 2);
+    assert_eq!(got[4]["data"]["message_id"], json!(id));
+    assert_eq!(got[4]["data"]["version"], 3);
+    assert_eq!(got[5]["data"]["user_id"], json!(c));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_receiver_does_not_delay_message_persisted() {
+    let (url, mut rx) = receiver(|_| Reply::Hang).await;
+    let app = TestApp::spawn_with(options(url, 8)).await;
+    let Pair {
+        conv, mut alice, ..
+    } = app.pair().await;
+    // The receiver now holds conversation.created unanswered (10 s timeout).
+    next_of(&mut rx, "conversation.created").await;
+    for i in 0..5 {
+        let started = tokio::time::Instant::now();
+        alice.send_text(conv, &format!("h{i}"), "hello").await;
+        alice.recv_type("message_persisted").await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "message_persisted took {took:?} behind a hanging webhook"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_deliveries_are_dead_lettered_and_a_replay_delivers_them() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = failing.clone();
+    let (url, mut rx) = receiver(move |_| {
+        if f.load(Ordering::SeqCst) {
+            Reply::Status(503)
+        } else {
+            Reply::Status(200)
+        }
+    })
+    .await;
+    let app = TestApp::spawn_with(options(url, 3)).await;
+    let conv = app.conversation(uid(), &[uid()]).await;
+    for _ in 0..3 {
+        assert_eq!(next(&mut rx).await.answered, Reply::Status(503));
+    }
+    let dead = eventually("the delivery in dead_letters", || async {
+        postline::queue::dead_letters::list(&app.pool, 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .next()
+    })
+    .await;
+    assert_eq!(dead.queue, "postline_background");
+    assert_eq!(dead.attempts, 3);
+    assert!(dead.error.contains("503"), "{}", dead.error);
+    assert_eq!(dead.payload["kind"], "webhook");
+    let (state, last_error): (String, Option<String>) =
+        sqlx::query_as("select state, last_error from webhook_deliveries")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "dead");
+    assert!(last_error.unwrap_or_default().contains("503"));
+    // The operators' query reads it.
+    let rows = sqlx::raw_sql(include_str!("../../sql/webhooks.sql"))
+        .fetch_all(&app.pool)
+        .await
+        .expect("sql/webhooks.sql runs");
+    assert!(!rows.is_empty());
+
+    failing.store(false, Ordering::SeqCst);
+    assert_eq!(
+        postline::queue::dead_letters::replay(&app.pool, Some(dead.id))
+            .await
+            .unwrap(),
+        1
+    );
+    let r = next(&mut rx).await;
+    assert_eq!(r.answered, Reply::Status(200));
+    assert_eq!(r.json["type"], "conversation.created");
+    assert_eq!(r.json["data"]["conversation_id"], conv.to_string());
+    assert!(r.signed_correctly());
+    eventually("the delivery marked delivered", || async {
+        let s: String = sqlx::query_scalar("select state from webhook_deliveries")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        (s == "delivered").then_some(())
+    })
+    .await;
+    app.stop().await;
+}
