@@ -32,10 +32,13 @@ use crate::queue::{self, dead_letters, BackgroundJob, QueueError, RawJob, BACKGR
 /// Added to the attempt timeout when hiding a handed-over job: the
 /// transaction that finishes it must commit before anyone may read it again.
 const HOLD_MARGIN: Duration = Duration::from_secs(30);
-/// The longest a delivery waits, between checks, for an earlier one of its
-/// conversation; it waits until that one's next attempt when that is sooner.
-const MAX_ORDER_WAIT: Duration = Duration::from_secs(5);
-const MIN_ORDER_WAIT: Duration = Duration::from_millis(50);
+/// A delivery blocked behind an earlier one of its conversation checks
+/// again after `ORDER_WAIT_FIRST`, doubling with each read of its job up to
+/// `ORDER_WAIT_MAX`, and never before the earlier one's next attempt is due:
+/// a short wait costs little latency, a long one (an endpoint down) costs
+/// one read per job every few seconds, not a poll storm.
+const ORDER_WAIT_FIRST: Duration = Duration::from_millis(50);
+const ORDER_WAIT_MAX: Duration = Duration::from_secs(5);
 
 /// The worker's handle on the pool. Cheap to clone.
 #[derive(Clone)]
@@ -144,8 +147,10 @@ async fn deliver(s: &Shared, job: &RawJob) -> Result<(), QueueError> {
         queue::delete(&s.pool, BACKGROUND_QUEUE, &[job.msg_id]).await?;
         return Ok(());
     };
-    if let Some(wait) = deliveries::blocked_for(&s.pool, &d).await? {
-        let wait = wait.clamp(MIN_ORDER_WAIT, MAX_ORDER_WAIT);
+    if let Some(due_in) = deliveries::blocked_for(&s.pool, &d).await? {
+        let backoff =
+            ORDER_WAIT_FIRST.saturating_mul(1 << job.read_ct.clamp(1, 8).saturating_sub(1));
+        let wait = due_in.max(backoff).min(ORDER_WAIT_MAX);
         queue::set_vt(&s.pool, BACKGROUND_QUEUE, &[job.msg_id], wait).await?;
         return Ok(());
     }
