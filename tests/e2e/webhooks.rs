@@ -149,6 +149,73 @@ async fn next_of(rx: &mut mpsc::UnboundedReceiver<Received>, ty: &str) -> Receiv
     }
 }
 
+/// Run the binary; success and stdout + stderr.
+fn postline(args: &[&str], db_url: &str) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_postline"))
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env("RUST_LOG", "error")
+        .env_remove("POSTLINE_WEBHOOK_URLS")
+        .env_remove("POSTLINE_WEBHOOK_SECRET")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn bad_webhook_settings_stop_serve_and_worker_at_start_naming_the_variable() {
+    let url = "postgres://127.0.0.1:1/never-reached";
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[
+                ("POSTLINE_WEBHOOK_URLS", "https://hooks.example.com/x"),
+                ("POSTLINE_WEBHOOK_SECRET", HOOK_SECRET),
+            ],
+            "POSTLINE_WEBHOOK_URLS: https is not supported",
+        ),
+        (
+            &[
+                ("POSTLINE_WEBHOOK_URLS", "hooks.example.com/x"),
+                ("POSTLINE_WEBHOOK_SECRET", HOOK_SECRET),
+            ],
+            "POSTLINE_WEBHOOK_URLS",
+        ),
+        (
+            &[("POSTLINE_WEBHOOK_URLS", "http://hooks.internal/x")],
+            "POSTLINE_WEBHOOK_SECRET is required",
+        ),
+        (
+            &[
+                ("POSTLINE_WEBHOOK_URLS", "http://hooks.internal/x"),
+                ("POSTLINE_WEBHOOK_SECRET", "short"),
+            ],
+            "POSTLINE_WEBHOOK_SECRET must be at least 16 bytes",
+        ),
+    ];
+    for command in ["serve", "worker"] {
+        for (env, expected) in cases {
+            let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_postline"));
+            cmd.arg(command)
+                .env("DATABASE_URL", url)
+                .env("POSTLINE_JWT_SECRET", SECRET)
+                .env_remove("POSTLINE_WEBHOOK_URLS")
+                .env_remove("POSTLINE_WEBHOOK_SECRET");
+            for (k, v) in env {
+                cmd.env(k, v);
+            }
+            let out = cmd.output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{command} {env:?} started");
+            assert!(err.contains(expected), "{command} {env:?}: {err}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_failing_three_times_gets_the_event_on_the_fourth_try_signed_and_in_order() {
     let (url, mut rx) = receiver(|n| {
@@ -368,13 +435,17 @@ async fn exhausted_deliveries_are_dead_lettered_and_a_replay_delivers_them() {
         .expect("sql/webhooks.sql runs");
     assert!(!rows.is_empty());
 
-    failing.store(false, Ordering::SeqCst);
-    assert_eq!(
-        postline::queue::dead_letters::replay(&app.pool, Some(dead.id))
-            .await
-            .unwrap(),
-        1
+    // `postline dlq` sees it, and replays it once the receiver is fixed.
+    let (ok, out) = postline(&["dlq", "list"], &app.db_url);
+    assert!(
+        ok && out.contains("postline_background") && out.contains("503"),
+        "{out}"
     );
+    let (ok, out) = postline(&["dlq", "show", &dead.id.to_string()], &app.db_url);
+    assert!(ok && out.contains("\"webhook\""), "{out}");
+    failing.store(false, Ordering::SeqCst);
+    let (ok, out) = postline(&["dlq", "replay", &dead.id.to_string()], &app.db_url);
+    assert!(ok && out.contains("replayed 1"), "{out}");
     let r = next(&mut rx).await;
     assert_eq!(r.answered, Reply::Status(200));
     assert_eq!(r.json["type"], "conversation.created");
