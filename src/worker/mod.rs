@@ -123,6 +123,8 @@ impl Heartbeat {
 pub struct CleanupReport {
     pub archived_rows: u64,
     pub stale_failures: u64,
+    /// Delivered webhook deliveries past the retention.
+    pub webhook_deliveries: u64,
 }
 
 pub struct Worker {
@@ -483,8 +485,9 @@ impl Worker {
         Ok(report)
     }
 
-    /// Remove archived jobs older than the retention, and failure records of
-    /// jobs that no longer exist.
+    /// Remove archived jobs older than the retention, failure records of
+    /// jobs that no longer exist, and webhook deliveries delivered before the
+    /// retention (pending and dead ones stay: they are still to act on).
     pub async fn cleanup_once(&self) -> Result<CleanupReport, WorkerError> {
         let mut report = CleanupReport::default();
         for q in Queue::ALL {
@@ -509,6 +512,14 @@ impl Worker {
                 .await?
                 .rows_affected();
         }
+        report.webhook_deliveries = sqlx::query(
+            "delete from webhook_deliveries
+             where state = 'delivered' and delivered_at < now() - make_interval(secs => $1::float8)",
+        )
+        .bind(self.cfg.retention.as_secs_f64())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(report)
     }
 
@@ -525,6 +536,7 @@ impl Worker {
                     Ok(r) => tracing::info!(
                         archived_rows = r.archived_rows,
                         stale_failures = r.stale_failures,
+                        webhook_deliveries = r.webhook_deliveries,
                         "queue cleanup"
                     ),
                     Err(e) => tracing::warn!(error = %e, "queue cleanup failed"),
