@@ -406,10 +406,6 @@ impl Worker {
             Queue::Background => {
                 let mut receipts: Vec<ReceiptUpdate> = Vec::new();
                 for job in jobs {
-                    if let Ok(BackgroundJob::Webhook { .. }) = BackgroundJob::decode(&job.message) {
-                        webhook_jobs.push(job);
-                        continue;
-                    }
                     match BackgroundJob::decode(&job.message) {
                         Ok(BackgroundJob::ReadMarker {
                             conversation_id,
@@ -434,7 +430,7 @@ impl Worker {
                             delivered_seq,
                             read_seq,
                         }),
-                        Ok(BackgroundJob::Webhook { .. }) => {}
+                        Ok(BackgroundJob::Webhook { .. }) => webhook_jobs.push(job),
                         Err(reason) => doomed.push((job, reason)),
                     }
                 }
@@ -448,9 +444,11 @@ impl Worker {
         let mut handed: Vec<(mpsc::Permit<'_, RawJob>, &RawJob)> = Vec::new();
         let mut busy: Vec<i64> = Vec::new();
         for job in webhook_jobs.iter().copied() {
-            match self.webhooks.as_ref().map(|d| (d, d.try_reserve())) {
-                Some((_, Some(permit))) => handed.push((permit, job)),
-                Some((_, None)) => busy.push(job.msg_id),
+            match &self.webhooks {
+                Some(d) => match d.try_reserve() {
+                    Some(permit) => handed.push((permit, job)),
+                    None => busy.push(job.msg_id),
+                },
                 None => doomed.push((
                     job,
                     "webhooks are not configured in this process (POSTLINE_WEBHOOK_URLS)"
@@ -458,9 +456,11 @@ impl Worker {
                 )),
             }
         }
-        if let Some(d) = &self.webhooks {
+        if let (Some(d), false) = (&self.webhooks, handed.is_empty()) {
             let ids: Vec<i64> = handed.iter().map(|(_, j)| j.msg_id).collect();
             queue::set_vt(&mut *tx, q.name(), &ids, d.hold()).await?;
+        }
+        if !busy.is_empty() {
             queue::set_vt(&mut *tx, q.name(), &busy, POOL_FULL_RETRY).await?;
         }
         for (job, reason) in &doomed {
