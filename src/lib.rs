@@ -23,6 +23,10 @@
 //! - [`store`]: the chat tables and the schema. [`queue`]: pgmq, every call
 //!   taking an executor, and the gateway's batching enqueuer. [`notify`]:
 //!   LISTEN/NOTIFY hints and the relay between gateways.
+//! - [`webhooks`]: chat events POSTed, signed (HMAC-SHA256), to configured
+//!   endpoints by a bounded pool beside the worker, from jobs the producers
+//!   wrote in their own transactions; one HTTP POST shared with `alerts`.
+//!   Never runs inside a worker batch.
 //! - [`worker`]: queue -> messages table, job delete and NOTIFY in one
 //!   transaction, through `store`, `queue` and `notify` (it also runs its own
 //!   transaction with sqlx). Never touches a socket.
@@ -31,12 +35,12 @@
 //!   published, here and to other gateways (`publish`). [`http`]: hyper
 //!   server, admission (connection caps and timeouts), `/v1` API, health,
 //!   `/ws` hand-off, the demo page at `/` (`web/demo/`, embedded) and its
-//!   `--dev`-only sign-in. Only these two touch hyper
-//!   and fastwebsockets; only `store`, `queue`, `notify` and `worker` touch sqlx.
+//!   `--dev`-only sign-in. Only these two touch hyper's server and
+//!   fastwebsockets (hyper's client: `webhooks::post`); only `store`,
+//!   `queue`, `notify`, `worker` and `webhooks`' pool touch sqlx.
 //! - [`alerts`]: threshold rules over the counters and the queue tables,
-//!   evaluated in the process; `/alerts` and an optional webhook (hyper's
-//!   client, its only use outside `http`). Reads Postgres only through
-//!   `store` and `queue`.
+//!   evaluated in the process; `/alerts` and an optional webhook (sent with
+//!   `webhooks::post`). Reads Postgres only through `store` and `queue`.
 //! - [`cli`]: the composition root and shutdown order; `chat`, a client that
 //!   speaks only the public contract.
 //! - [`pglocal`]: a throwaway local Postgres for `--dev` and tests.
@@ -56,4 +60,5 @@ pub mod queue;
 pub mod rooms;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 pub mod worker;

@@ -3,22 +3,19 @@
 //! counts it dropped when full) and one task delivers them in order, each
 //! attempt bounded by a timeout, a few attempts each.
 //!
-//! Plain HTTP/1.1 over hyper's client connection, no pool: transitions are
-//! rare, so a connection per POST costs nothing and keeps no state. No
-//! TLS: a TLS stack would add minutes to a fresh build for a feature a relay
-//! on the local network covers (config refuses https:// at start).
+//! Sent with the chat webhooks' POST ([`crate::webhooks::post`]): plain
+//! HTTP/1.1, a connection per POST (transitions are rare), no TLS.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::WebhookUrl;
 use crate::telemetry::Metrics;
+use crate::webhooks::post::post;
 
 /// Transitions waiting for delivery. A flapping rule under a dead endpoint
 /// produces a few a minute; past this many, new ones are dropped (counted).
@@ -28,20 +25,6 @@ pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Attempts per transition, with [`BACKOFF`] doubling between them.
 pub const ATTEMPTS: u32 = 3;
 const BACKOFF: Duration = Duration::from_millis(500);
-
-#[derive(Debug, thiserror::Error)]
-enum DeliveryError {
-    #[error("timed out after {ATTEMPT_TIMEOUT:?}")]
-    TimedOut,
-    #[error("connect: {0}")]
-    Connect(#[from] std::io::Error),
-    #[error("http: {0}")]
-    Http(#[from] hyper::Error),
-    #[error("bad request: {0}")]
-    Request(#[from] hyper::http::Error),
-    #[error("the endpoint answered {0}")]
-    Status(hyper::StatusCode),
-}
 
 /// The evaluator's end of the queue.
 pub struct Webhook {
@@ -86,9 +69,7 @@ async fn deliver_all(
         for attempt in 1..=ATTEMPTS {
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
-                r = tokio::time::timeout(ATTEMPT_TIMEOUT, post(&url, body.clone())) => {
-                    r.unwrap_or(Err(DeliveryError::TimedOut))
-                }
+                r = post(&url, "postline-alerts", &[], body.clone(), ATTEMPT_TIMEOUT) => r,
             };
             match outcome {
                 Ok(()) => {
@@ -110,30 +91,4 @@ async fn deliver_all(
             }
         }
     }
-}
-
-/// One POST over a fresh connection; Ok on a 2xx.
-async fn post(url: &WebhookUrl, body: Bytes) -> Result<(), DeliveryError> {
-    let stream = tokio::net::TcpStream::connect(&url.authority).await?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    // The connection future drives the socket; it ends with this function.
-    let conn = tokio::spawn(conn);
-    let req = hyper::Request::post(url.path.as_str())
-        .header(hyper::header::HOST, url.authority.as_str())
-        .header(hyper::header::CONTENT_TYPE, "application/json")
-        .header(hyper::header::USER_AGENT, "postline-alerts")
-        .body(Full::new(body))?;
-    let res = sender.send_request(req).await;
-    let outcome = match res {
-        Ok(res) if res.status().is_success() => {
-            // Read (and discard) a small body so the endpoint sees a clean end.
-            let _ = res.into_body().collect().await;
-            Ok(())
-        }
-        Ok(res) => Err(DeliveryError::Status(res.status())),
-        Err(e) => Err(e.into()),
-    };
-    conn.abort();
-    outcome
 }

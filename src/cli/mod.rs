@@ -30,7 +30,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Jwt;
 use crate::config::{
     Config, DatabaseArgs, DatabaseUrl, OpsArgs, OpsConfig, RuntimeArgs, RuntimeConfig, ServerArgs,
-    WorkerArgs, WorkerConfig, WorkerHttpArgs, DEV_JWT_SECRET,
+    WebhookArgs, WebhookConfig, WorkerArgs, WorkerConfig, WorkerHttpArgs, DEV_JWT_SECRET,
 };
 use crate::domain::UserId;
 use crate::pglocal::{Cluster, ClusterOptions};
@@ -87,8 +87,11 @@ enum Command {
         runtime: RuntimeArgs,
         #[command(flatten)]
         http: WorkerHttpArgs,
+        /// Boxed, as serve's are: the largest groups stay off the stack.
         #[command(flatten)]
-        ops: OpsArgs,
+        ops: Box<OpsArgs>,
+        #[command(flatten)]
+        webhooks: Box<WebhookArgs>,
     },
     /// Apply the schema (pgmq from its SQL, then migrations/) and exit.
     Migrate {
@@ -157,6 +160,7 @@ enum Job {
         listen: std::net::SocketAddr,
         // Boxed, as serve's Config is: the alert settings outweigh the rest.
         ops: Box<OpsConfig>,
+        webhooks: Option<Box<WebhookConfig>>,
     },
     Migrate {
         database_url: String,
@@ -200,7 +204,9 @@ impl Job {
                 runtime,
                 http,
                 ops,
+                webhooks,
             } => Job::Worker {
+                webhooks: WebhookConfig::new(&webhooks)?.map(Box::new),
                 database_url: database.url.required()?.to_owned(),
                 max_connections: database.max_connections()?,
                 worker: WorkerConfig::try_from(&worker)?,
@@ -332,7 +338,9 @@ async fn run(job: Job) -> anyhow::Result<()> {
             runtime,
             listen,
             ops: ops_cfg,
+            webhooks,
         } => {
+            let retry = worker.retry;
             let pool = store::connect(&database_url, max_connections)
                 .await
                 .context("connecting to DATABASE_URL")?;
@@ -353,7 +361,18 @@ async fn run(job: Job) -> anyhow::Result<()> {
                 &ops_tasks,
             );
             let http = tokio::spawn(crate::http::serve_ops(listener, ops, shutdown.clone()));
-            let worker = Worker::with_metrics(pool, worker, Arc::new(Notify::new()), metrics);
+            let mut worker =
+                Worker::with_metrics(pool.clone(), worker, Arc::new(Notify::new()), metrics);
+            if let Some(hooks) = &webhooks {
+                // Stopped with the alerts: after the batch in hand is finished.
+                worker = worker.with_webhooks(crate::webhooks::Deliverer::spawn(
+                    pool,
+                    hooks,
+                    retry,
+                    ops_stop.clone(),
+                    &ops_tasks,
+                ));
+            }
             let mut task = tokio::spawn(worker.run(shutdown.clone()));
             tokio::select! {
                 r = &mut task => return r.context("the worker task failed"),

@@ -34,7 +34,10 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let store = Store::new(pool.clone());
+    let mut store = Store::new(pool.clone());
+    if let Some(hooks) = &cfg.webhooks {
+        store = store.with_webhooks(hooks.endpoints.iter().map(ToString::to_string).collect());
+    }
     // postline.publish() validates as this gateway does.
     if let Err(e) = store.share_settings(cfg.gateway.max_content_bytes).await {
         tracing::warn!(error = %e, "could not share settings with postline.publish()");
@@ -104,7 +107,16 @@ pub async fn serve(
         &background,
     );
     let heartbeat = run_worker.then(|| {
-        let worker = Worker::with_metrics(pool.clone(), cfg.worker, wake, metrics.clone());
+        let mut worker = Worker::with_metrics(pool.clone(), cfg.worker, wake, metrics.clone());
+        if let Some(hooks) = &cfg.webhooks {
+            worker = worker.with_webhooks(crate::webhooks::Deliverer::spawn(
+                pool.clone(),
+                hooks,
+                cfg.worker.retry,
+                background_stop.clone(),
+                &background,
+            ));
+        }
         let hb = worker.heartbeat();
         background.spawn(worker.run(background_stop.clone()));
         hb

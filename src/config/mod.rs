@@ -9,9 +9,9 @@
 //! subcommand takes only its own options:
 //! - `serve`: [`ServerArgs`] = [`DatabaseArgs`] + [`HttpArgs`] +
 //!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
-//!   [`AdmissionArgs`] + [`LimitsArgs`] + [`OpsArgs`];
+//!   [`AdmissionArgs`] + [`LimitsArgs`] + [`OpsArgs`] + [`WebhookArgs`];
 //! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
-//!   [`OpsArgs`] + [`WorkerHttpArgs`];
+//!   [`OpsArgs`] + [`WorkerHttpArgs`] + [`WebhookArgs`];
 //! - `migrate`, `dlq`: [`DatabaseUrl`].
 //!
 //! This module sits at the bottom of the import graph and imports nothing
@@ -23,6 +23,7 @@ mod gateway;
 mod limits;
 mod ops;
 mod service;
+mod webhooks;
 mod worker;
 
 pub use admission::{open_file_limit, AdmissionArgs, AdmissionConfig};
@@ -33,6 +34,7 @@ pub use ops::{
     AlertConfig, OperatorAuth, OperatorToken, OpsArgs, OpsConfig, WebhookUrl, WorkerHttpArgs,
 };
 pub use service::ServiceKeys;
+pub use webhooks::{WebhookArgs, WebhookConfig};
 pub use worker::{RetryPolicy, WorkerArgs, WorkerConfig};
 
 use std::net::SocketAddr;
@@ -98,13 +100,17 @@ pub enum ConfigError {
     BadServiceKeys(String),
     #[error("POSTLINE_OPERATOR_TOKEN must be at least {MIN_SECRET_BYTES} bytes")]
     WeakOperatorToken,
-    #[error("POSTLINE_ALERT_WEBHOOK_URL: {0:?} is not an http://host[:port]/path URL")]
-    BadWebhookUrl(String),
+    #[error("{var}: {url:?} is not an http://host[:port]/path URL")]
+    BadWebhookUrl { var: &'static str, url: String },
     #[error(
-        "POSTLINE_ALERT_WEBHOOK_URL: https is not supported (Postline carries no TLS client); \
+        "{var}: https is not supported (Postline carries no TLS client); \
          use http:// to a relay on a trusted network"
     )]
-    HttpsWebhook,
+    HttpsWebhook { var: &'static str },
+    #[error("POSTLINE_WEBHOOK_SECRET is required when POSTLINE_WEBHOOK_URLS is set")]
+    MissingWebhookSecret,
+    #[error("POSTLINE_WEBHOOK_SECRET must be at least {MIN_SECRET_BYTES} bytes")]
+    WeakWebhookSecret,
 }
 
 /// Whether the server mints tokens for the demo users (`POST /dev/token`,
@@ -323,6 +329,8 @@ pub struct ServerArgs {
     pub limits: LimitsArgs,
     #[command(flatten)]
     pub ops: OpsArgs,
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
 }
 
 impl ServerArgs {
@@ -378,6 +386,8 @@ pub struct Config {
     pub dev_login: DevLogin,
     /// Credentials of the service API (`/v1/service/...`); empty: off.
     pub service_keys: ServiceKeys,
+    /// Outgoing webhooks; `None` when no endpoint is set.
+    pub webhooks: Option<WebhookConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -398,6 +408,7 @@ impl std::fmt::Debug for Config {
             .field("ops", &self.ops)
             .field("dev_login", &self.dev_login)
             .field("service_keys", &self.service_keys)
+            .field("webhooks", &self.webhooks)
             .finish()
     }
 }
@@ -425,6 +436,7 @@ impl Config {
             },
             dev_login: DevLogin::Off,
             service_keys: ServiceKeys::default(),
+            webhooks: None,
         }
     }
 
@@ -478,6 +490,7 @@ impl Config {
             ops: OpsConfig::new(&args.ops, args.dev)?,
             dev_login: DevLogin::for_server(args.dev, &jwt_secret),
             service_keys: ServiceKeys::parse(args.http.service_keys.as_deref().unwrap_or(""))?,
+            webhooks: WebhookConfig::new(&args.webhooks)?,
             jwt_secret,
         })
     }

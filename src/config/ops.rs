@@ -102,12 +102,16 @@ pub struct WebhookUrl {
 }
 
 impl WebhookUrl {
-    fn parse(url: &str) -> Result<WebhookUrl, ConfigError> {
-        let bad = || ConfigError::BadWebhookUrl(url.to_owned());
+    /// `var` names the setting in the error.
+    pub(super) fn parse(var: &'static str, url: &str) -> Result<WebhookUrl, ConfigError> {
+        let bad = || ConfigError::BadWebhookUrl {
+            var,
+            url: url.to_owned(),
+        };
         let uri: hyper::Uri = url.parse().map_err(|_| bad())?;
         match uri.scheme_str() {
             Some("http") => {}
-            Some("https") => return Err(ConfigError::HttpsWebhook),
+            Some("https") => return Err(ConfigError::HttpsWebhook { var }),
             _ => return Err(bad()),
         }
         let auth = uri
@@ -123,6 +127,14 @@ impl WebhookUrl {
                 .path_and_query()
                 .map_or("/".to_owned(), |p| p.as_str().to_owned()),
         })
+    }
+}
+
+/// `http://host:port/path`: how the endpoint is named in the
+/// `webhook_deliveries` table and in logs.
+impl std::fmt::Display for WebhookUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "http://{}{}", self.authority, self.path)
     }
 }
 
@@ -184,7 +196,7 @@ impl OpsConfig {
                     .alert_webhook_url
                     .as_deref()
                     .filter(|u| !u.is_empty())
-                    .map(WebhookUrl::parse)
+                    .map(|u| WebhookUrl::parse("POSTLINE_ALERT_WEBHOOK_URL", u))
                     .transpose()?,
             },
         })

@@ -388,16 +388,90 @@ fn alert_settings_have_valid_defaults_and_refuse_https_webhooks() {
     assert_eq!(hook("http://relay").unwrap().unwrap().authority, "relay:80");
     assert!(matches!(
         hook("https://hooks.example.com/x"),
-        Err(ConfigError::HttpsWebhook)
+        Err(ConfigError::HttpsWebhook {
+            var: "POSTLINE_ALERT_WEBHOOK_URL"
+        })
     ));
     for bad in ["ftp://x/", "relay:80", "http://user:pw@relay/", "http:///x"] {
         assert!(
-            matches!(hook(bad), Err(ConfigError::BadWebhookUrl(_))),
+            matches!(hook(bad), Err(ConfigError::BadWebhookUrl { .. })),
             "{bad} was accepted"
         );
     }
     assert!(matches!(
         refused(&["--alert-interval-secs", "0"]),
         ConfigError::NotPositive("POSTLINE_ALERT_INTERVAL_SECS")
+    ));
+}
+
+#[test]
+fn webhooks_need_http_urls_and_a_strong_secret_and_name_the_variable() {
+    assert!(Config::from_args(&args(&[]), None)
+        .unwrap()
+        .webhooks
+        .is_none());
+    let secret = "0123456789abcdef";
+    let cfg = Config::from_args(
+        &args(&[
+            "--webhook-urls",
+            "http://a.internal:9000/hooks, http://b.internal/x,",
+            "--webhook-secret",
+            secret,
+        ]),
+        None,
+    )
+    .unwrap();
+    let w = cfg.webhooks.expect("configured");
+    assert_eq!(
+        w.endpoints
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["http://a.internal:9000/hooks", "http://b.internal:80/x"]
+    );
+    assert_eq!(w.timeout, Duration::from_secs(10));
+    assert_eq!(w.concurrency, 16);
+    assert!(!format!("{w:?}").contains(secret));
+
+    let with = |url: &str, secret: Option<&str>| {
+        let mut a = vec!["--webhook-urls", url];
+        if let Some(s) = secret {
+            a.extend(["--webhook-secret", s]);
+        }
+        refused(&a)
+    };
+    let e = with("https://hooks.example.com/x", Some(secret));
+    assert!(matches!(
+        e,
+        ConfigError::HttpsWebhook {
+            var: "POSTLINE_WEBHOOK_URLS"
+        }
+    ));
+    assert!(e.to_string().contains("POSTLINE_WEBHOOK_URLS"));
+    let e = with("not a url", Some(secret));
+    assert!(matches!(
+        e,
+        ConfigError::BadWebhookUrl {
+            var: "POSTLINE_WEBHOOK_URLS",
+            ..
+        }
+    ));
+    let e = with("http://a/x", None);
+    assert!(matches!(e, ConfigError::MissingWebhookSecret));
+    assert!(e.to_string().contains("POSTLINE_WEBHOOK_SECRET"));
+    let e = with("http://a/x", Some("short"));
+    assert!(matches!(e, ConfigError::WeakWebhookSecret));
+    assert!(e.to_string().contains("POSTLINE_WEBHOOK_SECRET"));
+    let e = refused(&[
+        "--webhook-urls",
+        "http://a/x",
+        "--webhook-secret",
+        secret,
+        "--webhook-timeout-ms",
+        "0",
+    ]);
+    assert!(matches!(
+        e,
+        ConfigError::NotPositive("POSTLINE_WEBHOOK_TIMEOUT_MS")
     ));
 }

@@ -13,6 +13,7 @@ pub(crate) mod fuzz;
 pub mod http;
 pub mod server;
 pub mod socketio;
+pub mod webhook;
 
 use serde::Serialize;
 

@@ -7,6 +7,7 @@
 
 pub mod dead_letters;
 mod enqueuer;
+pub mod webhooks;
 
 pub use crate::config::EnqueueConfig;
 pub use enqueuer::{EnqueueError, Enqueuer, PersistBuffer, Rejected};
@@ -22,7 +23,7 @@ use crate::domain::{
 
 /// Chat messages waiting to be stored (high priority).
 pub const PERSIST_QUEUE: &str = "postline_persist";
-/// Receipts, read markers, analytics (low priority).
+/// Receipts, read markers, webhook deliveries (low priority).
 pub const BACKGROUND_QUEUE: &str = "postline_background";
 
 /// The queues a worker drains, in priority order.
@@ -186,6 +187,8 @@ pub enum BackgroundJob {
         #[serde(default)]
         read_seq: Seq,
     },
+    /// Deliver one `webhook_deliveries` row to its endpoint (see [`webhooks`]).
+    Webhook { v: u8, delivery_id: i64 },
 }
 
 impl BackgroundJob {
@@ -200,6 +203,7 @@ impl BackgroundJob {
                 read_seq,
                 ..
             } => (*v, [delivered_seq.0, read_seq.0]),
+            BackgroundJob::Webhook { v, .. } => (*v, [0, 0]),
         };
         if v != PersistJob::VERSION {
             return Err(format!("unknown background job version {v}"));

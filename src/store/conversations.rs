@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use super::{Store, StoreError};
 use crate::domain::{ConversationId, Seq, UserId};
+use crate::protocol::webhook::Event;
 
 /// Upper bound on members named at creation, so one request cannot insert
 /// an unbounded number of rows.
@@ -115,6 +116,16 @@ impl Store {
         .bind(&raw_ids)
         .execute(&mut *tx)
         .await?;
+        self.emit(
+            &mut tx,
+            &[Event::conversation_created(
+                id,
+                title.as_deref(),
+                creator,
+                &member_ids,
+            )],
+        )
+        .await?;
         tx.commit().await?;
         Ok(NewConversation {
             id,
@@ -176,15 +187,21 @@ impl Store {
         user: UserId,
     ) -> Result<bool, StoreError> {
         self.access(conv, actor).await?.require_member()?;
+        let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "insert into conversation_members (conversation_id, user_id) values ($1, $2)
              on conflict do nothing",
         )
         .bind(conv.0)
         .bind(user.0)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        if inserted == 1 {
+            self.emit(&mut tx, &[Event::member(true, conv, user, actor)])
+                .await?;
+        }
+        tx.commit().await?;
         Ok(inserted == 1)
     }
 
@@ -316,17 +333,21 @@ impl Store {
         user: UserId,
     ) -> Result<(), StoreError> {
         self.access(conv, actor).await?.require_member()?;
+        let mut tx = self.pool.begin().await?;
         let deleted = sqlx::query(
             "delete from conversation_members where conversation_id = $1 and user_id = $2",
         )
         .bind(conv.0)
         .bind(user.0)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
         if deleted == 0 {
             return Err(StoreError::NotFound);
         }
+        self.emit(&mut tx, &[Event::member(false, conv, user, actor)])
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 }

@@ -12,6 +12,7 @@ use crate::domain::{
     ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, Persisted, Seq,
     StoredMessage, UserId,
 };
+use crate::protocol::webhook::Event;
 
 /// A `messages` row as selected by [`MESSAGE_COLUMNS`]; turned into the
 /// typed [`StoredMessage`] before it leaves the store.
@@ -177,9 +178,23 @@ impl Store {
         if let Some(c) = content {
             query = query.bind(c);
         }
-        match query.fetch_optional(&self.pool).await? {
-            Some(r) => Ok(Ok(r.try_into()?)),
-            None => Ok(Err(self.why_refused(id, sender, content.is_some()).await?)),
+        let mut tx = self.pool.begin().await?;
+        match query.fetch_optional(&mut *tx).await? {
+            Some(r) => {
+                let stored: StoredMessage = r.try_into()?;
+                let event = if content.is_some() {
+                    Event::message_updated(&stored)
+                } else {
+                    Event::message_deleted(&stored)
+                };
+                self.emit(&mut tx, &[event]).await?;
+                tx.commit().await?;
+                Ok(Ok(stored))
+            }
+            None => {
+                drop(tx);
+                Ok(Err(self.why_refused(id, sender, content.is_some()).await?))
+            }
         }
     }
 

@@ -1,7 +1,8 @@
 //! Everything that reads or writes the chat tables: conversations, members,
 //! messages, and the schema itself.
 //!
-//! Only this module, `queue` and `notify` touch sqlx. Queries are checked at
+//! Only this module, `queue` and `notify` touch sqlx. Changes that webhooks
+//! report are queued (`queue::webhooks`) in the transaction that makes them. Queries are checked at
 //! run time (no database is needed to build) and every value is bound.
 
 mod conversations;
@@ -18,6 +19,7 @@ pub use messages::{
 };
 pub use service::{PublishRefusal, StoredResponse};
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -45,11 +47,50 @@ pub enum StoreError {
 #[derive(Clone, Debug)]
 pub struct Store {
     pool: PgPool,
+    /// Webhook endpoints the changes made here are reported to (none: no
+    /// webhooks).
+    webhook_endpoints: Arc<[String]>,
+}
+
+impl From<crate::queue::QueueError> for StoreError {
+    fn from(e: crate::queue::QueueError) -> Self {
+        match e {
+            crate::queue::QueueError::Db(e) => StoreError::Db(e),
+        }
+    }
 }
 
 impl Store {
     pub fn new(pool: PgPool) -> Self {
-        Store { pool }
+        Store {
+            pool,
+            webhook_endpoints: Arc::from([]),
+        }
+    }
+
+    /// Report edits, deletes, members and new conversations to these
+    /// endpoints, in the transaction that makes each change.
+    pub fn with_webhooks(mut self, endpoints: Arc<[String]>) -> Self {
+        self.webhook_endpoints = endpoints;
+        self
+    }
+
+    /// Queue `events` for every webhook endpoint in the caller's transaction.
+    async fn emit(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        events: &[crate::protocol::webhook::Event<'_>],
+    ) -> Result<(), StoreError> {
+        if self.webhook_endpoints.is_empty() {
+            return Ok(());
+        }
+        let events = events
+            .iter()
+            .map(crate::queue::webhooks::NewEvent::from_event)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Invariant(format!("encoding a webhook event: {e}")))?;
+        crate::queue::webhooks::enqueue(conn, &self.webhook_endpoints, &events).await?;
+        Ok(())
     }
 
     pub fn pool(&self) -> &PgPool {

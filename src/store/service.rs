@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::{NewConversation, Store, StoreError};
 use crate::domain::{ConversationId, UserId};
+use crate::protocol::webhook::Event;
 
 /// A result already given for an idempotency key.
 pub struct StoredResponse {
@@ -125,6 +126,16 @@ impl Store {
                 .bind(&raw)
                 .execute(&mut *tx)
                 .await?;
+                self.emit(
+                    &mut tx,
+                    &[Event::conversation_created(
+                        id,
+                        title.as_deref(),
+                        created_by,
+                        &member_ids,
+                    )],
+                )
+                .await?;
                 at
             }
             None => {
@@ -149,6 +160,7 @@ impl Store {
         conv: ConversationId,
         user: UserId,
     ) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
         let added = sqlx::query(
             "insert into conversation_members (conversation_id, user_id)
              select id, $2 from conversations where id = $1
@@ -156,9 +168,18 @@ impl Store {
         )
         .bind(conv.0)
         .bind(user.0)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        if added == 1 {
+            // The actor is the service: no user; the nil id says so.
+            self.emit(
+                &mut tx,
+                &[Event::member(true, conv, user, UserId(Uuid::nil()))],
+            )
+            .await?;
+        }
+        tx.commit().await?;
         if added == 0 && !self.conversation_exists(conv).await? {
             return Err(StoreError::NotFound);
         }
@@ -171,17 +192,24 @@ impl Store {
         conv: ConversationId,
         user: UserId,
     ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
         let removed = sqlx::query(
             "delete from conversation_members where conversation_id = $1 and user_id = $2",
         )
         .bind(conv.0)
         .bind(user.0)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
         if removed == 0 {
             return Err(StoreError::NotFound);
         }
+        self.emit(
+            &mut tx,
+            &[Event::member(false, conv, user, UserId(Uuid::nil()))],
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 

@@ -26,13 +26,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::{PgPool, Postgres, Transaction};
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::{Message, Seq};
 use crate::queue::{self, dead_letters, BackgroundJob, Queue, RawJob};
 use crate::store::{self, ReceiptUpdate, StoreError};
 use crate::telemetry::{Metrics, QueueCounters};
+use crate::webhooks::Deliverer;
+
+/// How soon a webhook job the full delivery pool could not take is read
+/// again: long enough not to spin, short next to any retry.
+const POOL_FULL_RETRY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -118,6 +123,8 @@ impl Heartbeat {
 pub struct CleanupReport {
     pub archived_rows: u64,
     pub stale_failures: u64,
+    /// Delivered webhook deliveries past the retention.
+    pub webhook_deliveries: u64,
 }
 
 pub struct Worker {
@@ -129,6 +136,9 @@ pub struct Worker {
     high_streak: AtomicU32,
     /// A batch that failed transiently, retried before anything new is read.
     held: std::sync::Mutex<Option<(Queue, Vec<i64>)>>,
+    /// Where webhook jobs go, and the endpoints `message.created` is written
+    /// for; None when no webhook is configured.
+    webhooks: Option<Deliverer>,
 }
 
 /// A failed batch and the jobs of it still unfinished.
@@ -156,7 +166,15 @@ impl Worker {
             metrics,
             high_streak: AtomicU32::new(0),
             held: std::sync::Mutex::new(None),
+            webhooks: None,
         }
+    }
+
+    /// Write `message.created` for every message stored, and hand webhook
+    /// jobs to `deliverer` (see [`crate::webhooks`]).
+    pub fn with_webhooks(mut self, deliverer: Deliverer) -> Self {
+        self.webhooks = Some(deliverer);
+        self
     }
 
     pub fn heartbeat(&self) -> Arc<Heartbeat> {
@@ -343,6 +361,7 @@ impl Worker {
             ..BatchReport::default()
         };
         let mut doomed: Vec<(&RawJob, String)> = Vec::new();
+        let mut webhook_jobs: Vec<&RawJob> = Vec::new();
         match q {
             Queue::Persist => {
                 let mut messages: Vec<Message> = Vec::with_capacity(jobs.len());
@@ -369,6 +388,11 @@ impl Worker {
                     }
                 }
                 crate::notify::publish_persisted(&mut tx, &outcome.persisted).await?;
+                if let Some(hooks) = &self.webhooks {
+                    // In this transaction: an event exists exactly when its message does.
+                    let events = created_events(&messages, &outcome.persisted)?;
+                    queue::webhooks::enqueue(&mut tx, hooks.endpoints(), &events).await?;
+                }
                 report.persisted = outcome.persisted.len();
                 report.duplicates = outcome.duplicates;
                 let now = chrono::Utc::now();
@@ -406,12 +430,38 @@ impl Worker {
                             delivered_seq,
                             read_seq,
                         }),
+                        Ok(BackgroundJob::Webhook { .. }) => webhook_jobs.push(job),
                         Err(reason) => doomed.push((job, reason)),
                     }
                 }
-                report.applied = receipts.len();
+                report.applied = receipts.len() + webhook_jobs.len();
                 store::advance_receipts(&mut tx, &receipts).await?;
             }
+        }
+        // Webhook jobs are not finished here: they go to the delivery pool,
+        // hidden meanwhile (or soon read again when it is full); without
+        // webhooks configured they can never be sent.
+        let mut handed: Vec<(mpsc::Permit<'_, RawJob>, &RawJob)> = Vec::new();
+        let mut busy: Vec<i64> = Vec::new();
+        for job in webhook_jobs.iter().copied() {
+            match &self.webhooks {
+                Some(d) => match d.try_reserve() {
+                    Some(permit) => handed.push((permit, job)),
+                    None => busy.push(job.msg_id),
+                },
+                None => doomed.push((
+                    job,
+                    "webhooks are not configured in this process (POSTLINE_WEBHOOK_URLS)"
+                        .to_owned(),
+                )),
+            }
+        }
+        if let (Some(d), false) = (&self.webhooks, handed.is_empty()) {
+            let ids: Vec<i64> = handed.iter().map(|(_, j)| j.msg_id).collect();
+            queue::set_vt(&mut *tx, q.name(), &ids, d.hold()).await?;
+        }
+        if !busy.is_empty() {
+            queue::set_vt(&mut *tx, q.name(), &busy, POOL_FULL_RETRY).await?;
         }
         for (job, reason) in &doomed {
             tracing::error!(queue = q.name(), msg_id = job.msg_id, %reason, "dead-lettering a job that can never succeed");
@@ -422,17 +472,22 @@ impl Worker {
             .iter()
             .map(|j| j.msg_id)
             .filter(|id| !doomed.iter().any(|(d, _)| d.msg_id == *id))
+            .filter(|id| !webhook_jobs.iter().any(|w| w.msg_id == *id))
             .collect();
         queue::delete(&mut *tx, q.name(), &done).await?;
         if jobs.iter().any(|j| j.read_ct > 1) {
             dead_letters::forget_failures(&mut *tx, q.name(), &done).await?;
         }
         commit(tx).await?;
+        for (permit, job) in handed {
+            permit.send(job.clone());
+        }
         Ok(report)
     }
 
-    /// Remove archived jobs older than the retention, and failure records of
-    /// jobs that no longer exist.
+    /// Remove archived jobs older than the retention, failure records of
+    /// jobs that no longer exist, and webhook deliveries delivered before the
+    /// retention (pending and dead ones stay: they are still to act on).
     pub async fn cleanup_once(&self) -> Result<CleanupReport, WorkerError> {
         let mut report = CleanupReport::default();
         for q in Queue::ALL {
@@ -457,6 +512,14 @@ impl Worker {
                 .await?
                 .rows_affected();
         }
+        report.webhook_deliveries = sqlx::query(
+            "delete from webhook_deliveries
+             where state = 'delivered' and delivered_at < now() - make_interval(secs => $1::float8)",
+        )
+        .bind(self.cfg.retention.as_secs_f64())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(report)
     }
 
@@ -473,6 +536,7 @@ impl Worker {
                     Ok(r) => tracing::info!(
                         archived_rows = r.archived_rows,
                         stale_failures = r.stale_failures,
+                        webhook_deliveries = r.webhook_deliveries,
                         "queue cleanup"
                     ),
                     Err(e) => tracing::warn!(error = %e, "queue cleanup failed"),
@@ -512,6 +576,32 @@ impl Worker {
             }
         }
     }
+}
+
+/// `message.created` for each message just stored, in seq order.
+fn created_events(
+    messages: &[Message],
+    persisted: &[crate::domain::Persisted],
+) -> Result<Vec<queue::webhooks::NewEvent>, StoreError> {
+    let mut out = Vec::with_capacity(persisted.len());
+    for p in persisted {
+        let Some(m) = messages.iter().find(|m| m.id == p.message_id) else {
+            continue;
+        };
+        let stored = crate::domain::StoredMessage {
+            message: m.clone(),
+            seq: p.seq,
+            version: 1,
+            edited_at: None,
+            deleted: false,
+        };
+        let event = crate::protocol::webhook::Event::message_created(&stored);
+        out.push(
+            queue::webhooks::NewEvent::from_event(&event)
+                .map_err(|e| StoreError::Invariant(format!("encoding a webhook event: {e}")))?,
+        );
+    }
+    Ok(out)
 }
 
 async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), WorkerError> {

@@ -27,3 +27,4 @@ mod service;
 mod shutdown;
 mod socketio;
 mod sync;
+mod webhooks;

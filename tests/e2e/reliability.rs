@@ -298,7 +298,7 @@ async fn background_jobs_make_progress_under_constant_chat_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cleanup_removes_archived_jobs_past_retention_and_stale_failures() {
+async fn cleanup_removes_archived_jobs_stale_failures_and_old_delivered_webhooks() {
     let app = gateway_only().await;
     let w = worker(&app, 10);
     queue::send_batch(
@@ -317,8 +317,22 @@ async fn cleanup_removes_archived_jobs_past_retention_and_stale_failures() {
         .execute(&app.pool)
         .await
         .unwrap();
+    // Webhook deliveries: only those delivered before the retention go.
+    sqlx::query(
+        "insert into webhook_deliveries
+             (event_id, event_type, endpoint, conversation_id, body, state, created_at, delivered_at)
+         select gen_random_uuid(), 'member.joined', 'http://h:80/', gen_random_uuid(), '{}', s, now() - interval '9 days', d
+         from (values ('delivered', now() - interval '8 days'), ('delivered', now()),
+                      ('pending', null), ('dead', null)) as v(s, d)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
     let report = w.cleanup_once().await.unwrap();
     assert_eq!((report.archived_rows, report.stale_failures), (1, 1));
+    assert_eq!(report.webhook_deliveries, 1);
+    let kept = count(&app.pool, "select count(*) from webhook_deliveries").await;
+    assert_eq!(kept, 3, "recent, pending and dead deliveries stay");
     let left = count(&app.pool, "select count(*) from pgmq.a_postline_persist").await;
     assert_eq!(left, 1, "the recent archive row stays");
     // The dead-letter table is the operator's, not the cleaner's.

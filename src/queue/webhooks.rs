@@ -1,0 +1,188 @@
+//! Webhook deliveries: one `webhook_deliveries` row per (event, endpoint)
+//! and one background job per row, written in the caller's transaction so
+//! an event exists exactly when what it reports was committed.
+//!
+//! One job per (event, endpoint) rather than one per event fanned out at
+//! delivery: each endpoint then has its own attempts, backoff, order and
+//! dead letter, so a failing endpoint never holds back or repeats deliveries
+//! to a healthy one, and `postline dlq replay` re-sends to the one that failed.
+
+use std::time::Duration;
+
+use serde_json::json;
+use sqlx::{PgConnection, PgExecutor};
+use uuid::Uuid;
+
+use super::{QueueError, BACKGROUND_QUEUE};
+use crate::domain::ConversationId;
+use crate::protocol::webhook::Event;
+
+/// Version of the `webhook` background job.
+pub const JOB_VERSION: u8 = 1;
+
+/// An event to deliver to every endpoint: its body already encoded.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event_id: Uuid,
+    pub event_type: &'static str,
+    pub conversation_id: ConversationId,
+    pub body: serde_json::Value,
+}
+
+impl NewEvent {
+    pub fn from_event(e: &Event<'_>) -> Result<NewEvent, serde_json::Error> {
+        Ok(NewEvent {
+            event_id: e.id,
+            event_type: e.kind,
+            conversation_id: e.conversation_id(),
+            body: serde_json::to_value(e)?,
+        })
+    }
+}
+
+/// Queue `events` (in their order) for every endpoint, in the caller's
+/// transaction. The per-conversation advisory lock, held until commit, makes
+/// delivery ids follow commit order within a conversation: two transactions
+/// writing events of one conversation get their ids one after the other.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    endpoints: &[String],
+    events: &[NewEvent],
+) -> Result<(), QueueError> {
+    if endpoints.is_empty() || events.is_empty() {
+        return Ok(());
+    }
+    let mut convs: Vec<Uuid> = events.iter().map(|e| e.conversation_id.0).collect();
+    convs.sort_unstable();
+    convs.dedup();
+    // Sorted, so two producers never wait for each other's locks in a cycle.
+    sqlx::query(
+        "select pg_advisory_xact_lock(hashtextextended('postline.webhooks:' || c::text, 0))
+         from unnest($1::uuid[]) with ordinality as t(c, n) order by n",
+    )
+    .bind(&convs)
+    .execute(&mut *conn)
+    .await?;
+    let n = events.len() * endpoints.len();
+    let (mut ids, mut types, mut eps, mut conv_ids, mut bodies) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for e in events {
+        for ep in endpoints {
+            ids.push(e.event_id);
+            types.push(e.event_type);
+            eps.push(ep.as_str());
+            conv_ids.push(e.conversation_id.0);
+            bodies.push(&e.body);
+        }
+    }
+    let delivery_ids: Vec<i64> = sqlx::query_scalar(
+        "insert into webhook_deliveries (event_id, event_type, endpoint, conversation_id, body)
+         select e, t, ep, c, b
+         from unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[])
+              with ordinality as u(e, t, ep, c, b, n)
+         order by n
+         returning id",
+    )
+    .bind(&ids)
+    .bind(&types)
+    .bind(&eps)
+    .bind(&conv_ids)
+    .bind(&bodies)
+    .fetch_all(&mut *conn)
+    .await?;
+    let jobs: Vec<serde_json::Value> = delivery_ids
+        .iter()
+        .map(|id| json!({"kind": "webhook", "v": JOB_VERSION, "delivery_id": id}))
+        .collect();
+    super::send_batch(&mut *conn, BACKGROUND_QUEUE, &jobs).await?;
+    Ok(())
+}
+
+/// A delivery as the deliverer needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Delivery {
+    pub id: i64,
+    pub event_id: Uuid,
+    pub endpoint: String,
+    pub conversation_id: Uuid,
+    pub body: serde_json::Value,
+    pub attempts: i32,
+}
+
+/// The delivery, unless it was delivered already (a repeated job) or does
+/// not exist. A dead one (its job replayed from the dead-letter table)
+/// becomes pending again with fresh attempts.
+pub async fn take<'e>(ex: impl PgExecutor<'e>, id: i64) -> Result<Option<Delivery>, QueueError> {
+    Ok(sqlx::query_as::<_, Delivery>(
+        "update webhook_deliveries
+         set attempts = case when state = 'dead' then 0 else attempts end, state = 'pending'
+         where id = $1 and state <> 'delivered'
+         returning id, event_id, endpoint, conversation_id, body, attempts",
+    )
+    .bind(id)
+    .fetch_optional(ex)
+    .await?)
+}
+
+/// Whether an earlier delivery of the same (endpoint, conversation) is still
+/// pending, and then how long until its next attempt is due (zero if it is
+/// due or in flight): this one must wait, to keep the conversation's order.
+pub async fn blocked_for<'e>(
+    ex: impl PgExecutor<'e>,
+    d: &Delivery,
+) -> Result<Option<Duration>, QueueError> {
+    let secs: Option<f64> = sqlx::query_scalar(
+        "select extract(epoch from greatest(coalesce(next_attempt_at, now()), now()) - now())::float8
+         from webhook_deliveries
+         where endpoint = $1 and conversation_id = $2 and id < $3 and state = 'pending'
+         order by id limit 1",
+    )
+    .bind(&d.endpoint)
+    .bind(d.conversation_id)
+    .bind(d.id)
+    .fetch_optional(ex)
+    .await?;
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
+/// The endpoint answered 2xx.
+pub async fn mark_delivered<'e>(ex: impl PgExecutor<'e>, id: i64) -> Result<(), QueueError> {
+    sqlx::query(
+        "update webhook_deliveries
+         set state = 'delivered', attempts = attempts + 1, last_attempt_at = now(),
+             delivered_at = now(), next_attempt_at = null, last_error = null
+         where id = $1",
+    )
+    .bind(id)
+    .execute(ex)
+    .await?;
+    Ok(())
+}
+
+/// An attempt failed: `retry_in` is when the next one is due, `None` if the
+/// delivery is dead.
+pub async fn mark_failed<'e>(
+    ex: impl PgExecutor<'e>,
+    id: i64,
+    error: &str,
+    retry_in: Option<Duration>,
+) -> Result<(), QueueError> {
+    sqlx::query(
+        "update webhook_deliveries
+         set attempts = attempts + 1, last_attempt_at = now(), last_error = $2,
+             state = case when $3::float8 is null then 'dead' else 'pending' end,
+             next_attempt_at = now() + make_interval(secs => $3::float8)
+         where id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(retry_in.map(|d| d.as_secs_f64()))
+    .execute(ex)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,207 @@
+//! The delivery pool: webhook jobs handed over by the worker, POSTed by at
+//! most `POSTLINE_WEBHOOK_CONCURRENCY` tasks at once, each attempt bounded
+//! by `POSTLINE_WEBHOOK_TIMEOUT_MS`.
+//!
+//! Why a pool beside the worker rather than HTTP inside its batch: the
+//! worker applies one batch at a time, persist batches included, so one
+//! hanging endpoint would hold chat messages for the whole timeout. The
+//! worker only hands a job over (never waiting: a full pool leaves the job
+//! in the queue for a later read) after hiding it for longer than an
+//! attempt can take; the pool then finishes the job in its own transaction:
+//! delete on a 2xx, otherwise backoff (the worker's [`RetryPolicy`], counted
+//! from the delivery's own attempts) or, once attempts are used up, the
+//! dead-letter table. A crash mid-attempt leaves the job to reappear when
+//! its visibility timeout ends: delivery is at least once.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use sqlx::PgPool;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::post::post;
+use super::sign;
+use crate::config::{RetryPolicy, WebhookConfig, WebhookUrl};
+use crate::queue::webhooks::{self as deliveries, Delivery};
+use crate::queue::{self, dead_letters, BackgroundJob, QueueError, RawJob, BACKGROUND_QUEUE};
+
+/// Added to the attempt timeout when hiding a handed-over job: the
+/// transaction that finishes it must commit before anyone may read it again.
+const HOLD_MARGIN: Duration = Duration::from_secs(30);
+/// A delivery blocked behind an earlier one of its conversation checks
+/// again after `ORDER_WAIT_FIRST`, doubling with each read of its job up to
+/// `ORDER_WAIT_MAX`, and never before the earlier one's next attempt is due:
+/// a short wait costs little latency, a long one (an endpoint down) costs
+/// one read per job every few seconds, not a poll storm.
+const ORDER_WAIT_FIRST: Duration = Duration::from_millis(50);
+const ORDER_WAIT_MAX: Duration = Duration::from_secs(5);
+
+/// The worker's handle on the pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Deliverer {
+    tx: mpsc::Sender<RawJob>,
+    endpoints: Arc<[String]>,
+    hold: Duration,
+}
+
+struct Shared {
+    pool: PgPool,
+    urls: HashMap<String, WebhookUrl>,
+    secret: Vec<u8>,
+    timeout: Duration,
+    retry: RetryPolicy,
+}
+
+impl Deliverer {
+    /// Start the pool on `tasks`, until `stop` (attempts in flight are then
+    /// dropped; their jobs come back after their visibility timeout).
+    pub fn spawn(
+        pool: PgPool,
+        cfg: &WebhookConfig,
+        retry: RetryPolicy,
+        stop: CancellationToken,
+        tasks: &TaskTracker,
+    ) -> Deliverer {
+        let endpoints: Arc<[String]> = cfg.endpoints.iter().map(ToString::to_string).collect();
+        let shared = Arc::new(Shared {
+            pool,
+            urls: cfg
+                .endpoints
+                .iter()
+                .map(|u| (u.to_string(), u.clone()))
+                .collect(),
+            secret: cfg.secret.as_bytes().to_vec(),
+            timeout: cfg.timeout,
+            retry,
+        });
+        // As many jobs waiting as in flight: enough to keep the pool busy
+        // between worker reads, few enough to hold little.
+        let (tx, rx) = mpsc::channel(cfg.concurrency);
+        tasks.spawn(run(shared, rx, cfg.concurrency, stop, tasks.clone()));
+        Deliverer {
+            tx,
+            endpoints,
+            hold: cfg.timeout + HOLD_MARGIN,
+        }
+    }
+
+    /// Every configured endpoint, as named in `webhook_deliveries`.
+    pub fn endpoints(&self) -> &Arc<[String]> {
+        &self.endpoints
+    }
+
+    /// How long a handed-over job must stay hidden in the queue.
+    pub fn hold(&self) -> Duration {
+        self.hold
+    }
+
+    /// Room for one more job, or None when the pool is full. Never waits.
+    pub fn try_reserve(&self) -> Option<mpsc::Permit<'_, RawJob>> {
+        self.tx.try_reserve().ok()
+    }
+}
+
+async fn run(
+    shared: Arc<Shared>,
+    mut rx: mpsc::Receiver<RawJob>,
+    concurrency: usize,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    loop {
+        let job = tokio::select! {
+            _ = stop.cancelled() => return,
+            j = rx.recv() => match j { Some(j) => j, None => return },
+        };
+        let slot = tokio::select! {
+            _ = stop.cancelled() => return,
+            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => return },
+        };
+        let (shared, stop) = (shared.clone(), stop.clone());
+        tasks.spawn(async move {
+            let _slot = slot;
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                r = deliver(&shared, &job) => if let Err(e) = r {
+                    // The job stays hidden until its visibility timeout, then is tried again.
+                    tracing::warn!(msg_id = job.msg_id, error = %e, "webhook delivery could not be recorded");
+                }
+            }
+        });
+    }
+}
+
+/// One attempt at the delivery a job names, and its outcome recorded.
+async fn deliver(s: &Shared, job: &RawJob) -> Result<(), QueueError> {
+    let Ok(BackgroundJob::Webhook { delivery_id, .. }) = BackgroundJob::decode(&job.message) else {
+        // The worker hands over only webhook jobs.
+        return Ok(());
+    };
+    let Some(d) = deliveries::take(&s.pool, delivery_id).await? else {
+        // Delivered already (a repeated job) or gone: nothing to send.
+        queue::delete(&s.pool, BACKGROUND_QUEUE, &[job.msg_id]).await?;
+        return Ok(());
+    };
+    if let Some(due_in) = deliveries::blocked_for(&s.pool, &d).await? {
+        let backoff =
+            ORDER_WAIT_FIRST.saturating_mul(1 << job.read_ct.clamp(1, 8).saturating_sub(1));
+        let wait = due_in.max(backoff).min(ORDER_WAIT_MAX);
+        queue::set_vt(&s.pool, BACKGROUND_QUEUE, &[job.msg_id], wait).await?;
+        return Ok(());
+    }
+    let outcome = match s.urls.get(&d.endpoint) {
+        Some(url) => send(s, url, &d).await.map_err(|e| e.to_string()),
+        None => Err(format!(
+            "{} is no longer in POSTLINE_WEBHOOK_URLS",
+            d.endpoint
+        )),
+    };
+    let mut tx = s.pool.begin().await?;
+    match outcome {
+        Ok(()) => {
+            deliveries::mark_delivered(&mut *tx, d.id).await?;
+            queue::delete(&mut *tx, BACKGROUND_QUEUE, &[job.msg_id]).await?;
+            dead_letters::forget_failures(&mut *tx, BACKGROUND_QUEUE, &[job.msg_id]).await?;
+        }
+        Err(error) => {
+            let attempts = d.attempts + 1;
+            if attempts >= s.retry.max_attempts {
+                tracing::error!(endpoint = %d.endpoint, delivery = d.id, attempts, %error, "webhook delivery dead-lettered");
+                deliveries::mark_failed(&mut *tx, d.id, &error, None).await?;
+                let counted = RawJob {
+                    read_ct: attempts,
+                    ..job.clone()
+                };
+                dead_letters::bury(&mut tx, BACKGROUND_QUEUE, &counted, &error).await?;
+            } else {
+                let delay = s.retry.backoff(attempts);
+                tracing::warn!(endpoint = %d.endpoint, delivery = d.id, attempts, ?delay, %error, "webhook delivery failed; retrying later");
+                deliveries::mark_failed(&mut *tx, d.id, &error, Some(delay)).await?;
+                dead_letters::record_failure(&mut *tx, BACKGROUND_QUEUE, job.msg_id, &error)
+                    .await?;
+                queue::set_vt(&mut *tx, BACKGROUND_QUEUE, &[job.msg_id], delay).await?;
+            }
+        }
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn send(s: &Shared, url: &WebhookUrl, d: &Delivery) -> Result<(), super::PostError> {
+    let body = Bytes::from(d.body.to_string());
+    let timestamp = chrono::Utc::now().timestamp();
+    let headers = [
+        (sign::TIMESTAMP_HEADER, timestamp.to_string()),
+        (
+            sign::SIGNATURE_HEADER,
+            sign::signature(&s.secret, timestamp, &body),
+        ),
+        (sign::EVENT_ID_HEADER, d.event_id.to_string()),
+    ];
+    post(url, "postline-webhooks", &headers, body, s.timeout).await
+}
