@@ -359,3 +359,69 @@ async fn exhausted_deliveries_are_dead_lettered_and_a_replay_delivers_them() {
     .await;
     app.stop().await;
 }
+
+/// What the application does from its own side — the service API and
+/// `postline.publish()` — is announced like what users do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_api_and_sql_publishes_emit_their_events_too() {
+    let (url, mut rx) = receiver(|_| Reply::Status(204)).await;
+    let mut o = options(url, 5);
+    let key = "service-key-for-webhooks-0123";
+    o.config.service_keys = postline::config::ServiceKeys::parse(&format!("app={key}")).unwrap();
+    let app = TestApp::spawn_with(o).await;
+    let (alice, bob) = (uid(), uid());
+    let service =
+        |idem: &str| format!("Authorization: Bearer {key}\r\nIdempotency-Key: {idem}\r\n");
+    let body = json!({"member_ids": [alice.0]}).to_string();
+    let (status, conv) = raw_http(
+        app.addr,
+        "POST",
+        "/v1/service/conversations",
+        &service("c1"),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(status, 201, "{conv}");
+    let conv_id = conv["id"].as_str().unwrap().to_owned();
+    let created = next_of(&mut rx, "conversation.created").await;
+    assert_eq!(created.json["data"]["conversation_id"], conv_id);
+
+    let members = format!("/v1/service/conversations/{conv_id}/members");
+    let body = json!({"user_id": bob.0}).to_string();
+    assert_eq!(
+        raw_http(app.addr, "POST", &members, &service("m1"), Some(&body))
+            .await
+            .0,
+        201
+    );
+    let joined = next_of(&mut rx, "member.joined").await;
+    assert_eq!(joined.json["data"]["user_id"], bob.0.to_string());
+
+    let id: uuid::Uuid =
+        sqlx::query_scalar("select postline.publish($1, $2, 'system', '\"from SQL\"'::jsonb)")
+            .bind(conv_id.parse::<uuid::Uuid>().unwrap())
+            .bind(alice.0)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    let posted = next_of(&mut rx, "message.created").await;
+    assert_eq!(
+        posted.json["data"]["message"]["id"],
+        id.to_string(),
+        "{}",
+        posted.body
+    );
+    assert_eq!(posted.json["data"]["message"]["kind"], "system");
+    assert!(posted.signed_correctly());
+
+    let gone = format!("{members}/{}", bob.0);
+    assert_eq!(
+        raw_http(app.addr, "DELETE", &gone, &service("m2"), None)
+            .await
+            .0,
+        200
+    );
+    let left = next_of(&mut rx, "member.left").await;
+    assert_eq!(left.json["data"]["user_id"], bob.0.to_string());
+    app.stop().await;
+}
