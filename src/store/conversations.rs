@@ -91,14 +91,7 @@ impl Store {
         members: &[UserId],
     ) -> Result<NewConversation, StoreError> {
         let id = ConversationId::new_v7();
-        let mut member_ids: Vec<UserId> = Vec::with_capacity(members.len() + 1);
-        member_ids.push(creator);
-        for m in members {
-            if !member_ids.contains(m) {
-                member_ids.push(*m);
-            }
-        }
-        let raw_ids: Vec<Uuid> = member_ids.iter().map(|u| u.0).collect();
+        let member_ids = distinct(std::iter::once(&creator).chain(members));
         let mut tx = self.pool.begin().await?;
         let created_at: DateTime<Utc> = sqlx::query_scalar(
             "insert into conversations (id, title, created_by) values ($1, $2, $3) returning created_at",
@@ -108,6 +101,28 @@ impl Store {
         .bind(creator.0)
         .fetch_one(&mut *tx)
         .await?;
+        self.insert_members_announced(&mut tx, id, title.as_deref(), creator, &member_ids)
+            .await?;
+        tx.commit().await?;
+        Ok(NewConversation {
+            id,
+            title,
+            member_ids,
+            created_at,
+        })
+    }
+
+    /// The first members of the new conversation `id`, and its
+    /// `conversation.created` event, in the creating transaction.
+    pub(super) async fn insert_members_announced(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        id: ConversationId,
+        title: Option<&str>,
+        creator: UserId,
+        member_ids: &[UserId],
+    ) -> Result<(), StoreError> {
+        let raw_ids: Vec<Uuid> = member_ids.iter().map(|u| u.0).collect();
         sqlx::query(
             "insert into conversation_members (conversation_id, user_id)
              select $1, u from unnest($2::uuid[]) as u",
@@ -117,22 +132,10 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         self.emit(
-            &mut tx,
-            &[Event::conversation_created(
-                id,
-                title.as_deref(),
-                creator,
-                &member_ids,
-            )],
+            tx,
+            &[Event::conversation_created(id, title, creator, member_ids)],
         )
-        .await?;
-        tx.commit().await?;
-        Ok(NewConversation {
-            id,
-            title,
-            member_ids,
-            created_at,
-        })
+        .await
     }
 
     /// The conversations `user` is a member of, most recently active first.
@@ -187,6 +190,17 @@ impl Store {
         user: UserId,
     ) -> Result<bool, StoreError> {
         self.access(conv, actor).await?.require_member()?;
+        self.put_member(conv, user, actor).await
+    }
+
+    /// Make `user` a member of `conv` (which exists), announcing it as done
+    /// by `actor`. Returns false if `user` already was one.
+    pub(super) async fn put_member(
+        &self,
+        conv: ConversationId,
+        user: UserId,
+        actor: UserId,
+    ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
             "insert into conversation_members (conversation_id, user_id) values ($1, $2)
@@ -333,6 +347,17 @@ impl Store {
         user: UserId,
     ) -> Result<(), StoreError> {
         self.access(conv, actor).await?.require_member()?;
+        self.drop_member(conv, user, actor).await
+    }
+
+    /// Take `user` out of `conv`, announcing it as done by `actor`.
+    /// `NotFound` if `user` was not a member.
+    pub(super) async fn drop_member(
+        &self,
+        conv: ConversationId,
+        user: UserId,
+        actor: UserId,
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let deleted = sqlx::query(
             "delete from conversation_members where conversation_id = $1 and user_id = $2",
@@ -350,4 +375,15 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// `members` in order, each once.
+pub(super) fn distinct<'a>(members: impl IntoIterator<Item = &'a UserId>) -> Vec<UserId> {
+    let mut out: Vec<UserId> = Vec::new();
+    for m in members {
+        if !out.contains(m) {
+            out.push(*m);
+        }
+    }
+    out
 }

@@ -8,7 +8,6 @@ use uuid::Uuid;
 
 use super::{NewConversation, Store, StoreError};
 use crate::domain::{ConversationId, UserId};
-use crate::protocol::webhook::Event;
 
 /// A result already given for an idempotency key.
 pub struct StoredResponse {
@@ -99,13 +98,7 @@ impl Store {
         title: Option<String>,
         members: &[UserId],
     ) -> Result<NewConversation, StoreError> {
-        let mut member_ids: Vec<UserId> = Vec::with_capacity(members.len());
-        for m in members {
-            if !member_ids.contains(m) {
-                member_ids.push(*m);
-            }
-        }
-        let raw: Vec<Uuid> = member_ids.iter().map(|u| u.0).collect();
+        let member_ids = super::conversations::distinct(members);
         let mut tx = self.pool.begin().await?;
         let inserted: Option<DateTime<Utc>> = sqlx::query_scalar(
             "insert into conversations (id, title, created_by) values ($1, $2, $3)
@@ -118,22 +111,12 @@ impl Store {
         .await?;
         let created_at = match inserted {
             Some(at) => {
-                sqlx::query(
-                    "insert into conversation_members (conversation_id, user_id)
-                     select $1, u from unnest($2::uuid[]) as u",
-                )
-                .bind(id.0)
-                .bind(&raw)
-                .execute(&mut *tx)
-                .await?;
-                self.emit(
+                self.insert_members_announced(
                     &mut tx,
-                    &[Event::conversation_created(
-                        id,
-                        title.as_deref(),
-                        created_by,
-                        &member_ids,
-                    )],
+                    id,
+                    title.as_deref(),
+                    created_by,
+                    &member_ids,
                 )
                 .await?;
                 at
@@ -154,36 +137,17 @@ impl Store {
         })
     }
 
-    /// Add `user` to `conv`; whether they were not a member yet.
+    /// Add `user` to `conv`; whether they were not a member yet. The actor
+    /// of the event is the service: no user, the nil id.
     pub async fn service_add_member(
         &self,
         conv: ConversationId,
         user: UserId,
     ) -> Result<bool, StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let added = sqlx::query(
-            "insert into conversation_members (conversation_id, user_id)
-             select id, $2 from conversations where id = $1
-             on conflict do nothing",
-        )
-        .bind(conv.0)
-        .bind(user.0)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if added == 1 {
-            // The actor is the service: no user; the nil id says so.
-            self.emit(
-                &mut tx,
-                &[Event::member(true, conv, user, UserId(Uuid::nil()))],
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        if added == 0 && !self.conversation_exists(conv).await? {
+        if !self.conversation_exists(conv).await? {
             return Err(StoreError::NotFound);
         }
-        Ok(added == 1)
+        self.put_member(conv, user, UserId(Uuid::nil())).await
     }
 
     /// Remove `user` from `conv`; `NotFound` if they were not a member.
@@ -192,25 +156,7 @@ impl Store {
         conv: ConversationId,
         user: UserId,
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await?;
-        let removed = sqlx::query(
-            "delete from conversation_members where conversation_id = $1 and user_id = $2",
-        )
-        .bind(conv.0)
-        .bind(user.0)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if removed == 0 {
-            return Err(StoreError::NotFound);
-        }
-        self.emit(
-            &mut tx,
-            &[Event::member(false, conv, user, UserId(Uuid::nil()))],
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
+        self.drop_member(conv, user, UserId(Uuid::nil())).await
     }
 
     async fn conversation_exists(&self, conv: ConversationId) -> Result<bool, StoreError> {
