@@ -104,6 +104,12 @@ pub enum Outcome {
 pub struct Heartbeat(AtomicI64);
 
 impl Heartbeat {
+    fn started() -> Self {
+        let h = Heartbeat(AtomicI64::new(0));
+        h.beat();
+        h
+    }
+
     fn beat(&self) {
         self.0
             .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
@@ -162,7 +168,10 @@ impl Worker {
             pool,
             cfg,
             wake,
-            heartbeat: Arc::default(),
+            // Counted from construction: /readyz asks whether the worker
+            // looped within the last 30 s, and one that has not reached its
+            // first loop yet (a busy start) is not stuck.
+            heartbeat: Arc::new(Heartbeat::started()),
             metrics,
             high_streak: AtomicU32::new(0),
             held: std::sync::Mutex::new(None),
