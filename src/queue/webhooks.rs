@@ -99,8 +99,98 @@ pub async fn enqueue(
         .iter()
         .map(|id| json!({"kind": "webhook", "v": JOB_VERSION, "delivery_id": id}))
         .collect();
-    super::send_batch(&mut *conn, BACKGROUND_QUEUE, &jobs).await?;
+    let mut job_ids = super::send_batch(&mut *conn, BACKGROUND_QUEUE, &jobs).await?;
+    // Both id sequences are drawn in payload order, so sorted they pair up
+    // whatever order the rows come back in.
+    let mut delivery_ids = delivery_ids;
+    delivery_ids.sort_unstable();
+    job_ids.sort_unstable();
+    sqlx::query(
+        "update webhook_deliveries d set job_id = u.j
+         from unnest($1::bigint[], $2::bigint[]) as u(d, j) where d.id = u.d",
+    )
+    .bind(&delivery_ids)
+    .bind(&job_ids)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
+}
+
+/// Serializes, per (endpoint, conversation), the two sides of a wait:
+/// parking a delivery because an earlier one is pending, and finishing that
+/// earlier one (which wakes the next). Either the park sees the earlier one
+/// finished, or the finish sees the park: a wake is never lost. Lanes are
+/// locked in sorted order, so two batches never wait for each other in a cycle.
+async fn lock_lanes(conn: &mut PgConnection, delivery_ids: &[i64]) -> Result<(), QueueError> {
+    sqlx::query(
+        "select pg_advisory_xact_lock(hashtextextended(
+                    'postline.webhook-lane:' || endpoint || ' ' || conversation_id::text, 0))
+         from (select distinct endpoint, conversation_id from webhook_deliveries
+               where id = any($1) order by endpoint, conversation_id) lanes",
+    )
+    .bind(delivery_ids)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Of the deliveries whose jobs were just read (`delivery_ids[i]` driven by
+/// job `job_ids[i]`), park those an earlier pending delivery of their
+/// (endpoint, conversation) must precede, and return their ids: the caller
+/// hides their jobs for [`PARK_MAX`]. The rest are free to attempt now.
+pub async fn park_blocked(
+    conn: &mut PgConnection,
+    delivery_ids: &[i64],
+    job_ids: &[i64],
+) -> Result<Vec<i64>, QueueError> {
+    if delivery_ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    lock_lanes(conn, delivery_ids).await?;
+    Ok(sqlx::query_scalar(
+        "update webhook_deliveries d set parked = true, job_id = u.j
+         from unnest($1::bigint[], $2::bigint[]) as u(d, j)
+         where d.id = u.d and d.state = 'pending'
+           and exists (select 1 from webhook_deliveries e
+                       where e.endpoint = d.endpoint and e.conversation_id = d.conversation_id
+                         and e.state = 'pending' and e.id < d.id)
+         returning d.id",
+    )
+    .bind(delivery_ids)
+    .bind(job_ids)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// The longest a parked job stays hidden. Its wake normally comes first;
+/// this only bounds the wait of one whose wake could not name its job
+/// (a delivery queued before parking existed).
+pub const PARK_MAX: Duration = Duration::from_secs(300);
+
+/// Take `d`'s lane lock, first thing in the transaction that finishes it,
+/// so that transaction waits for a batch parking in that lane rather than
+/// the two locking rows in opposite orders.
+pub async fn lock_lane(conn: &mut PgConnection, d: &Delivery) -> Result<(), QueueError> {
+    lock_lanes(conn, &[d.id]).await
+}
+
+/// `d` has left `pending` (delivered or dead) in the caller's transaction,
+/// which holds [`lock_lane`]: unpark the next delivery of its (endpoint,
+/// conversation), if it is parked, and return its job to make visible now.
+pub async fn wake_next(conn: &mut PgConnection, d: &Delivery) -> Result<Option<i64>, QueueError> {
+    let job: Option<Option<i64>> = sqlx::query_scalar(
+        "update webhook_deliveries set parked = false
+         where id = (select id from webhook_deliveries
+                     where endpoint = $1 and conversation_id = $2 and state = 'pending'
+                     order by id limit 1)
+           and parked
+         returning job_id",
+    )
+    .bind(&d.endpoint)
+    .bind(d.conversation_id)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(job.flatten())
 }
 
 /// A delivery as the deliverer needs it.
@@ -120,34 +210,14 @@ pub struct Delivery {
 pub async fn take<'e>(ex: impl PgExecutor<'e>, id: i64) -> Result<Option<Delivery>, QueueError> {
     Ok(sqlx::query_as::<_, Delivery>(
         "update webhook_deliveries
-         set attempts = case when state = 'dead' then 0 else attempts end, state = 'pending'
+         set attempts = case when state = 'dead' then 0 else attempts end, state = 'pending',
+             parked = false
          where id = $1 and state <> 'delivered'
          returning id, event_id, endpoint, conversation_id, body, attempts",
     )
     .bind(id)
     .fetch_optional(ex)
     .await?)
-}
-
-/// Whether an earlier delivery of the same (endpoint, conversation) is still
-/// pending, and then how long until its next attempt is due (zero if it is
-/// due or in flight): this one must wait, to keep the conversation's order.
-pub async fn blocked_for<'e>(
-    ex: impl PgExecutor<'e>,
-    d: &Delivery,
-) -> Result<Option<Duration>, QueueError> {
-    let secs: Option<f64> = sqlx::query_scalar(
-        "select extract(epoch from greatest(coalesce(next_attempt_at, now()), now()) - now())::float8
-         from webhook_deliveries
-         where endpoint = $1 and conversation_id = $2 and id < $3 and state = 'pending'
-         order by id limit 1",
-    )
-    .bind(&d.endpoint)
-    .bind(d.conversation_id)
-    .bind(d.id)
-    .fetch_optional(ex)
-    .await?;
-    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
 }
 
 /// The endpoint answered 2xx.

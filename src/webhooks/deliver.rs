@@ -12,6 +12,13 @@
 //! from the delivery's own attempts) or, once attempts are used up, the
 //! dead-letter table. A crash mid-attempt leaves the job to reappear when
 //! its visibility timeout ends: delivery is at least once.
+//!
+//! Order: the worker hands over only the first pending delivery of each
+//! (endpoint, conversation) and parks the rest
+//! ([`deliveries::park_blocked`]); the transaction that finishes a delivery
+//! (2xx or dead letter) wakes the next ([`deliveries::wake_next`]). A
+//! failing endpoint so costs one read per waiting delivery, not one per
+//! delivery per poll.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -32,14 +39,6 @@ use crate::queue::{self, dead_letters, BackgroundJob, QueueError, RawJob, BACKGR
 /// Added to the attempt timeout when hiding a handed-over job: the
 /// transaction that finishes it must commit before anyone may read it again.
 const HOLD_MARGIN: Duration = Duration::from_secs(30);
-/// A delivery blocked behind an earlier one of its conversation checks
-/// again after `ORDER_WAIT_FIRST`, doubling with each read of its job up to
-/// `ORDER_WAIT_MAX`, and never before the earlier one's next attempt is due:
-/// a short wait costs little latency, a long one (an endpoint down) costs
-/// one read per job every few seconds, not a poll storm.
-const ORDER_WAIT_FIRST: Duration = Duration::from_millis(50);
-const ORDER_WAIT_MAX: Duration = Duration::from_secs(5);
-
 /// The worker's handle on the pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Deliverer {
@@ -147,13 +146,6 @@ async fn deliver(s: &Shared, job: &RawJob) -> Result<(), QueueError> {
         queue::delete(&s.pool, BACKGROUND_QUEUE, &[job.msg_id]).await?;
         return Ok(());
     };
-    if let Some(due_in) = deliveries::blocked_for(&s.pool, &d).await? {
-        let backoff =
-            ORDER_WAIT_FIRST.saturating_mul(1 << job.read_ct.clamp(1, 8).saturating_sub(1));
-        let wait = due_in.max(backoff).min(ORDER_WAIT_MAX);
-        queue::set_vt(&s.pool, BACKGROUND_QUEUE, &[job.msg_id], wait).await?;
-        return Ok(());
-    }
     let outcome = match s.urls.get(&d.endpoint) {
         Some(url) => send(s, url, &d).await.map_err(|e| e.to_string()),
         None => Err(format!(
@@ -162,11 +154,13 @@ async fn deliver(s: &Shared, job: &RawJob) -> Result<(), QueueError> {
         )),
     };
     let mut tx = s.pool.begin().await?;
-    match outcome {
+    deliveries::lock_lane(&mut tx, &d).await?;
+    let finished = match outcome {
         Ok(()) => {
             deliveries::mark_delivered(&mut *tx, d.id).await?;
             queue::delete(&mut *tx, BACKGROUND_QUEUE, &[job.msg_id]).await?;
             dead_letters::forget_failures(&mut *tx, BACKGROUND_QUEUE, &[job.msg_id]).await?;
+            true
         }
         Err(error) => {
             let attempts = d.attempts + 1;
@@ -178,6 +172,7 @@ async fn deliver(s: &Shared, job: &RawJob) -> Result<(), QueueError> {
                     ..job.clone()
                 };
                 dead_letters::bury(&mut tx, BACKGROUND_QUEUE, &counted, &error).await?;
+                true
             } else {
                 let delay = s.retry.backoff(attempts);
                 tracing::warn!(endpoint = %d.endpoint, delivery = d.id, attempts, ?delay, %error, "webhook delivery failed; retrying later");
@@ -185,7 +180,14 @@ async fn deliver(s: &Shared, job: &RawJob) -> Result<(), QueueError> {
                 dead_letters::record_failure(&mut *tx, BACKGROUND_QUEUE, job.msg_id, &error)
                     .await?;
                 queue::set_vt(&mut *tx, BACKGROUND_QUEUE, &[job.msg_id], delay).await?;
+                false
             }
+        }
+    };
+    if finished {
+        // The conversation's order moves on: its next delivery stops waiting.
+        if let Some(next) = deliveries::wake_next(&mut tx, &d).await? {
+            queue::set_vt(&mut *tx, BACKGROUND_QUEUE, &[next], Duration::ZERO).await?;
         }
     }
     tx.commit().await?;

@@ -370,7 +370,8 @@ impl Worker {
             ..BatchReport::default()
         };
         let mut doomed: Vec<(&RawJob, String)> = Vec::new();
-        let mut webhook_jobs: Vec<&RawJob> = Vec::new();
+        // Each with the delivery it drives.
+        let mut webhook_jobs: Vec<(&RawJob, i64)> = Vec::new();
         match q {
             Queue::Persist => {
                 let mut messages: Vec<Message> = Vec::with_capacity(jobs.len());
@@ -439,7 +440,9 @@ impl Worker {
                             delivered_seq,
                             read_seq,
                         }),
-                        Ok(BackgroundJob::Webhook { .. }) => webhook_jobs.push(job),
+                        Ok(BackgroundJob::Webhook { delivery_id, .. }) => {
+                            webhook_jobs.push((job, delivery_id))
+                        }
                         Err(reason) => doomed.push((job, reason)),
                     }
                 }
@@ -452,7 +455,11 @@ impl Worker {
         // webhooks configured they can never be sent.
         let mut handed: Vec<(mpsc::Permit<'_, RawJob>, &RawJob)> = Vec::new();
         let mut busy: Vec<i64> = Vec::new();
-        for job in webhook_jobs.iter().copied() {
+        let parked = self.park_blocked_webhooks(&mut tx, &webhook_jobs).await?;
+        for (job, _) in webhook_jobs.iter().copied() {
+            if parked.contains(&job.msg_id) {
+                continue;
+            }
             match &self.webhooks {
                 Some(d) => match d.try_reserve() {
                     Some(permit) => handed.push((permit, job)),
@@ -472,6 +479,9 @@ impl Worker {
         if !busy.is_empty() {
             queue::set_vt(&mut *tx, q.name(), &busy, POOL_FULL_RETRY).await?;
         }
+        if !parked.is_empty() {
+            queue::set_vt(&mut *tx, q.name(), &parked, queue::webhooks::PARK_MAX).await?;
+        }
         for (job, reason) in &doomed {
             tracing::error!(queue = q.name(), msg_id = job.msg_id, %reason, "dead-lettering a job that can never succeed");
             dead_letters::bury(&mut tx, q.name(), job, reason).await?;
@@ -481,7 +491,7 @@ impl Worker {
             .iter()
             .map(|j| j.msg_id)
             .filter(|id| !doomed.iter().any(|(d, _)| d.msg_id == *id))
-            .filter(|id| !webhook_jobs.iter().any(|w| w.msg_id == *id))
+            .filter(|id| !webhook_jobs.iter().any(|(w, _)| w.msg_id == *id))
             .collect();
         queue::delete(&mut *tx, q.name(), &done).await?;
         if jobs.iter().any(|j| j.read_ct > 1) {
@@ -492,6 +502,28 @@ impl Worker {
             permit.send(job.clone());
         }
         Ok(report)
+    }
+
+    /// The webhook jobs of a batch whose deliveries must wait for an earlier
+    /// one of their conversation: parked, so they are read again when that
+    /// one finishes rather than every few moments until it does.
+    async fn park_blocked_webhooks(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        jobs: &[(&RawJob, i64)],
+    ) -> Result<Vec<i64>, WorkerError> {
+        if self.webhooks.is_none() || jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (job_ids, deliveries): (Vec<i64>, Vec<i64>) =
+            jobs.iter().map(|(j, d)| (j.msg_id, *d)).unzip();
+        let parked = queue::webhooks::park_blocked(tx, &deliveries, &job_ids).await?;
+        Ok(deliveries
+            .iter()
+            .zip(&job_ids)
+            .filter(|(d, _)| parked.contains(d))
+            .map(|(_, j)| *j)
+            .collect())
     }
 
     /// Remove archived jobs older than the retention, failure records of

@@ -191,6 +191,84 @@ async fn a_receiver_failing_three_times_gets_the_event_on_the_fourth_try_signed_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_waiting_behind_a_failing_one_are_parked_then_woken_not_polled() {
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = open.clone();
+    let (url, mut rx) = receiver(move |_| {
+        if gate.load(Ordering::SeqCst) {
+            Reply::Status(200)
+        } else {
+            Reply::Status(503)
+        }
+    })
+    .await;
+    // Attempts enough that the first event keeps failing, never dies.
+    let app = TestApp::spawn_with(options(url, 1_000)).await;
+    let (a, b) = (uid(), uid());
+    let conv = app.conversation(a, &[b]).await;
+    let mut alice = app.ws(a).await;
+    alice.join(conv).await;
+    for i in 1..=3 {
+        alice
+            .send_text(conv, &format!("p{i}"), &format!("m{i}"))
+            .await;
+    }
+    eventually(
+        "the messages' deliveries parked behind conversation.created",
+        || async {
+            let parked: i64 = sqlx::query_scalar(
+                "select count(*) from webhook_deliveries
+             where event_type = 'message.created' and parked and job_id is not null",
+            )
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+            (parked == 3).then_some(())
+        },
+    )
+    .await;
+    // Let the first event fail several more times: the parked jobs are not
+    // read again meanwhile (before parking, each was read every 50 ms to 5 s).
+    let mut failures = 0;
+    while failures < 5 {
+        let r = next(&mut rx).await;
+        assert_eq!(r.json["type"], "conversation.created", "{}", r.json);
+        failures += 1;
+    }
+    let reads: Vec<i32> = sqlx::query_scalar(
+        "select q.read_ct from pgmq.q_postline_background q
+         join webhook_deliveries d on d.job_id = q.msg_id
+         where d.event_type = 'message.created' order by d.id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(reads, [1, 1, 1], "parked jobs were read once each");
+
+    open.store(true, Ordering::SeqCst);
+    // Woken by the delivery before each, well before the park's own limit
+    // (minutes): in order, each once.
+    next_of(&mut rx, "conversation.created").await;
+    for seq in 1..=3 {
+        let r = next(&mut rx).await;
+        assert_eq!(r.json["type"], "message.created", "{}", r.json);
+        assert_eq!(r.json["data"]["message"]["seq"], seq, "{}", r.json);
+    }
+    eventually("all delivered, none left parked", || async {
+        let (delivered, parked): (i64, i64) = sqlx::query_as(
+            "select count(*) filter (where state = 'delivered'), count(*) filter (where parked)
+             from webhook_deliveries",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        (delivered == 4 && parked == 0).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_type_is_delivered_in_the_conversations_order() {
     let (url, mut rx) = receiver(|_| Reply::Status(204)).await;
     let app = TestApp::spawn_with(options(url, 8)).await;
