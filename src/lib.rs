@@ -21,8 +21,10 @@
 //!   frames into bounded outboxes; the ledger `sync` relies on for no gap and
 //!   no duplicate. Memory only, never awaits under a lock.
 //! - [`store`]: the chat tables and the schema. [`queue`]: pgmq, every call
-//!   taking an executor, and the gateway's batching enqueuer. [`notify`]:
-//!   LISTEN/NOTIFY hints and the relay between gateways.
+//!   taking an executor, and the gateway's batching enqueuer; `queue::audit`
+//!   records an audited action in the caller's transaction (one call,
+//!   `audit::record`). [`notify`]: LISTEN/NOTIFY hints and the relay between
+//!   gateways.
 //! - [`webhooks`]: chat events POSTed, signed (HMAC-SHA256), to configured
 //!   endpoints by a bounded pool beside the worker, from jobs the producers
 //!   wrote in their own transactions; one HTTP POST shared with `alerts`.

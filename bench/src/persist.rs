@@ -39,7 +39,12 @@ pub(crate) async fn persist_benchmark(args: &Args, jobs: usize) -> anyhow::Resul
     let sender = UserId(Uuid::new_v4());
     let mut convs = Vec::new();
     for _ in 0..args.conversations {
-        convs.push(store.create_conversation(sender, None, &[]).await?.id);
+        convs.push(
+            store
+                .create_conversation(sender, None, &[], Default::default())
+                .await?
+                .id,
+        );
     }
     let pad = "x".repeat(args.payload.saturating_sub(8));
     let payloads: Vec<serde_json::Value> = (0..jobs)

@@ -5,6 +5,7 @@ use std::time::Duration;
 use clap::Subcommand;
 
 use super::parse_ttl;
+use crate::queue::audit::{Actor, Origin};
 use crate::store;
 
 #[derive(Subcommand)]
@@ -35,6 +36,9 @@ pub(super) enum DlqAction {
 pub(super) async fn dlq(database_url: &str, action: DlqAction) -> anyhow::Result<()> {
     use crate::queue::dead_letters;
     let pool = store::connect(database_url, 2).await?;
+    // Replays and purges are audited as done by whoever runs this; there
+    // is no gateway and no client address to name.
+    let by = Origin::default().by(Actor::operator_from_env());
     match action {
         DlqAction::List { limit } => {
             let rows = dead_letters::list(&pool, limit).await?;
@@ -68,14 +72,14 @@ pub(super) async fn dlq(database_url: &str, action: DlqAction) -> anyhow::Result
             None => anyhow::bail!("no dead letter with id {id}"),
         },
         DlqAction::Replay { id, all } => {
-            let n = dead_letters::replay(&pool, if all { None } else { id }).await?;
+            let n = dead_letters::replay(&pool, if all { None } else { id }, &by).await?;
             if n == 0 && !all {
                 anyhow::bail!("no dead letter with id {}", id.unwrap_or_default());
             }
             println!("replayed {n} dead letter(s)");
         }
         DlqAction::Purge { older_than } => {
-            let n = dead_letters::purge_older_than(&pool, older_than).await?;
+            let n = dead_letters::purge_older_than(&pool, older_than, &by).await?;
             println!("purged {n} dead letter(s)");
         }
     }

@@ -33,6 +33,10 @@ fn every_default_is_valid_and_matches_the_settings_defaults() {
     assert_eq!(d.gateway.outbox_bytes, 256 * 1024);
     assert_eq!(d.worker.retry.cap, Duration::from_secs(300));
     assert_eq!(d.worker.retention, Duration::from_secs(168 * 3600));
+    assert_eq!(
+        d.worker.audit_retention,
+        Some(Duration::from_secs(90 * 86_400))
+    );
     assert_eq!(d.shutdown_grace, Duration::from_secs(10));
     assert_eq!(cfg.max_token_ttl, d.max_token_ttl);
     assert_eq!(d.max_token_ttl, Duration::from_secs(86_400));
@@ -181,10 +185,14 @@ fn zero_where_zero_means_something_is_kept() {
         "0",
         "--archive-retention-hours",
         "0",
+        "--audit-retention-hours",
+        "0",
     ]);
     let cfg = Config::from_args(&a, None).unwrap();
     assert!(cfg.gateway.presence_grace.is_zero());
     assert!(cfg.worker.retention.is_zero());
+    // Zero audit retention is "forever", not "nothing".
+    assert_eq!(cfg.worker.audit_retention, None);
 }
 
 #[test]
@@ -221,6 +229,13 @@ fn out_of_range_values_are_refused_not_clamped() {
         e,
         ConfigError::TooLarge {
             var: "POSTLINE_ARCHIVE_RETENTION_HOURS"
+        }
+    ));
+    let e = refused(&["--audit-retention-hours", &u64::MAX.to_string()]);
+    assert!(matches!(
+        e,
+        ConfigError::TooLarge {
+            var: "POSTLINE_AUDIT_RETENTION_HOURS"
         }
     ));
     let e = refused(&["--shutdown-grace-secs", &u64::MAX.to_string()]);

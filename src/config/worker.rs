@@ -41,6 +41,10 @@ pub struct WorkerArgs {
     /// Hours archived (dead-lettered) jobs are kept in pgmq's archive tables.
     #[arg(long, env = "POSTLINE_ARCHIVE_RETENTION_HOURS", default_value_t = 168)]
     pub archive_retention_hours: u64,
+    /// Hours audit rows are kept, counted from the action (90 days); 0 keeps
+    /// them forever.
+    #[arg(long, env = "POSTLINE_AUDIT_RETENTION_HOURS", default_value_t = 2160)]
+    pub audit_retention_hours: u64,
 }
 
 impl Default for WorkerArgs {
@@ -86,6 +90,8 @@ pub struct WorkerConfig {
     pub cleanup_interval: Duration,
     /// How long pgmq's archive keeps dead-lettered and archived jobs.
     pub retention: Duration,
+    /// How long `audit_log` keeps a row after its action; None: forever.
+    pub audit_retention: Option<Duration>,
 }
 
 impl Default for WorkerConfig {
@@ -143,6 +149,12 @@ impl TryFrom<&WorkerArgs> for WorkerConfig {
                 "POSTLINE_ARCHIVE_RETENTION_HOURS",
                 a.archive_retention_hours,
             )?,
+            // Unlike the archive's, zero keeps everything: an audit log that
+            // deletes at once is never what is meant.
+            audit_retention: match a.audit_retention_hours {
+                0 => None,
+                h => Some(hours("POSTLINE_AUDIT_RETENTION_HOURS", h)?),
+            },
         })
     }
 }

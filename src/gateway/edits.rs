@@ -23,6 +23,7 @@ impl Session {
                 self.user,
                 version,
                 content.as_ref().map(Content::as_json),
+                self.from,
             )
             .await
             .map_err(|e| HandlerError::database("changing a message", e))??;

@@ -50,6 +50,7 @@ use crate::domain::{ConversationId, UserId};
 use crate::limits::Limits;
 use crate::notify::Relay;
 use crate::protocol::client::DecodeLimits;
+use crate::queue::audit::Origin;
 use crate::queue::Enqueuer;
 use crate::rooms::{Rooms, Users};
 
@@ -137,19 +138,21 @@ impl Gateway {
 
     /// Take over an upgraded WebSocket for the holder of `token` (already
     /// verified) in one of its user's slots, given back when the session
-    /// ends; `jwt` verifies the fresh tokens it may send later. Hyper does
-    /// not track upgraded connections, so we do.
+    /// ends; `jwt` verifies the fresh tokens it may send later; `from` is
+    /// where it came from (its audited actions name it). Hyper does not
+    /// track upgraded connections, so we do.
     pub fn accept(
         self: &Arc<Self>,
         slot: UserSlot,
         token: Verified,
         jwt: &Jwt,
         upgrade: fastwebsockets::upgrade::UpgradeFut,
+        from: Origin,
     ) {
         let (gw, jwt) = (self.clone(), jwt.clone());
         self.connections.spawn(async move {
             if let Some(ws) = session::upgraded(&gw, upgrade).await {
-                session::run(gw, token, jwt, ws, crate::protocol::Framing::Native).await;
+                session::run(gw, token, jwt, ws, crate::protocol::Framing::Native, from).await;
             }
             drop(slot);
         });
@@ -163,11 +166,18 @@ impl Gateway {
         jwt: &Jwt,
         header_token: Option<String>,
         upgrade: fastwebsockets::upgrade::UpgradeFut,
+        from: Origin,
         authenticated: impl FnOnce() + Send + 'static,
     ) {
         let (gw, jwt) = (self.clone(), jwt.clone());
-        self.connections
-            .spawn(socketio::run(gw, jwt, header_token, upgrade, authenticated));
+        self.connections.spawn(socketio::run(
+            gw,
+            jwt,
+            header_token,
+            upgrade,
+            from,
+            authenticated,
+        ));
     }
 
     /// Wait for every connection to finish closing after shutdown, until

@@ -22,6 +22,7 @@ use crate::limits::{Decision, Tolerance};
 use crate::protocol::client::{decode, ClientEvent, Request};
 use crate::protocol::server::{self, AckBody};
 use crate::protocol::{close, ErrorCode, Framing};
+use crate::queue::audit::Origin;
 use crate::rooms::{ConnectionId, Member, Outbox};
 use crate::store::Access;
 use crate::telemetry::RateLimit;
@@ -54,6 +55,9 @@ pub(super) struct Session {
     refusals: Arc<Tolerance>,
     /// Cancelled once it collected too many: it is closed with 1008.
     flooding: CancellationToken,
+    /// Where the connection came from (peer IP, this gateway): named by
+    /// the audit rows of what it does.
+    pub(super) from: Origin,
 }
 
 /// Finish a WebSocket upgrade, bounded by the handshake timeout.
@@ -83,6 +87,7 @@ pub(super) async fn run(
     jwt: Jwt,
     ws: WebSocket<Io>,
     framing: Framing,
+    from: Origin,
 ) {
     let user = token.user;
     let (outbox, out_rx) = Outbox::new(gw.cfg.outbox_bytes);
@@ -108,6 +113,7 @@ pub(super) async fn run(
         expires_at: Arc::new(AtomicU64::new(token.expires_at)),
         refusals: Arc::new(gw.limits.tolerance()),
         flooding: CancellationToken::new(),
+        from,
     };
     session.push(server::hello(user, &session.id.0.to_string(), now_micros()));
     gw.connected(user, session.id, outbox.clone());

@@ -15,6 +15,7 @@ use super::{session, Gateway, UserSlot};
 use crate::auth::{Jwt, Verified};
 use crate::protocol::Framing;
 use crate::protocol::{close, socketio};
+use crate::queue::audit::Origin;
 
 /// Why a CONNECT was refused, as socket.io-client shows it (`err.message`).
 enum Refusal {
@@ -38,12 +39,14 @@ impl Refusal {
 /// session. `header_token` is a token the upgrade request carried
 /// (Authorization or `?token=`), used when `auth` has none.
 /// `authenticated` runs once the token verified (the HTTP layer stops
-/// counting the connection as an anonymous one).
+/// counting the connection as an anonymous one). `from`: where the
+/// connection came from, for the audit log.
 pub(super) async fn run(
     gw: Arc<Gateway>,
     jwt: Jwt,
     header_token: Option<String>,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
+    from: Origin,
     authenticated: impl FnOnce() + Send,
 ) {
     let Some(mut ws) = session::upgraded(&gw, upgrade).await else {
@@ -105,7 +108,7 @@ pub(super) async fn run(
     if send(&mut ws, &socketio::connected(&sid)).await.is_err() {
         return;
     }
-    session::run(gw, verified, jwt, ws, Framing::SocketIo).await;
+    session::run(gw, verified, jwt, ws, Framing::SocketIo, from).await;
     drop(slot);
 }
 

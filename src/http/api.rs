@@ -10,6 +10,7 @@ use uuid::Uuid;
 use super::{authenticate, json, limited, ApiError, Body, HttpContext};
 use crate::domain::{ConversationId, UserId};
 use crate::protocol::http as wire;
+use crate::queue::audit::Origin;
 use crate::store::{HistoryPage, MAX_INITIAL_MEMBERS};
 use crate::telemetry::RateLimit;
 
@@ -19,10 +20,12 @@ const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
 const MAX_TITLE: usize = 200;
 
+/// `from`: where the request came from, for the audit rows of membership changes.
 pub(super) async fn handle(
     ctx: &HttpContext,
     req: Request<Incoming>,
     path: &[&str],
+    from: Origin,
 ) -> Result<Response<Body>, ApiError> {
     let user = authenticate(ctx, &req)?;
     limited(
@@ -32,7 +35,7 @@ pub(super) async fn handle(
         "too many requests from you",
     )?;
     match (req.method().clone(), path) {
-        (Method::POST, ["conversations"]) => create_conversation(ctx, user, req).await,
+        (Method::POST, ["conversations"]) => create_conversation(ctx, user, req, from).await,
         (Method::GET, ["conversations"]) => {
             let list = ctx.store.list_conversations(user).await?;
             let conversations = list
@@ -54,7 +57,7 @@ pub(super) async fn handle(
         (Method::GET, ["presence"]) => presence(ctx, user, req.uri().query().unwrap_or("")).await,
         (Method::POST, ["conversations", conv, "members"]) => {
             let conv = parse_conversation(conv)?;
-            add_member(ctx, user, conv, req).await
+            add_member(ctx, user, conv, req, from).await
         }
         (Method::DELETE, ["conversations", conv, "members", member]) => {
             let conv = parse_conversation(conv)?;
@@ -62,7 +65,7 @@ pub(super) async fn handle(
                 UserId(Uuid::parse_str(member).map_err(|_| {
                     ApiError::BadRequest("user id in the path must be a UUID".into())
                 })?);
-            ctx.store.remove_member(conv, user, member).await?;
+            ctx.store.remove_member(conv, user, member, from).await?;
             ctx.gateway.on_membership(conv, member, false).await;
             Ok(json(
                 StatusCode::OK,
@@ -139,6 +142,7 @@ async fn create_conversation(
     ctx: &HttpContext,
     user: UserId,
     req: Request<Incoming>,
+    from: Origin,
 ) -> Result<Response<Body>, ApiError> {
     let body: CreateConversation = read_json(req).await?;
     if let Some(t) = &body.title {
@@ -161,7 +165,7 @@ async fn create_conversation(
     let members: Vec<UserId> = body.member_ids.into_iter().map(UserId).collect();
     let created = ctx
         .store
-        .create_conversation(user, body.title, &members)
+        .create_conversation(user, body.title, &members, from)
         .await?;
     Ok(json(
         StatusCode::CREATED,
@@ -185,10 +189,11 @@ async fn add_member(
     user: UserId,
     conv: ConversationId,
     req: Request<Incoming>,
+    from: Origin,
 ) -> Result<Response<Body>, ApiError> {
     let body: AddMember = read_json(req).await?;
     let member = UserId(body.user_id);
-    let added = ctx.store.add_member(conv, user, member).await?;
+    let added = ctx.store.add_member(conv, user, member, from).await?;
     if added {
         ctx.gateway.on_membership(conv, member, true).await;
     }

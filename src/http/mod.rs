@@ -42,6 +42,7 @@ use crate::domain::UserId;
 use crate::gateway::Gateway;
 use crate::limits::{Decision, Limits};
 use crate::protocol::http as wire;
+use crate::queue::audit::Origin;
 use crate::queue::Enqueuer;
 use crate::store::Store;
 use crate::telemetry::{Metrics, RateLimit};
@@ -300,7 +301,7 @@ async fn route_inner(
             ctx.limits.upgrade_per_ip.check(&peer),
             "too many WebSocket upgrades from this address",
         )
-        .and_then(|()| upgrade(ctx, req)),
+        .and_then(|()| upgrade(ctx, req, peer)),
         (&Method::GET, ["socket.io"]) if !allowed => Err(refused()),
         (&Method::GET, ["socket.io"]) => limited(
             &ctx.metrics,
@@ -308,7 +309,7 @@ async fn route_inner(
             ctx.limits.upgrade_per_ip.check(&peer),
             "too many WebSocket upgrades from this address",
         )
-        .and_then(|()| socketio_upgrade(ctx, req, pending)),
+        .and_then(|()| socketio_upgrade(ctx, req, peer, pending)),
         (_, ["healthz"] | ["readyz"] | ["ws"] | ["socket.io"]) => Err(ApiError::MethodNotAllowed),
         // The demo client: embedded files, no token needed to load them.
         (_, [""] | ["demo", _]) => static_files::handle(&req, &segments),
@@ -329,9 +330,9 @@ async fn route_inner(
         ) {
             // Server to server, with a service key instead of a user's token.
             Ok(()) if segments.get(1) == Some(&"service") => {
-                service::handle(ctx, req, &segments[2..]).await
+                service::handle(ctx, req, &segments[2..], origin_of(ctx, peer)).await
             }
-            Ok(()) => api::handle(ctx, req, &segments[1..]).await,
+            Ok(()) => api::handle(ctx, req, &segments[1..], origin_of(ctx, peer)).await,
             Err(e) => Err(e),
         },
         _ => Err(ApiError::NotFound("no such route".into())),
@@ -350,9 +351,19 @@ fn preflight() -> Response<Body> {
         .unwrap_or_else(|_| Response::new(Full::new(Bytes::new())))
 }
 
+/// Where a request to this gateway came from, for the audit log: the TCP
+/// peer (no proxy header is trusted) and this gateway's id.
+fn origin_of(ctx: &HttpContext, peer: IpAddr) -> Origin {
+    Origin::gateway(peer, ctx.gateway.id())
+}
+
 /// Authenticate, then upgrade. Auth failures are plain HTTP 401s, sent
 /// before any upgrade, so browsers and tools see a normal error.
-fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+fn upgrade(
+    ctx: &HttpContext,
+    mut req: Request<Incoming>,
+    peer: IpAddr,
+) -> Result<Response<Body>, ApiError> {
     let token = bearer_token(&req)
         .or_else(|| req.uri().query().and_then(auth::query_token))
         .unwrap_or("");
@@ -367,7 +378,8 @@ fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Bod
     })?;
     let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
-    ctx.gateway.accept(slot, verified, &ctx.jwt, fut);
+    ctx.gateway
+        .accept(slot, verified, &ctx.jwt, fut, origin_of(ctx, peer));
     Ok(response.map(|_| Full::new(Bytes::new())))
 }
 
@@ -378,6 +390,7 @@ fn upgrade(ctx: &HttpContext, mut req: Request<Incoming>) -> Result<Response<Bod
 fn socketio_upgrade(
     ctx: &HttpContext,
     mut req: Request<Incoming>,
+    peer: IpAddr,
     pending: Option<&Arc<Pending>>,
 ) -> Result<Response<Body>, ApiError> {
     let query = req.uri().query().unwrap_or("");
@@ -414,12 +427,17 @@ fn socketio_upgrade(
     let (response, fut) = fastwebsockets::upgrade::upgrade(&mut req)
         .map_err(|e| ApiError::BadRequest(format!("bad WebSocket upgrade: {e}")))?;
     let pending = pending.cloned();
-    ctx.gateway
-        .accept_socketio(&ctx.jwt, header_token, fut, move || {
+    ctx.gateway.accept_socketio(
+        &ctx.jwt,
+        header_token,
+        fut,
+        origin_of(ctx, peer),
+        move || {
             if let Some(p) = pending {
                 p.release();
             }
-        });
+        },
+    );
     Ok(response.map(|_| Full::new(Bytes::new())))
 }
 

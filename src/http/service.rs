@@ -7,12 +7,14 @@
 use hyper::body::Incoming;
 use hyper::header::HeaderValue;
 use hyper::{Method, Request, Response, StatusCode};
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::api::read_json;
 use super::{bearer_token, json, ApiError, Body, HttpContext};
-use crate::domain::{ConversationId, UserId};
+use crate::domain::{ConversationId, MessageId, UserId};
 use crate::protocol::http as wire;
+use crate::queue::audit::{Action, Actor, AuditEvent, Caller, Origin};
 use crate::store::{PublishRefusal, Store, StoredResponse, MAX_INITIAL_MEMBERS};
 
 /// Longest idempotency key accepted, in bytes.
@@ -21,10 +23,15 @@ const MAX_KEY: usize = 200;
 /// Namespace of the conversation ids derived from idempotency keys (UUIDv5).
 const CONVERSATION_IDS: Uuid = Uuid::from_u128(0x0190_f3a4_5e2f_7c1d_8a6b_9c3d_2e1f_0a4b);
 
+/// `from`: where the request came from. Every call made with a valid key
+/// leaves one `service.call` audit row (see [`CallRecord`]); calls without
+/// one are not recorded: there is no one to name, and anyone could fill
+/// the log.
 pub(super) async fn handle(
     ctx: &HttpContext,
     req: Request<Incoming>,
     path: &[&str],
+    from: Origin,
 ) -> Result<Response<Body>, ApiError> {
     if ctx.service_keys.is_empty() {
         return Err(ApiError::ServiceNotConfigured);
@@ -33,19 +40,35 @@ pub(super) async fn handle(
         .and_then(|t| ctx.service_keys.find(t))
         .ok_or(ApiError::NotService)?
         .to_owned();
-    let route = Route::of(req.method(), path)?;
+    let by = from.by(Actor::Service(credential.clone()));
+    let (method, uri_path) = (req.method().to_string(), req.uri().path().to_owned());
+    let mut call = CallRecord {
+        event: by.did(Action::ServiceCall),
+        method: method.clone(),
+        path: uri_path.clone(),
+        key: None,
+    };
+    let route = match Route::of(req.method(), path) {
+        Ok(route) => route,
+        Err(e) => return Err(call.answered_alone(ctx, e).await),
+    };
+    if let Some(conv) = route.conversation() {
+        call.event = call.event.conversation(conv);
+    }
     let key = req
         .headers()
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
         .filter(|k| !k.is_empty() && k.len() <= MAX_KEY && k.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "an Idempotency-Key header is required: 1 to {MAX_KEY} visible ASCII characters"
-            ))
-        })?
-        .to_owned();
-    let (method, uri_path) = (req.method().to_string(), req.uri().path().to_owned());
+        .map(str::to_owned);
+    let Some(key) = key else {
+        let e = ApiError::BadRequest(format!(
+            "an Idempotency-Key header is required: 1 to {MAX_KEY} visible ASCII characters"
+        ));
+        return Err(call.answered_alone(ctx, e).await);
+    };
+    call.key = Some(key.clone());
+    // A database failure here is not recorded: the database is what failed.
     let (tx, first) = ctx
         .store
         .idempotency_begin(&credential, &key)
@@ -53,36 +76,93 @@ pub(super) async fn handle(
         .map_err(ApiError::from)?;
     if let Some(first) = first {
         if first.method != method || first.path != uri_path {
-            return Err(ApiError::Invalid(format!(
+            let e = ApiError::Invalid(format!(
                 "Idempotency-Key {key:?} was used for {} {}; use a new key for another request",
                 first.method, first.path
-            )));
+            ));
+            let event = call.finish(e.status_and_code().0, false, None);
+            Store::idempotency_audited(tx, &event).await?;
+            return Err(e);
         }
-        let mut res = json(
-            StatusCode::from_u16(first.status).unwrap_or(StatusCode::OK),
-            &first.response,
-        );
+        let status = StatusCode::from_u16(first.status).unwrap_or(StatusCode::OK);
+        let event = call.finish(status, true, Some(&first.response));
+        Store::idempotency_audited(tx, &event).await?;
+        let mut res = json(status, &first.response);
         res.headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
         return Ok(res);
     }
-    let (status, body) = match route.run(ctx, req, &credential, &key).await {
+    let (status, body) = match route.run(ctx, req, &credential, &by, &key).await {
         Ok(done) => done,
         // A refusal is a result too: the same request would be refused again.
         Err(e) if !e.status_and_code().0.is_server_error() => (
             e.status_and_code().0,
             serde_json::from_slice(&e.body()).unwrap_or_default(),
         ),
-        Err(e) => return Err(e),
+        Err(e) => {
+            drop(tx);
+            return Err(call.answered_alone(ctx, e).await);
+        }
     };
+    let event = call.finish(status, false, Some(&body));
     let stored = StoredResponse {
         method,
         path: uri_path,
         status: status.as_u16(),
         response: body,
     };
-    Store::idempotency_record(tx, &credential, &key, &stored).await?;
+    Store::idempotency_record(tx, &credential, &key, &stored, &event).await?;
     Ok(json(status, &stored.response))
+}
+
+/// The `service.call` audit row of one request, completed once it is
+/// answered: `detail` holds the method, path, status, idempotency key and
+/// whether the answer was a replay; the targets are the route's
+/// conversation and the ids the answer names.
+struct CallRecord {
+    event: AuditEvent,
+    method: String,
+    path: String,
+    key: Option<String>,
+}
+
+impl CallRecord {
+    fn finish(&self, status: StatusCode, replayed: bool, answer: Option<&Value>) -> AuditEvent {
+        let id = |field: &str| {
+            answer
+                .and_then(|a| a.get(field))
+                .and_then(Value::as_str)
+                .and_then(|s| Uuid::parse_str(s).ok())
+        };
+        let mut event = self.event.clone().detail(serde_json::json!({
+            "method": self.method,
+            "path": self.path,
+            "status": status.as_u16(),
+            "idempotency_key": self.key,
+            "replayed": replayed,
+        }));
+        if let Some(c) = id("conversation_id").or_else(|| id("id")) {
+            event = event.conversation(ConversationId(c));
+        }
+        if let Some(u) = id("user_id") {
+            event = event.user(UserId(u));
+        }
+        if let Some(m) = id("message_id") {
+            event = event.message(MessageId(m));
+        }
+        event
+    }
+
+    /// Record a call answered with `e` outside any transaction of ours (a
+    /// refusal before the idempotency record, or a server error), and
+    /// return `e`. If even that fails, the answer is still `e`: logged.
+    async fn answered_alone(&self, ctx: &HttpContext, e: ApiError) -> ApiError {
+        let event = self.finish(e.status_and_code().0, false, None);
+        if let Err(db) = ctx.store.record_audit(&event).await {
+            tracing::warn!(error = %db, event_id = %event.event_id, "could not audit a service call");
+        }
+        e
+    }
 }
 
 /// What a service request asks for.
@@ -94,6 +174,14 @@ enum Route {
 }
 
 impl Route {
+    /// The conversation the path names, if any.
+    fn conversation(&self) -> Option<ConversationId> {
+        match self {
+            Route::CreateConversation => None,
+            Route::AddMember(c) | Route::RemoveMember(c, _) | Route::PostMessage(c) => Some(*c),
+        }
+    }
+
     fn of(method: &Method, path: &[&str]) -> Result<Route, ApiError> {
         let conv = |s: &str| {
             Uuid::parse_str(s)
@@ -118,11 +206,14 @@ impl Route {
         }
     }
 
+    /// `by`: the service key and where the request came from, for the
+    /// audit rows of membership changes.
     async fn run(
         self,
         ctx: &HttpContext,
         req: Request<Incoming>,
         credential: &str,
+        by: &Caller,
         key: &str,
     ) -> Result<(StatusCode, serde_json::Value), ApiError> {
         match self {
@@ -150,7 +241,7 @@ impl Route {
                 let created_by = UserId(body.created_by.unwrap_or(Uuid::nil()));
                 let c = ctx
                     .store
-                    .service_create_conversation(id, created_by, body.title, &members)
+                    .service_create_conversation(id, created_by, body.title, &members, by)
                     .await?;
                 Ok((
                     StatusCode::CREATED,
@@ -165,7 +256,7 @@ impl Route {
             Route::AddMember(conv) => {
                 let body: wire::ServiceMember = read_json(req).await?;
                 let user = UserId(body.user_id);
-                let added = ctx.store.service_add_member(conv, user).await?;
+                let added = ctx.store.service_add_member(conv, user, by).await?;
                 if added {
                     ctx.gateway.on_membership(conv, user, true).await;
                 }
@@ -183,7 +274,7 @@ impl Route {
                 ))
             }
             Route::RemoveMember(conv, user) => {
-                ctx.store.service_remove_member(conv, user).await?;
+                ctx.store.service_remove_member(conv, user, by).await?;
                 // Out of the room on every gateway at once, as on /v1.
                 ctx.gateway.on_membership(conv, user, false).await;
                 Ok((

@@ -1,13 +1,16 @@
 //! Dead letters: jobs that retrying will not fix. A job is buried in one
 //! transaction (row in `dead_letters`, archived in pgmq, failure history
-//! dropped), and can be inspected, replayed into its queue, or purged.
+//! dropped), and can be inspected, replayed into its queue, or purged;
+//! replays and purges are audited (`queue::audit`).
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use serde_json::json;
 use sqlx::{PgConnection, PgExecutor, PgPool};
 
+use super::audit::{self, Action, Caller};
 use super::{QueueError, RawJob};
 
 /// Record one failed attempt of a job that will be retried.
@@ -108,34 +111,81 @@ pub async fn get(pool: &PgPool, id: i64) -> Result<Option<DeadLetter>, QueueErro
     .await?)
 }
 
+/// Dead letters named one by one in an audit row's `detail.jobs`; past
+/// this many the list is cut (`detail.truncated`), the count stays exact.
+const AUDITED_JOBS: usize = 100;
+
 /// Put dead letters back into their queues (as new jobs) and remove them
 /// from the table, in one transaction; `None` replays all. Replaying is
 /// idempotent for messages: their ids are stable and the worker stores a
-/// message once. Returns how many were replayed.
-pub async fn replay(pool: &PgPool, id: Option<i64>) -> Result<u64, QueueError> {
+/// message once. Audited as done `by` (one `dlq.replay` row, in the same
+/// transaction) when anything was replayed. Returns how many were replayed.
+pub async fn replay(pool: &PgPool, id: Option<i64>, by: &Caller) -> Result<u64, QueueError> {
     let mut tx = pool.begin().await?;
-    let rows: Vec<(String, serde_json::Value)> = sqlx::query_as(
-        "delete from dead_letters where ($1::bigint is null or id = $1) returning queue, payload",
+    let rows: Vec<(i64, String, i64, serde_json::Value)> = sqlx::query_as(
+        "delete from dead_letters where ($1::bigint is null or id = $1)
+         returning id, queue, msg_id, payload",
     )
     .bind(id)
     .fetch_all(&mut *tx)
     .await?;
-    for (queue, payload) in &rows {
+    for (_, queue, _, payload) in &rows {
         super::send_batch(&mut *tx, queue, std::slice::from_ref(payload)).await?;
+    }
+    if !rows.is_empty() {
+        let mut event = by.did(Action::DlqReplay).detail(json!({
+            "all": id.is_none(),
+            "replayed": rows.len(),
+            "jobs": audited_jobs(&rows),
+            "truncated": rows.len() > AUDITED_JOBS,
+        }));
+        if let Some(id) = id {
+            event = event.dead_letter(id);
+        }
+        audit::record(&mut *tx, &event).await?;
     }
     tx.commit().await?;
     Ok(rows.len() as u64)
 }
 
-/// Delete dead letters older than `age`. Returns how many.
-pub async fn purge_older_than(pool: &PgPool, age: Duration) -> Result<u64, QueueError> {
-    Ok(sqlx::query(
-        "delete from dead_letters where dead_at < now() - make_interval(secs => $1::float8)",
+/// Delete dead letters older than `age`, audited as done `by` (one
+/// `dlq.purge` row, in the same transaction) when any went. Returns how many.
+pub async fn purge_older_than(
+    pool: &PgPool,
+    age: Duration,
+    by: &Caller,
+) -> Result<u64, QueueError> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(i64, String, i64)> = sqlx::query_as(
+        "delete from dead_letters where dead_at < now() - make_interval(secs => $1::float8)
+         returning id, queue, msg_id",
     )
     .bind(age.as_secs_f64())
-    .execute(pool)
-    .await?
-    .rows_affected())
+    .fetch_all(&mut *tx)
+    .await?;
+    if !rows.is_empty() {
+        let jobs: Vec<_> = rows
+            .iter()
+            .take(AUDITED_JOBS)
+            .map(|(id, queue, msg_id)| json!({"id": id, "queue": queue, "msg_id": msg_id}))
+            .collect();
+        let event = by.did(Action::DlqPurge).detail(json!({
+            "older_than_secs": age.as_secs(),
+            "purged": rows.len(),
+            "jobs": jobs,
+            "truncated": rows.len() > AUDITED_JOBS,
+        }));
+        audit::record(&mut *tx, &event).await?;
+    }
+    tx.commit().await?;
+    Ok(rows.len() as u64)
+}
+
+fn audited_jobs(rows: &[(i64, String, i64, serde_json::Value)]) -> Vec<serde_json::Value> {
+    rows.iter()
+        .take(AUDITED_JOBS)
+        .map(|(id, queue, msg_id, _)| json!({"id": id, "queue": queue, "msg_id": msg_id}))
+        .collect()
 }
 
 /// Rows in the dead-letter table, and how many of them died within `window`

@@ -5,6 +5,7 @@
 //! turns that into exactly-once storage by deleting a job in the same
 //! transaction that stores its message.
 
+pub mod audit;
 pub mod dead_letters;
 mod enqueuer;
 pub mod webhooks;
@@ -23,7 +24,7 @@ use crate::domain::{
 
 /// Chat messages waiting to be stored (high priority).
 pub const PERSIST_QUEUE: &str = "postline_persist";
-/// Receipts, read markers, webhook deliveries (low priority).
+/// Receipts, read markers, webhook deliveries, audit rows (low priority).
 pub const BACKGROUND_QUEUE: &str = "postline_background";
 
 /// The queues a worker drains, in priority order.
@@ -189,6 +190,8 @@ pub enum BackgroundJob {
     },
     /// Deliver one `webhook_deliveries` row to its endpoint (see [`webhooks`]).
     Webhook { v: u8, delivery_id: i64 },
+    /// Append one `audit_log` row (see [`audit`]).
+    Audit { v: u8, event: audit::AuditEvent },
 }
 
 impl BackgroundJob {
@@ -203,7 +206,7 @@ impl BackgroundJob {
                 read_seq,
                 ..
             } => (*v, [delivered_seq.0, read_seq.0]),
-            BackgroundJob::Webhook { v, .. } => (*v, [0, 0]),
+            BackgroundJob::Webhook { v, .. } | BackgroundJob::Audit { v, .. } => (*v, [0, 0]),
         };
         if v != PersistJob::VERSION {
             return Err(format!("unknown background job version {v}"));

@@ -6,6 +6,7 @@ use uuid::Uuid;
 use super::{Store, StoreError};
 use crate::domain::{ConversationId, Seq, UserId};
 use crate::protocol::webhook::Event;
+use crate::queue::audit::{self, Action, Actor, Caller, Origin};
 
 /// Upper bound on members named at creation, so one request cannot insert
 /// an unbounded number of rows.
@@ -83,12 +84,14 @@ impl Access {
 }
 
 impl Store {
-    /// Create a conversation whose members are `creator` and `members`.
+    /// Create a conversation whose members are `creator` and `members`,
+    /// on a request `from` there (audited).
     pub async fn create_conversation(
         &self,
         creator: UserId,
         title: Option<String>,
         members: &[UserId],
+        from: Origin,
     ) -> Result<NewConversation, StoreError> {
         let id = ConversationId::new_v7();
         let member_ids = distinct(std::iter::once(&creator).chain(members));
@@ -101,7 +104,8 @@ impl Store {
         .bind(creator.0)
         .fetch_one(&mut *tx)
         .await?;
-        self.insert_members_announced(&mut tx, id, title.as_deref(), creator, &member_ids)
+        let by = from.by(Actor::User(creator));
+        self.insert_members_announced(&mut tx, id, title.as_deref(), creator, &member_ids, &by)
             .await?;
         tx.commit().await?;
         Ok(NewConversation {
@@ -112,8 +116,9 @@ impl Store {
         })
     }
 
-    /// The first members of the new conversation `id`, and its
-    /// `conversation.created` event, in the creating transaction.
+    /// The first members of the new conversation `id`, its
+    /// `conversation.created` event and its audit row (done `by`), in the
+    /// creating transaction.
     pub(super) async fn insert_members_announced(
         &self,
         tx: &mut sqlx::PgConnection,
@@ -121,6 +126,7 @@ impl Store {
         title: Option<&str>,
         creator: UserId,
         member_ids: &[UserId],
+        by: &Caller,
     ) -> Result<(), StoreError> {
         let raw_ids: Vec<Uuid> = member_ids.iter().map(|u| u.0).collect();
         sqlx::query(
@@ -131,6 +137,10 @@ impl Store {
         .bind(&raw_ids)
         .execute(&mut *tx)
         .await?;
+        let event = by.did(Action::ConversationCreate).conversation(id).detail(
+            serde_json::json!({"title": title, "created_by": creator, "member_ids": member_ids}),
+        );
+        audit::record(&mut *tx, &event).await?;
         self.emit(
             tx,
             &[Event::conversation_created(id, title, creator, member_ids)],
@@ -182,24 +192,29 @@ impl Store {
         })
     }
 
-    /// `actor` (a member) adds `user`. Returns false if `user` already was one.
+    /// `actor` (a member) adds `user`, on a request `from` there. Returns
+    /// false if `user` already was one.
     pub async fn add_member(
         &self,
         conv: ConversationId,
         actor: UserId,
         user: UserId,
+        from: Origin,
     ) -> Result<bool, StoreError> {
         self.access(conv, actor).await?.require_member()?;
-        self.put_member(conv, user, actor).await
+        self.put_member(conv, user, &from.by(Actor::User(actor)))
+            .await
     }
 
-    /// Make `user` a member of `conv` (which exists), announcing it as done
-    /// by `actor`. Returns false if `user` already was one.
+    /// Make `user` a member of `conv` (which exists), announcing and
+    /// auditing it as done `by` that caller (the webhook event names a
+    /// user as actor, or the nil id for anyone else). Returns false if
+    /// `user` already was one: nothing changed, nothing is recorded.
     pub(super) async fn put_member(
         &self,
         conv: ConversationId,
         user: UserId,
-        actor: UserId,
+        by: &Caller,
     ) -> Result<bool, StoreError> {
         let mut tx = self.pool.begin().await?;
         let inserted = sqlx::query(
@@ -212,8 +227,11 @@ impl Store {
         .await?
         .rows_affected();
         if inserted == 1 {
+            let actor = by.actor.user().unwrap_or(UserId(Uuid::nil()));
             self.emit(&mut tx, &[Event::member(true, conv, user, actor)])
                 .await?;
+            let event = by.did(Action::MemberAdd).conversation(conv).user(user);
+            audit::record(&mut *tx, &event).await?;
         }
         tx.commit().await?;
         Ok(inserted == 1)
@@ -339,24 +357,27 @@ impl Store {
         Ok(rows.into_iter().map(UserId).collect())
     }
 
-    /// `actor` (a member) removes `user`. `NotFound` if `user` was not a member.
+    /// `actor` (a member) removes `user`, on a request `from` there.
+    /// `NotFound` if `user` was not a member.
     pub async fn remove_member(
         &self,
         conv: ConversationId,
         actor: UserId,
         user: UserId,
+        from: Origin,
     ) -> Result<(), StoreError> {
         self.access(conv, actor).await?.require_member()?;
-        self.drop_member(conv, user, actor).await
+        self.drop_member(conv, user, &from.by(Actor::User(actor)))
+            .await
     }
 
-    /// Take `user` out of `conv`, announcing it as done by `actor`.
-    /// `NotFound` if `user` was not a member.
+    /// Take `user` out of `conv`, announcing and auditing it as done `by`
+    /// that caller. `NotFound` if `user` was not a member.
     pub(super) async fn drop_member(
         &self,
         conv: ConversationId,
         user: UserId,
-        actor: UserId,
+        by: &Caller,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         let deleted = sqlx::query(
@@ -370,8 +391,11 @@ impl Store {
         if deleted == 0 {
             return Err(StoreError::NotFound);
         }
+        let actor = by.actor.user().unwrap_or(UserId(Uuid::nil()));
         self.emit(&mut tx, &[Event::member(false, conv, user, actor)])
             .await?;
+        let event = by.did(Action::MemberRemove).conversation(conv).user(user);
+        audit::record(&mut *tx, &event).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -13,6 +13,7 @@ use crate::domain::{
     StoredMessage, UserId,
 };
 use crate::protocol::webhook::Event;
+use crate::queue::audit::{self, Action, Actor, Origin};
 
 /// A `messages` row as selected by [`MESSAGE_COLUMNS`]; turned into the
 /// typed [`StoredMessage`] before it leaves the store.
@@ -147,12 +148,15 @@ impl Store {
     /// (optimistic concurrency): with `Some(content)` an edit (text only),
     /// with `None` a delete that leaves a tombstone. Returns the new row, or
     /// why it was refused. Only a sender who is still a member may do either.
+    /// A delete is audited (as done by the sender, `from` there) in the same
+    /// transaction; an edit is not.
     pub async fn change_message(
         &self,
         id: MessageId,
         sender: UserId,
         version: i32,
         content: Option<&serde_json::Value>,
+        from: Origin,
     ) -> Result<Result<StoredMessage, EditRefusal>, StoreError> {
         let change = match content {
             Some(_) => "content = $4, edited_at = now()",
@@ -185,6 +189,14 @@ impl Store {
                 let event = if content.is_some() {
                     Event::message_updated(&stored)
                 } else {
+                    let deleted = from
+                        .by(Actor::User(sender))
+                        .did(Action::MessageDelete)
+                        .conversation(stored.message.conversation_id)
+                        .message(id)
+                        .user(sender)
+                        .detail(serde_json::json!({"version": stored.version}));
+                    audit::record(&mut *tx, &deleted).await?;
                     Event::message_deleted(&stored)
                 };
                 self.emit(&mut tx, &[event]).await?;

@@ -2,15 +2,18 @@
 //! messages, and the schema itself.
 //!
 //! Only this module, `queue` and `notify` touch sqlx. Changes that webhooks
-//! report are queued (`queue::webhooks`) in the transaction that makes them. Queries are checked at
+//! report are queued (`queue::webhooks`), and those that are audited are
+//! recorded (`queue::audit`), in the transaction that makes them. Queries are checked at
 //! run time (no database is needed to build) and every value is bound.
 
+mod audit;
 mod conversations;
 mod gateways;
 mod messages;
 mod room_presence;
 mod service;
 
+pub use audit::{append_audit, prune_audit};
 pub use conversations::{Access, ConversationSummary, NewConversation, MAX_INITIAL_MEMBERS};
 pub use gateways::{gateways, GatewayRow, FORGET_SILENT_AFTER, MISSED_BEATS};
 pub use messages::{

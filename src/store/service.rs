@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 use super::{NewConversation, Store, StoreError};
 use crate::domain::{ConversationId, UserId};
+use crate::queue::audit::{self, AuditEvent, Caller};
 
 /// A result already given for an idempotency key.
 pub struct StoredResponse {
@@ -60,14 +61,17 @@ impl Store {
         ))
     }
 
-    /// Record the result of a request under its key (in the transaction
-    /// [`Store::idempotency_begin`] opened) and drop records a day old.
+    /// Record the result of a request under its key, and the `call`'s
+    /// audit row, in the transaction [`Store::idempotency_begin`] opened;
+    /// drop records a day old.
     pub async fn idempotency_record(
         mut tx: Transaction<'static, Postgres>,
         credential: &str,
         key: &str,
         stored: &StoredResponse,
+        call: &AuditEvent,
     ) -> Result<(), StoreError> {
+        audit::record(&mut *tx, call).await?;
         sqlx::query(
             "insert into service_requests (credential, idempotency_key, method, path, status, response)
              values ($1, $2, $3, $4, $5, $6)",
@@ -87,16 +91,29 @@ impl Store {
         Ok(())
     }
 
+    /// End the transaction of a request answered without a new record (a
+    /// replay of the first result, or a key reused for another request),
+    /// recording its `call`'s audit row in it.
+    pub async fn idempotency_audited(
+        mut tx: Transaction<'static, Postgres>,
+        call: &AuditEvent,
+    ) -> Result<(), StoreError> {
+        audit::record(&mut *tx, call).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// A conversation with exactly `members`, created by `created_by` (a
     /// service or bot id, not made a member). `id` is derived from the
     /// idempotency key, so even a repeat that lost its record finds the
-    /// first one instead of creating a second.
+    /// first one instead of creating a second (and audits nothing again).
     pub async fn service_create_conversation(
         &self,
         id: ConversationId,
         created_by: UserId,
         title: Option<String>,
         members: &[UserId],
+        by: &Caller,
     ) -> Result<NewConversation, StoreError> {
         let member_ids = super::conversations::distinct(members);
         let mut tx = self.pool.begin().await?;
@@ -117,6 +134,7 @@ impl Store {
                     title.as_deref(),
                     created_by,
                     &member_ids,
+                    by,
                 )
                 .await?;
                 at
@@ -138,16 +156,18 @@ impl Store {
     }
 
     /// Add `user` to `conv`; whether they were not a member yet. The actor
-    /// of the event is the service: no user, the nil id.
+    /// of the webhook event is the service: no user, the nil id; the audit
+    /// row names the service key (`by`).
     pub async fn service_add_member(
         &self,
         conv: ConversationId,
         user: UserId,
+        by: &Caller,
     ) -> Result<bool, StoreError> {
         if !self.conversation_exists(conv).await? {
             return Err(StoreError::NotFound);
         }
-        self.put_member(conv, user, UserId(Uuid::nil())).await
+        self.put_member(conv, user, by).await
     }
 
     /// Remove `user` from `conv`; `NotFound` if they were not a member.
@@ -155,8 +175,9 @@ impl Store {
         &self,
         conv: ConversationId,
         user: UserId,
+        by: &Caller,
     ) -> Result<(), StoreError> {
-        self.drop_member(conv, user, UserId(Uuid::nil())).await
+        self.drop_member(conv, user, by).await
     }
 
     async fn conversation_exists(&self, conv: ConversationId) -> Result<bool, StoreError> {

@@ -131,6 +131,8 @@ pub struct CleanupReport {
     pub stale_failures: u64,
     /// Delivered webhook deliveries past the retention.
     pub webhook_deliveries: u64,
+    /// Audit rows past the audit retention.
+    pub audit_rows: u64,
 }
 
 pub struct Worker {
@@ -415,6 +417,7 @@ impl Worker {
             }
             Queue::Background => {
                 let mut receipts: Vec<ReceiptUpdate> = Vec::new();
+                let mut audits = Vec::new();
                 for job in jobs {
                     match BackgroundJob::decode(&job.message) {
                         Ok(BackgroundJob::ReadMarker {
@@ -443,11 +446,18 @@ impl Worker {
                         Ok(BackgroundJob::Webhook { delivery_id, .. }) => {
                             webhook_jobs.push((job, delivery_id))
                         }
+                        // Recorded without a time only by hand: the job's own
+                        // enqueue time is the closest to the action.
+                        Ok(BackgroundJob::Audit { event, .. }) => {
+                            audits.push((event, job.enqueued_at))
+                        }
                         Err(reason) => doomed.push((job, reason)),
                     }
                 }
-                report.applied = receipts.len() + webhook_jobs.len();
+                report.applied = receipts.len() + webhook_jobs.len() + audits.len();
                 store::advance_receipts(&mut tx, &receipts).await?;
+                // A job applied before (a crash after commit, a replay) adds nothing.
+                store::append_audit(&mut tx, &audits).await?;
             }
         }
         // Webhook jobs are not finished here: they go to the delivery pool,
@@ -527,8 +537,9 @@ impl Worker {
     }
 
     /// Remove archived jobs older than the retention, failure records of
-    /// jobs that no longer exist, and webhook deliveries delivered before the
-    /// retention (pending and dead ones stay: they are still to act on).
+    /// jobs that no longer exist, webhook deliveries delivered before the
+    /// retention (pending and dead ones stay: they are still to act on), and
+    /// audit rows older than the audit retention (unless it keeps them forever).
     pub async fn cleanup_once(&self) -> Result<CleanupReport, WorkerError> {
         let mut report = CleanupReport::default();
         for q in Queue::ALL {
@@ -561,6 +572,9 @@ impl Worker {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        if let Some(keep) = self.cfg.audit_retention {
+            report.audit_rows = store::prune_audit(&self.pool, keep).await?;
+        }
         Ok(report)
     }
 
@@ -578,6 +592,7 @@ impl Worker {
                         archived_rows = r.archived_rows,
                         stale_failures = r.stale_failures,
                         webhook_deliveries = r.webhook_deliveries,
+                        audit_rows = r.audit_rows,
                         "queue cleanup"
                     ),
                     Err(e) => tracing::warn!(error = %e, "queue cleanup failed"),

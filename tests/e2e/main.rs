@@ -5,6 +5,8 @@ mod harness;
 mod raw;
 
 mod alerts;
+mod audit;
+mod audit_log;
 mod auth;
 mod bad_input;
 mod budgets;
