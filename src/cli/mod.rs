@@ -174,7 +174,7 @@ enum Job {
         // Boxed, as serve's Config is: the alert settings outweigh the rest.
         ops: Box<OpsConfig>,
         webhooks: Option<Box<WebhookConfig>>,
-        encryption: EncryptionConfig,
+        keyring: Arc<Keyring>,
     },
     Migrate {
         database_url: String,
@@ -230,12 +230,12 @@ impl Job {
                 webhooks,
                 encryption,
             } => Job::Worker {
-                encryption: {
+                keyring: {
                     let cfg = EncryptionConfig::new(&encryption)?;
                     if let Some(w) = cfg.warning() {
                         tracing::warn!("{w}");
                     }
-                    cfg
+                    Arc::new(Keyring::new(&cfg))
                 },
                 webhooks: WebhookConfig::new(&webhooks)?.map(Box::new),
                 database_url: database.url.required()?.to_owned(),
@@ -398,7 +398,7 @@ async fn run(job: Job) -> anyhow::Result<()> {
             listen,
             ops: ops_cfg,
             webhooks,
-            encryption,
+            keyring,
         } => {
             let retry = worker.retry;
             let pool = store::connect(&database_url, max_connections)
@@ -423,7 +423,7 @@ async fn run(job: Job) -> anyhow::Result<()> {
             let http = tokio::spawn(crate::http::serve_ops(listener, ops, shutdown.clone()));
             let mut worker =
                 Worker::with_metrics(pool.clone(), worker, Arc::new(Notify::new()), metrics)
-                    .with_keyring(Arc::new(Keyring::new(&encryption)));
+                    .with_keyring(keyring);
             if let Some(hooks) = &webhooks {
                 // Stopped with the alerts: after the batch in hand is finished.
                 worker = worker.with_webhooks(crate::webhooks::Deliverer::spawn(
