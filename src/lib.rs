@@ -13,6 +13,8 @@
 //! - [`protocol`]: every wire shape. `client` decodes frames into events
 //!   (nesting depth checked first by `depth`); `server` encodes each server
 //!   frame once into shared `Bytes`; `http` types the API's bodies. No sockets.
+//! - [`crypto`]: message content sealed at rest (AES-256-GCM) under the
+//!   configured keys, bound to its row; pure functions, no I/O.
 //! - [`auth`]: HS256 JWT verify/issue. [`telemetry`]: logs, counters, and
 //!   their recent history (`window`) for rates and p50/p99.
 //!   [`limits`]: keyed rate limits (governor) answering allow or retry-after,
@@ -51,6 +53,7 @@ pub mod alerts;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod crypto;
 pub mod domain;
 pub mod gateway;
 pub mod http;

@@ -106,6 +106,11 @@ struct Args {
     /// /ws: the same events, Engine.IO/Socket.IO framing.
     #[arg(long)]
     socketio: bool,
+    /// `--persist-jobs`: seal content as `postline worker` would with these
+    /// keys (POSTLINE_ENCRYPTION_KEYS, `id:base64,...`); unset: plain. The
+    /// latency runs pass the environment on to the server instead.
+    #[command(flatten)]
+    encryption: postline::config::EncryptionArgs,
 }
 
 fn main() -> anyhow::Result<()> {

@@ -67,6 +67,9 @@ pub(crate) async fn persist_benchmark(args: &Args, jobs: usize) -> anyhow::Resul
     }
     let enqueue = t.elapsed();
 
+    let keyring = Arc::new(postline::crypto::Keyring::new(
+        &postline::config::EncryptionConfig::new(&args.encryption)?,
+    ));
     let t = Instant::now();
     let mut handles = Vec::new();
     for _ in 0..args.workers {
@@ -74,7 +77,8 @@ pub(crate) async fn persist_benchmark(args: &Args, jobs: usize) -> anyhow::Resul
             pool.clone(),
             WorkerConfig::default(),
             Arc::new(tokio::sync::Notify::new()),
-        );
+        )
+        .with_keyring(keyring.clone());
         handles.push(tokio::spawn(async move {
             let mut n = 0usize;
             loop {
@@ -96,6 +100,7 @@ pub(crate) async fn persist_benchmark(args: &Args, jobs: usize) -> anyhow::Resul
         "workers": args.workers,
         "conversations": args.conversations,
         "payload": args.payload,
+        "encryption_key": keyring.active_id(),
         "throwaway_cluster_fsync_on": cluster.is_some(),
         "enqueue_jobs_per_s": jobs as f64 / enqueue.as_secs_f64(),
         "persisted": persisted,
@@ -104,9 +109,10 @@ pub(crate) async fn persist_benchmark(args: &Args, jobs: usize) -> anyhow::Resul
     });
     if !args.json {
         println!(
-            "postline-bench persist: {jobs} jobs, {} worker(s), {} conversations: enqueue {:.0} jobs/s (send_batch of 1000), persisted {:.0} msg/s ({persisted} in {:.2} s)",
+            "postline-bench persist: {jobs} jobs, {} worker(s), {} conversations, {}: enqueue {:.0} jobs/s (send_batch of 1000), persisted {:.0} msg/s ({persisted} in {:.2} s)",
             args.workers,
             args.conversations,
+            keyring.active_id().map_or("content plain".to_owned(), |k| format!("content sealed under key {k:?}")),
             report["enqueue_jobs_per_s"].as_f64().unwrap_or(0.0),
             report["persisted_per_s"].as_f64().unwrap_or(0.0),
             drain.as_secs_f64()

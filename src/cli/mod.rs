@@ -1,16 +1,19 @@
-//! The composition root: the command line (`serve | worker | migrate | dlq | chat |
-//! token`) and the runtime. [`serve`] wires a server together and owns the
+//! The composition root: the command line (`serve | worker | migrate | dlq | keys |
+//! chat | token`) and the runtime. [`serve`] wires a server together and owns the
 //! one shutdown order; tests call it directly with a listener bound to port 0
-//! and their own shutdown token. `dlq` is the dead-letter tooling;
+//! and their own shutdown token. `dlq` is the dead-letter tooling; `keys`
+//! makes encryption keys and rotates stored content to the active one;
 //! `chat` a command-line client of a running server.
 
 mod chat;
 mod dlq;
+mod keys;
 mod ops;
 mod serve;
 
 use chat::{chat, ChatArgs};
 use dlq::{dlq, DlqAction};
+use keys::{KeysCommand, Rotation};
 pub use serve::serve;
 use serve::stage;
 
@@ -29,9 +32,11 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Jwt;
 use crate::config::{
-    Config, DatabaseArgs, DatabaseUrl, OpsArgs, OpsConfig, RuntimeArgs, RuntimeConfig, ServerArgs,
-    WebhookArgs, WebhookConfig, WorkerArgs, WorkerConfig, WorkerHttpArgs, DEV_JWT_SECRET,
+    Config, DatabaseArgs, DatabaseUrl, EncryptionArgs, EncryptionConfig, OpsArgs, OpsConfig,
+    RuntimeArgs, RuntimeConfig, ServerArgs, WebhookArgs, WebhookConfig, WorkerArgs, WorkerConfig,
+    WorkerHttpArgs, DEV_JWT_SECRET,
 };
+use crate::crypto::Keyring;
 use crate::domain::UserId;
 use crate::pglocal::{Cluster, ClusterOptions};
 use crate::store;
@@ -92,6 +97,8 @@ enum Command {
         ops: Box<OpsArgs>,
         #[command(flatten)]
         webhooks: Box<WebhookArgs>,
+        #[command(flatten)]
+        encryption: EncryptionArgs,
     },
     /// Apply the schema (pgmq from its SQL, then migrations/) and exit.
     Migrate {
@@ -104,6 +111,12 @@ enum Command {
         database: DatabaseUrl,
         #[command(subcommand)]
         action: DlqAction,
+    },
+    /// Encryption at rest: make a key, re-encrypt stored messages under the
+    /// active one.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
     },
     /// A command-line client of a running server: create a conversation,
     /// listen to one, send to one.
@@ -161,6 +174,7 @@ enum Job {
         // Boxed, as serve's Config is: the alert settings outweigh the rest.
         ops: Box<OpsConfig>,
         webhooks: Option<Box<WebhookConfig>>,
+        keyring: Arc<Keyring>,
     },
     Migrate {
         database_url: String,
@@ -174,6 +188,8 @@ enum Job {
         ttl: Duration,
         jwt_secret: String,
     },
+    KeysGenerate,
+    KeysRotate(Box<Rotation>),
     Chat(Box<ChatArgs>),
 }
 
@@ -191,7 +207,14 @@ impl Job {
                     for w in args.warnings() {
                         tracing::warn!("{w}");
                     }
-                    Config::from_args(&args, std::env::var("PORT").ok().as_deref())?
+                    let cfg = Config::from_args(&args, std::env::var("PORT").ok().as_deref())?;
+                    // Not for `--dev`'s throwaway database: removed at
+                    // exit, it never rests anywhere.
+                    let throwaway = args.dev && args.database.url.database_url.is_none();
+                    if let (Some(w), false) = (cfg.encryption.warning(), throwaway) {
+                        tracing::warn!("{w}");
+                    }
+                    cfg
                 }),
                 threads: RuntimeConfig::try_from(&args.runtime)?.threads,
                 database_url: args.database.url.database_url,
@@ -205,7 +228,15 @@ impl Job {
                 http,
                 ops,
                 webhooks,
+                encryption,
             } => Job::Worker {
+                keyring: {
+                    let cfg = EncryptionConfig::new(&encryption)?;
+                    if let Some(w) = cfg.warning() {
+                        tracing::warn!("{w}");
+                    }
+                    Arc::new(Keyring::new(&cfg))
+                },
                 webhooks: WebhookConfig::new(&webhooks)?.map(Box::new),
                 database_url: database.url.required()?.to_owned(),
                 max_connections: database.max_connections()?,
@@ -231,6 +262,29 @@ impl Job {
                 ttl,
                 jwt_secret: jwt_secret.unwrap_or_else(|| DEV_JWT_SECRET.to_owned()),
             },
+            Command::Keys {
+                command: KeysCommand::Generate,
+            } => Job::KeysGenerate,
+            Command::Keys {
+                command:
+                    KeysCommand::Rotate {
+                        database,
+                        encryption,
+                        batch,
+                        throttle_ms,
+                    },
+            } => {
+                let encryption = EncryptionConfig::new(&encryption)?;
+                if encryption.active_id().is_none() {
+                    return Err(crate::config::ConfigError::NoActiveKey);
+                }
+                Job::KeysRotate(Box::new(Rotation {
+                    database_url: database.required()?.to_owned(),
+                    keyring: Keyring::new(&encryption),
+                    batch: crate::config::positive("--batch", batch)?,
+                    throttle: Duration::from_millis(throttle_ms),
+                }))
+            }
             Command::Chat(args) => Job::Chat(args),
         })
     }
@@ -303,6 +357,11 @@ async fn run(job: Job) -> anyhow::Result<()> {
             action,
         } => dlq(&database_url, action).await,
         Job::Chat(args) => chat(*args).await,
+        Job::KeysGenerate => {
+            keys::generate();
+            Ok(())
+        }
+        Job::KeysRotate(rotation) => keys::rotate(*rotation).await,
         Job::Migrate { database_url } => {
             let pool = store::connect(&database_url, 2).await?;
             store::migrate(&pool).await?;
@@ -339,6 +398,7 @@ async fn run(job: Job) -> anyhow::Result<()> {
             listen,
             ops: ops_cfg,
             webhooks,
+            keyring,
         } => {
             let retry = worker.retry;
             let pool = store::connect(&database_url, max_connections)
@@ -362,7 +422,8 @@ async fn run(job: Job) -> anyhow::Result<()> {
             );
             let http = tokio::spawn(crate::http::serve_ops(listener, ops, shutdown.clone()));
             let mut worker =
-                Worker::with_metrics(pool.clone(), worker, Arc::new(Notify::new()), metrics);
+                Worker::with_metrics(pool.clone(), worker, Arc::new(Notify::new()), metrics)
+                    .with_keyring(keyring);
             if let Some(hooks) = &webhooks {
                 // Stopped with the alerts: after the batch in hand is finished.
                 worker = worker.with_webhooks(crate::webhooks::Deliverer::spawn(

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Jwt;
 use crate::config::{Config, DevLogin};
+use crate::crypto::Keyring;
 use crate::gateway::{Enqueuers, Gateway};
 use crate::http::{self, HttpContext};
 use crate::limits::Limits;
@@ -34,7 +35,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let mut store = Store::new(pool.clone());
+    let keyring = Arc::new(Keyring::new(&cfg.encryption));
+    let mut store = Store::new(pool.clone()).with_keyring(keyring.clone());
     if let Some(hooks) = &cfg.webhooks {
         store = store.with_webhooks(hooks.endpoints.iter().map(ToString::to_string).collect());
     }
@@ -107,7 +109,8 @@ pub async fn serve(
         &background,
     );
     let heartbeat = run_worker.then(|| {
-        let mut worker = Worker::with_metrics(pool.clone(), cfg.worker, wake, metrics.clone());
+        let mut worker = Worker::with_metrics(pool.clone(), cfg.worker, wake, metrics.clone())
+            .with_keyring(keyring);
         if let Some(hooks) = &cfg.webhooks {
             worker = worker.with_webhooks(crate::webhooks::Deliverer::spawn(
                 pool.clone(),

@@ -9,15 +9,18 @@
 //! subcommand takes only its own options:
 //! - `serve`: [`ServerArgs`] = [`DatabaseArgs`] + [`HttpArgs`] +
 //!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
-//!   [`AdmissionArgs`] + [`LimitsArgs`] + [`OpsArgs`] + [`WebhookArgs`];
+//!   [`AdmissionArgs`] + [`LimitsArgs`] + [`OpsArgs`] + [`WebhookArgs`] +
+//!   [`EncryptionArgs`];
 //! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
-//!   [`OpsArgs`] + [`WorkerHttpArgs`] + [`WebhookArgs`];
+//!   [`OpsArgs`] + [`WorkerHttpArgs`] + [`WebhookArgs`] + [`EncryptionArgs`];
+//! - `keys rotate`: [`DatabaseUrl`] + [`EncryptionArgs`];
 //! - `migrate`, `dlq`: [`DatabaseUrl`].
 //!
 //! This module sits at the bottom of the import graph and imports nothing
 //! from the crate: the gateway, queue and worker take their settings from here.
 
 mod admission;
+mod encryption;
 mod enqueue;
 mod gateway;
 mod limits;
@@ -27,6 +30,7 @@ mod webhooks;
 mod worker;
 
 pub use admission::{open_file_limit, AdmissionArgs, AdmissionConfig};
+pub use encryption::{EncryptionArgs, EncryptionConfig, EncryptionKey, KEY_BYTES};
 pub use enqueue::{EnqueueArgs, EnqueueConfig};
 pub use gateway::{GatewayArgs, GatewayConfig};
 pub use limits::{LimitsArgs, LimitsConfig, Rate};
@@ -111,6 +115,14 @@ pub enum ConfigError {
     MissingWebhookSecret,
     #[error("POSTLINE_WEBHOOK_SECRET must be at least {MIN_SECRET_BYTES} bytes")]
     WeakWebhookSecret,
+    #[error("POSTLINE_ENCRYPTION_KEYS: {0}")]
+    BadEncryptionKeys(String),
+    #[error("POSTLINE_ENCRYPTION_ACTIVE_KEY is {0:?}, but no key has that id in POSTLINE_ENCRYPTION_KEYS")]
+    UnknownActiveKey(String),
+    #[error("POSTLINE_ENCRYPTION_ACTIVE_KEY is {0:?}, but POSTLINE_ENCRYPTION_KEYS is not set")]
+    ActiveKeyWithoutKeys(String),
+    #[error("`keys rotate` needs a key to rotate to: set POSTLINE_ENCRYPTION_KEYS")]
+    NoActiveKey,
 }
 
 /// Whether the server mints tokens for the demo users (`POST /dev/token`,
@@ -331,6 +343,8 @@ pub struct ServerArgs {
     pub ops: OpsArgs,
     #[command(flatten)]
     pub webhooks: WebhookArgs,
+    #[command(flatten)]
+    pub encryption: EncryptionArgs,
 }
 
 impl ServerArgs {
@@ -388,6 +402,8 @@ pub struct Config {
     pub service_keys: ServiceKeys,
     /// Outgoing webhooks; `None` when no endpoint is set.
     pub webhooks: Option<WebhookConfig>,
+    /// Keys message content is sealed under at rest; none: stored plain.
+    pub encryption: EncryptionConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -409,6 +425,7 @@ impl std::fmt::Debug for Config {
             .field("dev_login", &self.dev_login)
             .field("service_keys", &self.service_keys)
             .field("webhooks", &self.webhooks)
+            .field("encryption", &self.encryption)
             .finish()
     }
 }
@@ -437,6 +454,7 @@ impl Config {
             dev_login: DevLogin::Off,
             service_keys: ServiceKeys::default(),
             webhooks: None,
+            encryption: EncryptionConfig::default(),
         }
     }
 
@@ -491,6 +509,7 @@ impl Config {
             dev_login: DevLogin::for_server(args.dev, &jwt_secret),
             service_keys: ServiceKeys::parse(args.http.service_keys.as_deref().unwrap_or(""))?,
             webhooks: WebhookConfig::new(&args.webhooks)?,
+            encryption: EncryptionConfig::new(&args.encryption)?,
             jwt_secret,
         })
     }
@@ -513,7 +532,7 @@ fn parse_ignoring_env<A: Args + clap::FromArgMatches>(argv: &[&str]) -> Result<A
 }
 
 /// `v`, if it is greater than zero.
-fn positive<T: PartialOrd + Default>(var: &'static str, v: T) -> Result<T, ConfigError> {
+pub fn positive<T: PartialOrd + Default>(var: &'static str, v: T) -> Result<T, ConfigError> {
     if v > T::default() {
         Ok(v)
     } else {

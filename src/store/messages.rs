@@ -8,6 +8,7 @@ use sqlx::{PgConnection, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{Store, StoreError};
+use crate::crypto::{Keyring, RowBinding};
 use crate::domain::{
     ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, Persisted, Seq,
     StoredMessage, UserId,
@@ -16,7 +17,7 @@ use crate::protocol::webhook::Event;
 use crate::queue::audit::{self, Action, Actor, Origin};
 
 /// A `messages` row as selected by [`MESSAGE_COLUMNS`]; turned into the
-/// typed [`StoredMessage`] before it leaves the store.
+/// typed [`StoredMessage`] (its content opened) before it leaves the store.
 #[derive(sqlx::FromRow)]
 struct MessageRow {
     id: Uuid,
@@ -25,39 +26,102 @@ struct MessageRow {
     sender_id: Uuid,
     client_message_id: String,
     kind: String,
-    content: serde_json::Value,
+    /// Plain content; None when sealed.
+    content: Option<serde_json::Value>,
+    key_id: Option<String>,
+    ciphertext: Option<Vec<u8>>,
     created_at: DateTime<Utc>,
     version: i32,
     edited_at: Option<DateTime<Utc>>,
     deleted: bool,
 }
 
-impl TryFrom<MessageRow> for StoredMessage {
-    type Error = StoreError;
-
-    fn try_from(r: MessageRow) -> Result<Self, StoreError> {
-        let kind = MessageKind::parse(&r.kind)
-            .map_err(|e| StoreError::Invariant(format!("message {}: {e}", r.id)))?;
+impl MessageRow {
+    /// The typed message, its content opened with `keys` if sealed. A row
+    /// that cannot be opened (its key is not configured, or it was altered)
+    /// is an error naming the row and the key, logged here: never a panic,
+    /// never garbage handed to a client.
+    fn open(self, keys: &Keyring) -> Result<StoredMessage, StoreError> {
+        let kind = MessageKind::parse(&self.kind)
+            .map_err(|e| StoreError::Invariant(format!("message {}: {e}", self.id)))?;
+        let content = match (self.content, self.key_id, self.ciphertext) {
+            (Some(plain), None, None) => plain,
+            (None, Some(key_id), Some(blob)) => {
+                let row = RowBinding {
+                    message_id: MessageId(self.id),
+                    conversation_id: ConversationId(self.conversation_id),
+                };
+                let opened = keys
+                    .open(&key_id, row, &blob)
+                    .map_err(|e| e.to_string())
+                    .and_then(|bytes| {
+                        serde_json::from_slice(&bytes)
+                            .map_err(|e| format!("its plaintext is not JSON: {e}"))
+                    });
+                match opened {
+                    Ok(v) => v,
+                    Err(reason) => {
+                        tracing::error!(message_id = %self.id, conversation_id = %self.conversation_id, %key_id, %reason, "cannot decrypt a stored message");
+                        return Err(StoreError::Undecryptable {
+                            message_id: self.id,
+                            reason,
+                        });
+                    }
+                }
+            }
+            _ => {
+                return Err(StoreError::Invariant(format!(
+                    "message {}: content, key_id and ciphertext disagree",
+                    self.id
+                )))
+            }
+        };
         Ok(StoredMessage {
             message: Message {
-                id: MessageId(r.id),
-                conversation_id: ConversationId(r.conversation_id),
-                sender_id: UserId(r.sender_id),
-                client_message_id: ClientMessageId::from_stored(r.client_message_id),
+                id: MessageId(self.id),
+                conversation_id: ConversationId(self.conversation_id),
+                sender_id: UserId(self.sender_id),
+                client_message_id: ClientMessageId::from_stored(self.client_message_id),
                 kind,
-                content: Content::from_stored(r.content),
-                created_at: r.created_at,
+                content: Content::from_stored(content),
+                created_at: self.created_at,
             },
-            seq: Seq(r.seq),
-            version: r.version,
-            edited_at: r.edited_at,
-            deleted: r.deleted,
+            seq: Seq(self.seq),
+            version: self.version,
+            edited_at: self.edited_at,
+            deleted: self.deleted,
         })
     }
 }
 
 /// Columns of a [`MessageRow`], in a select from `messages`.
-const MESSAGE_COLUMNS: &str = "id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at, version, edited_at, deleted_at is not null as deleted";
+const MESSAGE_COLUMNS: &str = "id, conversation_id, seq, sender_id, client_message_id, kind, content, key_id, ciphertext, created_at, version, edited_at, deleted_at is not null as deleted";
+
+/// How one content is stored: plain, or sealed under the active key.
+struct StoredContent {
+    plain: Option<serde_json::Value>,
+    key_id: Option<String>,
+    ciphertext: Option<Vec<u8>>,
+}
+
+impl StoredContent {
+    fn new(keys: &Keyring, row: RowBinding, content: &serde_json::Value) -> StoredContent {
+        // The same bytes a plain row's jsonb would print, compact.
+        let plaintext = serde_json::to_vec(content).expect("a JSON value always encodes");
+        match keys.seal(row, &plaintext) {
+            Some((key_id, blob)) => StoredContent {
+                plain: None,
+                key_id: Some(key_id.to_owned()),
+                ciphertext: Some(blob),
+            },
+            None => StoredContent {
+                plain: Some(content.clone()),
+                key_id: None,
+                ciphertext: None,
+            },
+        }
+    }
+}
 
 /// Where a member stands in a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +196,7 @@ impl Store {
             .await?;
         let mut rows = rows
             .into_iter()
-            .map(StoredMessage::try_from)
+            .map(|r| r.open(&self.keyring))
             .collect::<Result<Vec<_>, _>>()?;
         let has_more = rows.len() as i64 > page.limit;
         rows.truncate(page.limit as usize);
@@ -158,16 +222,51 @@ impl Store {
         content: Option<&serde_json::Value>,
         from: Origin,
     ) -> Result<Result<StoredMessage, EditRefusal>, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let sealed = match content {
+            None => None,
+            Some(c) => {
+                // A seal binds the conversation id, which an edit does not
+                // carry; it never changes, so it is read first (only when a
+                // key is active: plain edits skip the round trip).
+                let conv = match self.keyring.active_id() {
+                    None => ConversationId(Uuid::nil()),
+                    Some(_) => {
+                        let conv: Option<Uuid> = sqlx::query_scalar(
+                            "select conversation_id from messages where id = $1",
+                        )
+                        .bind(id.0)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        match conv {
+                            Some(c) => ConversationId(c),
+                            None => {
+                                drop(tx);
+                                return Ok(Err(self.why_refused(id, sender, true).await?));
+                            }
+                        }
+                    }
+                };
+                let row = RowBinding {
+                    message_id: id,
+                    conversation_id: conv,
+                };
+                Some(StoredContent::new(&self.keyring, row, c))
+            }
+        };
         let change = match content {
-            Some(_) => "content = $4, edited_at = now()",
-            None => "content = 'null'::jsonb, deleted_at = now()",
+            Some(_) => "content = $4, key_id = $5, ciphertext = $6, edited_at = now()",
+            None => "content = 'null'::jsonb, key_id = null, ciphertext = null, deleted_at = now()",
         };
         let only_text = if content.is_some() {
             "and kind = 'text'"
         } else {
             ""
         };
-        // Both fragments are our own constants; every value is bound.
+        // Both fragments are our own constants; every value is bound. A
+        // concurrent `keys rotate` holds the row lock while it re-seals: this
+        // update waits for it, then applies to the re-sealed row (its version
+        // unchanged), so neither overwrites the other.
         let sql = format!(
             "update messages set {change}, version = version + 1
              where id = $1 and sender_id = $2 and version = $3 and deleted_at is null {only_text}
@@ -179,13 +278,12 @@ impl Store {
             .bind(id.0)
             .bind(sender.0)
             .bind(version);
-        if let Some(c) = content {
-            query = query.bind(c);
+        if let Some(c) = sealed {
+            query = query.bind(c.plain).bind(c.key_id).bind(c.ciphertext);
         }
-        let mut tx = self.pool.begin().await?;
         match query.fetch_optional(&mut *tx).await? {
             Some(r) => {
-                let stored: StoredMessage = r.try_into()?;
+                let stored = r.open(&self.keyring)?;
                 let event = if content.is_some() {
                     Event::message_updated(&stored)
                 } else {
@@ -274,6 +372,7 @@ impl Store {
 pub async fn persist_batch(
     tx: &mut Transaction<'_, Postgres>,
     messages: &[Message],
+    keys: &Keyring,
 ) -> Result<PersistOutcome, StoreError> {
     let mut outcome = PersistOutcome::default();
 
@@ -349,9 +448,29 @@ pub async fn persist_batch(
         return Ok(outcome);
     }
 
+    // Sealed here, in the one place every message is stored from (the
+    // gateways', the service API's and postline.publish()'s jobs alike).
+    let contents: Vec<StoredContent> = rows
+        .iter()
+        .map(|(m, _)| {
+            let row = RowBinding {
+                message_id: m.id,
+                conversation_id: m.conversation_id,
+            };
+            StoredContent::new(keys, row, m.content.as_json())
+        })
+        .collect();
+    let mut plain = Vec::with_capacity(rows.len());
+    let mut key_ids = Vec::with_capacity(rows.len());
+    let mut ciphertexts = Vec::with_capacity(rows.len());
+    for c in contents {
+        plain.push(c.plain);
+        key_ids.push(c.key_id);
+        ciphertexts.push(c.ciphertext);
+    }
     let inserted = sqlx::query(
-        "insert into messages (id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at)
-         select * from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::jsonb[], $8::timestamptz[])
+        "insert into messages (id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at, key_id, ciphertext)
+         select * from unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], $6::text[], $7::jsonb[], $8::timestamptz[], $9::text[], $10::bytea[])
          on conflict do nothing",
     )
     .bind(rows.iter().map(|(m, _)| m.id.0).collect::<Vec<_>>())
@@ -364,12 +483,10 @@ pub async fn persist_batch(
             .collect::<Vec<_>>(),
     )
     .bind(rows.iter().map(|(m, _)| m.kind.as_str()).collect::<Vec<_>>())
-    .bind(
-        rows.iter()
-            .map(|(m, _)| m.content.as_json().clone())
-            .collect::<Vec<_>>(),
-    )
+    .bind(plain)
     .bind(rows.iter().map(|(m, _)| m.created_at).collect::<Vec<_>>())
+    .bind(key_ids)
+    .bind(ciphertexts)
     .execute(&mut *conn)
     .await?
     .rows_affected();

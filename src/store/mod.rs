@@ -11,6 +11,7 @@ mod conversations;
 mod gateways;
 mod messages;
 mod room_presence;
+mod rotation;
 mod service;
 
 pub use audit::{append_audit, prune_audit};
@@ -20,6 +21,7 @@ pub use messages::{
     advance_receipts, persist_batch, EditRefusal, HistoryPage, PersistOutcome, ReceiptState,
     ReceiptUpdate,
 };
+pub use rotation::{rotate_batch, rows_to_rotate, RotationBatch};
 pub use service::{PublishRefusal, StoredResponse};
 
 use std::sync::Arc;
@@ -44,6 +46,14 @@ pub enum StoreError {
     /// as is (the worker splits the batch and, if it persists, dead-letters).
     #[error("consistency check failed: {0}")]
     Invariant(String),
+    /// A sealed content that the configured keys cannot open: its key was
+    /// removed from POSTLINE_ENCRYPTION_KEYS, or the row was altered. Logged
+    /// where it is found; the read that met it fails as a whole.
+    #[error("message {message_id} cannot be decrypted: {reason}")]
+    Undecryptable {
+        message_id: uuid::Uuid,
+        reason: String,
+    },
 }
 
 /// Handle to the chat tables. Cheap to clone (the pool is an `Arc`).
@@ -53,6 +63,9 @@ pub struct Store {
     /// Webhook endpoints the changes made here are reported to (none: no
     /// webhooks).
     webhook_endpoints: Arc<[String]>,
+    /// Keys that seal content written here (edits) and open content read
+    /// (history); none: plain.
+    keyring: Arc<crate::crypto::Keyring>,
 }
 
 impl From<crate::queue::QueueError> for StoreError {
@@ -68,7 +81,14 @@ impl Store {
         Store {
             pool,
             webhook_endpoints: Arc::from([]),
+            keyring: Arc::new(crate::crypto::Keyring::plain()),
         }
+    }
+
+    /// Seal edited content with, and open stored content with, `keyring`.
+    pub fn with_keyring(mut self, keyring: Arc<crate::crypto::Keyring>) -> Self {
+        self.keyring = keyring;
+        self
     }
 
     /// Report edits, deletes, members and new conversations to these

@@ -29,6 +29,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::crypto::Keyring;
 use crate::domain::{Message, Seq};
 use crate::queue::{self, dead_letters, BackgroundJob, Queue, RawJob};
 use crate::store::{self, ReceiptUpdate, StoreError};
@@ -147,6 +148,8 @@ pub struct Worker {
     /// Where webhook jobs go, and the endpoints `message.created` is written
     /// for; None when no webhook is configured.
     webhooks: Option<Deliverer>,
+    /// Keys content is sealed under as it is stored; none: plain.
+    keyring: Arc<Keyring>,
 }
 
 /// A failed batch and the jobs of it still unfinished.
@@ -178,7 +181,15 @@ impl Worker {
             high_streak: AtomicU32::new(0),
             held: std::sync::Mutex::new(None),
             webhooks: None,
+            keyring: Arc::new(Keyring::plain()),
         }
+    }
+
+    /// Seal message content with the active key of `keyring` as it is
+    /// stored (docs/OPERATIONS.md, "Encryption at rest").
+    pub fn with_keyring(mut self, keyring: Arc<Keyring>) -> Self {
+        self.keyring = keyring;
+        self
     }
 
     /// Write `message.created` for every message stored, and hand webhook
@@ -387,7 +398,7 @@ impl Worker {
                         Err(reason) => doomed.push((job, reason)),
                     }
                 }
-                let outcome = store::persist_batch(&mut tx, &messages).await?;
+                let outcome = store::persist_batch(&mut tx, &messages, &self.keyring).await?;
                 for orphan in &outcome.orphans {
                     if let Some(i) = messages.iter().position(|m| m.id == *orphan) {
                         doomed.push((

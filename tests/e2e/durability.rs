@@ -74,9 +74,10 @@ async fn worker_killed_between_enqueue_and_persist_loses_nothing() {
         .map(|j| PersistJob::decode(&j.message).unwrap())
         .collect();
     let mut tx = app.pool.begin().await.unwrap();
-    let outcome = postline::store::persist_batch(&mut tx, &messages)
-        .await
-        .unwrap();
+    let outcome =
+        postline::store::persist_batch(&mut tx, &messages, &postline::crypto::Keyring::plain())
+            .await
+            .unwrap();
     assert_eq!(outcome.persisted.len(), 12);
     drop(tx); // the crash: rolled back
     assert!(stored(&app.pool, conv).await.is_empty());

@@ -14,6 +14,7 @@ mod chat;
 mod cli;
 mod demo;
 mod durability;
+mod encryption;
 mod gateways;
 mod http_api;
 mod limits;
