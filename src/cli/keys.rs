@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::config::{DatabaseUrl, EncryptionArgs};
 use crate::crypto::Keyring;
+use crate::queue::audit::{Action, Actor, Origin};
 use crate::store;
 
 /// Passes over the table before `rotate` gives up on rows that keep
@@ -64,13 +65,25 @@ pub(super) async fn rotate(r: Rotation) -> anyhow::Result<()> {
         "{total} message(s) to re-encrypt under key {active:?}, {} per batch",
         r.batch
     ));
+    // One audit row per run that re-seals anything, written with its first batch.
+    let mut audit = Some(
+        Origin::default()
+            .by(Actor::operator_from_env())
+            .did(Action::KeysRotate)
+            .detail(serde_json::json!({"to_key": active, "batch": r.batch, "to_rotate": total})),
+    );
     let mut rotated = 0usize;
     let mut failed: Vec<(Uuid, String)> = Vec::new();
     for pass in 1..=MAX_PASSES {
         let mut after = Uuid::nil();
         let mut this_pass = 0usize;
         loop {
-            let b = store::rotate_batch(&pool, &r.keyring, after, i64::from(r.batch)).await?;
+            let b =
+                store::rotate_batch(&pool, &r.keyring, after, i64::from(r.batch), audit.as_ref())
+                    .await?;
+            if b.rotated > 0 {
+                audit = None;
+            }
             let Some(last) = b.last_id else { break };
             after = last;
             this_pass += b.rotated;

@@ -17,6 +17,7 @@ use uuid::Uuid;
 use super::StoreError;
 use crate::crypto::{Keyring, RowBinding};
 use crate::domain::{ConversationId, MessageId};
+use crate::queue::audit::AuditEvent;
 
 /// What one batch did.
 #[derive(Debug, Default)]
@@ -53,12 +54,16 @@ pub async fn rows_to_rotate(pool: &PgPool, keys: &Keyring) -> Result<i64, StoreE
 
 /// Re-seal up to `limit` rows with ids above `after` that are not under the
 /// active key, in one transaction. Rows already current, deleted, or locked
-/// by someone else are passed over.
+/// by someone else are passed over. `audit`, if given, is recorded in the
+/// same transaction when it re-seals anything (`rotated > 0`): a run is
+/// audited once it has changed something, and a run killed after that is
+/// still on record.
 pub async fn rotate_batch(
     pool: &PgPool,
     keys: &Keyring,
     after: Uuid,
     limit: i64,
+    audit: Option<&AuditEvent>,
 ) -> Result<RotationBatch, StoreError> {
     let Some(active) = keys.active_id() else {
         return Err(StoreError::Invariant(
@@ -124,6 +129,9 @@ pub async fn rotate_batch(
         .execute(&mut *tx)
         .await?
         .rows_affected() as usize;
+        if let (Some(event), true) = (audit, batch.rotated > 0) {
+            crate::queue::audit::record(&mut *tx, event).await?;
+        }
     }
     tx.commit().await?;
     Ok(batch)
