@@ -19,8 +19,11 @@
 //   send_message -> `new_message` to the room at once (sender included), then
 //   the ack: at once without persistence, once the BullMQ job is in Redis with
 //   it (as Postline acks once the pgmq job is committed). The worker stores
-//   the message with the next per-conversation seq and the gateway, told by
-//   BullMQ's QueueEvents, sends `message_persisted` to the room.
+//   the message with the next per-conversation seq and PUBLISHes the fact on
+//   a Redis channel; the gateway, subscribed, sends `message_persisted` to
+//   the room. (BullMQ's QueueEvents would do it too, but it streams every
+//   job's added/waiting/active/completed/removed events to the gateway, four
+//   or five reads and parses per message where one PUBLISH is enough.)
 //
 // Not implemented (the benchmark does not use them): presence, typing,
 // receipts, sync/history, edits, rate limits, and the gateway's in-memory
@@ -41,6 +44,7 @@ const option = (name, dflt) => {
 const DEV_JWT_SECRET = 'postline-dev-secret-do-not-use-in-production';
 const SECRET = process.env.POSTLINE_JWT_SECRET || DEV_JWT_SECRET;
 const QUEUE = 'persist';
+const PERSISTED = 'postline-compare:persisted';
 const MAX_CONTENT_BYTES = 4096;
 
 // ---------------------------------------------------------------- helpers
@@ -143,6 +147,8 @@ async function pgPool(max) {
 
 async function runWorker() {
   const { Worker } = await import('bullmq');
+  const { Redis } = await import('ioredis');
+  const publisher = new Redis(redisConnection());
   const concurrency = Number(process.env.COMPARE_WORKER_CONCURRENCY || 8);
   const pool = await pgPool(concurrency);
   const worker = new Worker(
@@ -153,7 +159,10 @@ async function runWorker() {
         m.id, m.conversation_id, m.sender_id, m.client_message_id, m.kind, m.content, m.created_at,
       ]);
       // A duplicate is stored once: no second message_persisted.
-      return r.rowCount ? { conversation_id: m.conversation_id, message_id: m.id, seq: Number(r.rows[0].seq) } : null;
+      if (!r.rowCount) return null;
+      const done = { conversation_id: m.conversation_id, message_id: m.id, seq: Number(r.rows[0].seq) };
+      await publisher.publish(PERSISTED, JSON.stringify(done));
+      return done;
     },
     { connection: redisConnection(), concurrency },
   );
@@ -163,6 +172,7 @@ async function runWorker() {
   const stop = async () => {
     await worker.close(true).catch(() => {});
     await pool.end().catch(() => {});
+    publisher.disconnect();
     process.exit(0);
   };
   process.on('SIGTERM', stop);
@@ -255,16 +265,17 @@ async function runGateway() {
   const persist = flag('--persist');
   let store = memoryStore();
   let queue = null;
-  let events = null;
+  let subscriber = null;
   if (persist) {
-    const { Queue, QueueEvents } = await import('bullmq');
+    const { Queue } = await import('bullmq');
+    const { Redis } = await import('ioredis');
     const pool = await pgPool(10);
     await pool.query(SCHEMA);
     store = pgStore(pool);
     queue = new Queue(QUEUE, { connection: redisConnection() });
     await queue.waitUntilReady();
-    events = new QueueEvents(QUEUE, { connection: redisConnection() });
-    await events.waitUntilReady();
+    subscriber = new Redis(redisConnection());
+    await subscriber.subscribe(PERSISTED);
   }
 
   const server = http.createServer(async (req, res) => {
@@ -333,10 +344,10 @@ async function runGateway() {
     socket.data.user = user;
     next();
   });
-  // The worker's completions, through Redis: message_persisted to the room.
-  events?.on('completed', ({ returnvalue }) => {
-    const r = typeof returnvalue === 'string' ? JSON.parse(returnvalue) : returnvalue;
-    if (r) io.to(r.conversation_id).emit('message_persisted', { type: 'message_persisted', ...r });
+  // The worker's stored messages, through Redis: message_persisted to the room.
+  subscriber?.on('message', (_channel, text) => {
+    const r = JSON.parse(text);
+    io.to(r.conversation_id).emit('message_persisted', { type: 'message_persisted', ...r });
   });
   let connections = 0;
   io.on('connection', (socket) => {
