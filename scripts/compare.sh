@@ -54,6 +54,7 @@ while [ $# -gt 0 ]; do
     --rate) rate=$2; shift 2 ;;
     --payload) payload=$2; shift 2 ;;
     --systems) systems=$2; shift 2 ;;
+    -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     --) shift; extra+=("$@"); break ;;
     *) extra+=("$1"); shift ;;
   esac
@@ -186,7 +187,11 @@ start_system() {
       wait_up "$addr"
       # serve --dev's cluster lives in $TMPDIR/postline-pg-<its pid>-<nanos>/.
       local pidfile
-      pidfile=$(compgen -G "$tmp_base/postline-pg-$app_pids-*/data/postmaster.pid" | head -1)
+      pidfile=$(compgen -G "$tmp_base/postline-pg-$app_pids-*/data/postmaster.pid" | head -1 || true)
+      if [ -z "$pidfile" ]; then
+        echo "no $tmp_base/postline-pg-$app_pids-*/data/postmaster.pid: cannot count serve --dev's Postgres" >&2
+        return 1
+      fi
       postmaster=$(head -1 "$pidfile")
       other_pids=$postmaster
       ;;
