@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
 # Run one benchmark scenario of BENCHMARKS.md against a release build:
 #   scripts/bench.sh S1|S2|S3|S4|S5|S6|SQL [extra postline-bench flags]
+#   scripts/bench.sh compare [flags]   (scripts/compare.sh: S1 against Node + Socket.IO + BullMQ)
 # S1-S3 start `postline serve --dev` (a throwaway local Postgres, fsync off:
 # they measure the gateway, not the disk); S4 starts its own cluster with
 # fsync on; S5 restarts the server against a ready database.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# S1 beside the original design's stack (Node + Socket.IO + BullMQ/Redis):
+# its own script, which builds what it runs and sets up its own servers.
+if [ "${1:-}" = compare ]; then
+  shift
+  exec bash scripts/compare.sh "$@"
+fi
 bash scripts/ensure-postgres.sh
 # The server and the load generator (its own crate in bench/; one target dir).
 cargo build --release --locked -p postline -p postline-bench >&2
