@@ -454,7 +454,7 @@ impl Worker {
         let mut busy: Vec<i64> = Vec::new();
         for job in webhook_jobs.iter().copied() {
             match &self.webhooks {
-                Some(d) => match d.try_reserve() {
+                Some(d) => match d.pool().try_reserve() {
                     Some(permit) => handed.push((permit, job)),
                     None => busy.push(job.msg_id),
                 },
@@ -467,7 +467,7 @@ impl Worker {
         }
         if let (Some(d), false) = (&self.webhooks, handed.is_empty()) {
             let ids: Vec<i64> = handed.iter().map(|(_, j)| j.msg_id).collect();
-            queue::set_vt(&mut *tx, q.name(), &ids, d.hold()).await?;
+            queue::set_vt(&mut *tx, q.name(), &ids, d.pool().hold()).await?;
         }
         if !busy.is_empty() {
             queue::set_vt(&mut *tx, q.name(), &busy, POOL_FULL_RETRY).await?;
