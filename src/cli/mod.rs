@@ -29,8 +29,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Jwt;
 use crate::config::{
-    Config, DatabaseArgs, DatabaseUrl, OpsArgs, OpsConfig, RuntimeArgs, RuntimeConfig, ServerArgs,
-    WebhookArgs, WebhookConfig, WorkerArgs, WorkerConfig, WorkerHttpArgs, DEV_JWT_SECRET,
+    Config, DatabaseArgs, DatabaseUrl, ModerationHookArgs, ModerationHookConfig, OpsArgs,
+    OpsConfig, RuntimeArgs, RuntimeConfig, ServerArgs, WebhookArgs, WebhookConfig, WorkerArgs,
+    WorkerConfig, WorkerHttpArgs, DEV_JWT_SECRET,
 };
 use crate::domain::UserId;
 use crate::pglocal::{Cluster, ClusterOptions};
@@ -92,6 +93,8 @@ enum Command {
         ops: Box<OpsArgs>,
         #[command(flatten)]
         webhooks: Box<WebhookArgs>,
+        #[command(flatten)]
+        moderation_hook: Box<ModerationHookArgs>,
     },
     /// Apply the schema (pgmq from its SQL, then migrations/) and exit.
     Migrate {
@@ -161,6 +164,7 @@ enum Job {
         // Boxed, as serve's Config is: the alert settings outweigh the rest.
         ops: Box<OpsConfig>,
         webhooks: Option<Box<WebhookConfig>>,
+        moderation_hook: Option<Box<ModerationHookConfig>>,
     },
     Migrate {
         database_url: String,
@@ -205,8 +209,10 @@ impl Job {
                 http,
                 ops,
                 webhooks,
+                moderation_hook,
             } => Job::Worker {
                 webhooks: WebhookConfig::new(&webhooks)?.map(Box::new),
+                moderation_hook: ModerationHookConfig::new(&moderation_hook)?.map(Box::new),
                 database_url: database.url.required()?.to_owned(),
                 max_connections: database.max_connections()?,
                 worker: WorkerConfig::try_from(&worker)?,
@@ -317,6 +323,12 @@ async fn run(job: Job) -> anyhow::Result<()> {
             threads: _,
             dev_env_file,
         } => {
+            if let Some(words) = &cfg.moderation.words {
+                // Before connecting anywhere: a bad word list is a mistake
+                // in the configuration, reported at once (serve reads it
+                // again, to use it).
+                crate::moderation::Filter::load(words, Arc::default())?;
+            }
             let (pool, _cluster) =
                 open_database(database_url, cfg.db_max_connections, dev_env_file).await?;
             if migrate {
@@ -339,6 +351,7 @@ async fn run(job: Job) -> anyhow::Result<()> {
             listen,
             ops: ops_cfg,
             webhooks,
+            moderation_hook,
         } => {
             let retry = worker.retry;
             let pool = store::connect(&database_url, max_connections)
@@ -361,8 +374,23 @@ async fn run(job: Job) -> anyhow::Result<()> {
                 &ops_tasks,
             );
             let http = tokio::spawn(crate::http::serve_ops(listener, ops, shutdown.clone()));
-            let mut worker =
-                Worker::with_metrics(pool.clone(), worker, Arc::new(Notify::new()), metrics);
+            let mut worker = Worker::with_metrics(
+                pool.clone(),
+                worker,
+                Arc::new(Notify::new()),
+                metrics.clone(),
+            );
+            if let Some(hook) = &moderation_hook {
+                // Stopped with the alerts, as the webhook pool is.
+                worker = worker.with_reviews(crate::moderation::Reviewer::spawn(
+                    pool.clone(),
+                    hook,
+                    retry,
+                    metrics,
+                    ops_stop.clone(),
+                    &ops_tasks,
+                ));
+            }
             if let Some(hooks) = &webhooks {
                 // Stopped with the alerts: after the batch in hand is finished.
                 worker = worker.with_webhooks(crate::webhooks::Deliverer::spawn(

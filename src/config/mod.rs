@@ -9,9 +9,10 @@
 //! subcommand takes only its own options:
 //! - `serve`: [`ServerArgs`] = [`DatabaseArgs`] + [`HttpArgs`] +
 //!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
-//!   [`AdmissionArgs`] + [`LimitsArgs`] + [`OpsArgs`] + [`WebhookArgs`];
+//!   [`AdmissionArgs`] + [`LimitsArgs`] + [`OpsArgs`] + [`WebhookArgs`] +
+//!   [`ModerationArgs`] + [`ModerationHookArgs`];
 //! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
-//!   [`OpsArgs`] + [`WorkerHttpArgs`] + [`WebhookArgs`];
+//!   [`OpsArgs`] + [`WorkerHttpArgs`] + [`WebhookArgs`] + [`ModerationHookArgs`];
 //! - `migrate`, `dlq`: [`DatabaseUrl`].
 //!
 //! This module sits at the bottom of the import graph and imports nothing
@@ -21,6 +22,7 @@ mod admission;
 mod enqueue;
 mod gateway;
 mod limits;
+mod moderation;
 mod ops;
 mod service;
 mod webhooks;
@@ -30,6 +32,10 @@ pub use admission::{open_file_limit, AdmissionArgs, AdmissionConfig};
 pub use enqueue::{EnqueueArgs, EnqueueConfig};
 pub use gateway::{GatewayArgs, GatewayConfig};
 pub use limits::{LimitsArgs, LimitsConfig, Rate};
+pub use moderation::{
+    ModerationAction, ModerationArgs, ModerationConfig, ModerationHookArgs, ModerationHookConfig,
+    WordListConfig,
+};
 pub use ops::{
     AlertConfig, OperatorAuth, OperatorToken, OpsArgs, OpsConfig, WebhookUrl, WorkerHttpArgs,
 };
@@ -111,6 +117,12 @@ pub enum ConfigError {
     MissingWebhookSecret,
     #[error("POSTLINE_WEBHOOK_SECRET must be at least {MIN_SECRET_BYTES} bytes")]
     WeakWebhookSecret,
+    #[error(
+        "POSTLINE_MODERATION_HOOK_SECRET is required when POSTLINE_MODERATION_HOOK_URL is set"
+    )]
+    MissingModerationHookSecret,
+    #[error("POSTLINE_MODERATION_HOOK_SECRET must be at least {MIN_SECRET_BYTES} bytes")]
+    WeakModerationHookSecret,
 }
 
 /// Whether the server mints tokens for the demo users (`POST /dev/token`,
@@ -331,6 +343,10 @@ pub struct ServerArgs {
     pub ops: OpsArgs,
     #[command(flatten)]
     pub webhooks: WebhookArgs,
+    #[command(flatten)]
+    pub moderation: ModerationArgs,
+    #[command(flatten)]
+    pub moderation_hook: ModerationHookArgs,
 }
 
 impl ServerArgs {
@@ -388,6 +404,8 @@ pub struct Config {
     pub service_keys: ServiceKeys,
     /// Outgoing webhooks; `None` when no endpoint is set.
     pub webhooks: Option<WebhookConfig>,
+    /// The word list and the review hook, each off unless set.
+    pub moderation: ModerationConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -409,6 +427,7 @@ impl std::fmt::Debug for Config {
             .field("dev_login", &self.dev_login)
             .field("service_keys", &self.service_keys)
             .field("webhooks", &self.webhooks)
+            .field("moderation", &self.moderation)
             .finish()
     }
 }
@@ -437,6 +456,7 @@ impl Config {
             dev_login: DevLogin::Off,
             service_keys: ServiceKeys::default(),
             webhooks: None,
+            moderation: ModerationConfig::default(),
         }
     }
 
@@ -491,6 +511,10 @@ impl Config {
             dev_login: DevLogin::for_server(args.dev, &jwt_secret),
             service_keys: ServiceKeys::parse(args.http.service_keys.as_deref().unwrap_or(""))?,
             webhooks: WebhookConfig::new(&args.webhooks)?,
+            moderation: ModerationConfig {
+                words: WordListConfig::new(&args.moderation)?,
+                hook: ModerationHookConfig::new(&args.moderation_hook)?,
+            },
             jwt_secret,
         })
     }

@@ -1,7 +1,7 @@
 //! `send_message`: broadcast at once, ack once the persist job is committed
 //! to the queue, so an acked message survives any crash; a retry of the same
 //! client_message_id waits for the original's fate instead of being stored
-//! or acked twice.
+//! or acked twice. Before any of it, the moderation check (shared with edits).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -9,7 +9,10 @@ use bytes::Bytes;
 
 use super::error::HandlerError;
 use super::session::Session;
-use crate::domain::{now_micros, ClientMessageId, ConversationId, Message, MessageId, UserId};
+use crate::domain::{
+    now_micros, ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, UserId,
+};
+use crate::moderation::Verdict;
 use crate::notify::Target;
 use crate::protocol::client::SendMessage;
 use crate::protocol::server;
@@ -98,6 +101,25 @@ impl Claim {
 }
 
 impl Session {
+    /// The moderation check of a user's text (a send or an edit): the
+    /// content to send, masked if the action is `mask`, or `moderated`.
+    /// Before broadcast and before storage, so what everyone sees and what
+    /// history keeps are the same.
+    pub(super) fn moderate(
+        &self,
+        kind: MessageKind,
+        content: Content,
+    ) -> Result<Content, HandlerError> {
+        let Some(filter) = &self.gw.moderation else {
+            return Ok(content);
+        };
+        match filter.check(kind, &content) {
+            Verdict::Clean => Ok(content),
+            Verdict::Masked(masked) => Ok(masked),
+            Verdict::Rejected => Err(HandlerError::Moderated),
+        }
+    }
+
     /// The sender's and the conversation's send limits.
     fn send_allowed(&self, conv: ConversationId) -> Result<(), HandlerError> {
         let limits = &self.gw.limits;
@@ -122,12 +144,15 @@ impl Session {
         received: std::time::Instant,
     ) {
         // Limited only once joined, so only real conversations become keys.
+        // Moderated before the dedup claim: a refused message holds no id.
         let admitted = self
             .require_joined(send.conversation_id)
-            .and_then(|()| self.send_allowed(send.conversation_id));
-        if let Err(e) = admitted {
-            return self.reply::<server::Done>(r, Err(e));
-        }
+            .and_then(|()| self.send_allowed(send.conversation_id))
+            .and_then(|()| self.moderate(send.kind, send.content));
+        let content = match admitted {
+            Ok(content) => content,
+            Err(e) => return self.reply::<server::Done>(r, Err(e)),
+        };
         let gw = &self.gw;
         let conv = send.conversation_id;
         let id = MessageId::new_v7();
@@ -158,7 +183,7 @@ impl Session {
             sender_id: self.user,
             client_message_id: send.client_message_id,
             kind: send.kind,
-            content: send.content,
+            content,
             created_at: now_micros(),
         };
         // Not queued: a resend with the same client_message_id must be

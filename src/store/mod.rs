@@ -50,6 +50,8 @@ pub struct Store {
     /// Webhook endpoints the changes made here are reported to (none: no
     /// webhooks).
     webhook_endpoints: Arc<[String]>,
+    /// Whether edits are queued for the moderation hook's review.
+    reviews: bool,
 }
 
 impl From<crate::queue::QueueError> for StoreError {
@@ -65,7 +67,15 @@ impl Store {
         Store {
             pool,
             webhook_endpoints: Arc::from([]),
+            reviews: false,
         }
+    }
+
+    /// Queue a review of each edit for the moderation hook, in the
+    /// transaction that makes it (the worker does the same for new messages).
+    pub fn with_reviews(mut self) -> Self {
+        self.reviews = true;
+        self
     }
 
     /// Report edits, deletes, members and new conversations to these
