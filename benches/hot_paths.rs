@@ -1,19 +1,23 @@
 //! In-process costs of the hot paths: decoding each client event, encoding a
 //! broadcast, fanning a frame out to rooms of 10 / 100 / 1000 connections
 //! (and to a room mixing native and Socket.IO connections),
-//! verifying a JWT, and the rate-limit checks of a send. `cargo bench`;
-//! results in BENCHMARKS.md.
+//! verifying a JWT, the rate-limit checks of a send, and the moderation
+//! check of a send against a 1,000-word list. `cargo bench`; results in
+//! BENCHMARKS.md.
 
 use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use postline::auth::Jwt;
+use postline::config::ModerationAction;
 use postline::config::{LimitsConfig, Rate};
 use postline::domain::{
     ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, UserId,
 };
 use postline::limits::Limits;
+use postline::moderation::words::WordList;
+use postline::moderation::{Filter, Verdict};
 use postline::protocol::client::{decode, DecodeLimits};
 use postline::protocol::{server, Framing};
 use postline::rooms::{ConnectionId, Member, Outbox, OutboxReceiver, Rooms};
@@ -238,6 +242,85 @@ fn mixed_fanout(c: &mut Criterion) {
     group.finish();
 }
 
+/// `n` made-up words of 4 to 10 letters (a fixed sequence, so every run
+/// compiles the same list), none of them a word of the benched messages.
+fn made_up_words(n: usize) -> Vec<String> {
+    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..n)
+        .map(|_| {
+            let len = 4 + (next() % 7) as usize;
+            (0..len)
+                .map(|_| char::from(b'a' + (next() % 26) as u8))
+                .collect::<String>()
+        })
+        .collect()
+}
+
+/// The check on a send's path (`Filter::check`): a 100-byte text against
+/// 1,000 words (and 10 /patterns/), clean (what almost every message is)
+/// or matching, refused or masked.
+fn moderation(c: &mut Criterion) {
+    let words = made_up_words(1000);
+    let mut list = words.join("\n");
+    let blocked = &words[500];
+    let patterns: String = (0..10)
+        .map(|i| format!("\n/fr[e3]{{2}}\\s*m[o0]ney{i}/"))
+        .collect();
+    let text = |s: &str| Content::parse(MessageKind::Text, json!(s), 4096).unwrap();
+    // About 100 bytes of ordinary chat.
+    let clean = "Are we still on for lunch at noon tomorrow? I can book the table by the window if you like it, ok?";
+    assert_eq!(clean.len(), 98);
+    let matching = format!(
+        "Are we still on for lunch at noon tomorrow? I can book the {blocked} by the window, ok?"
+    );
+    let accented =
+        "Café à midi demain ? Je réserve la table près de la fenêtre si tu veux, à tout à l'heure.";
+    let reject = Filter::new(WordList::parse(&list).unwrap(), ModerationAction::Reject);
+    let mask = Filter::new(WordList::parse(&list).unwrap(), ModerationAction::Mask);
+    list.push_str(&patterns);
+    let with_patterns = Filter::new(WordList::parse(&list).unwrap(), ModerationAction::Reject);
+    assert_eq!(
+        reject.check(MessageKind::Text, &text(clean)),
+        Verdict::Clean
+    );
+    assert_eq!(
+        reject.check(MessageKind::Text, &text(&matching)),
+        Verdict::Rejected
+    );
+    assert_eq!(
+        reject.check(MessageKind::Text, &text(accented)),
+        Verdict::Clean
+    );
+    assert_eq!(
+        with_patterns.check(MessageKind::Text, &text(clean)),
+        Verdict::Clean
+    );
+    let cases = [
+        ("clean_100B_1000_words", &reject, text(clean)),
+        ("clean_100B_non_ascii_1000_words", &reject, text(accented)),
+        (
+            "clean_100B_1000_words_10_patterns",
+            &with_patterns,
+            text(clean),
+        ),
+        ("match_100B_reject", &reject, text(&matching)),
+        ("match_100B_mask", &mask, text(&matching)),
+    ];
+    let mut group = c.benchmark_group("moderation");
+    for (name, filter, content) in &cases {
+        group.bench_function(*name, |b| {
+            b.iter(|| black_box(filter.check(MessageKind::Text, black_box(content))))
+        });
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     decoding,
@@ -245,6 +328,7 @@ criterion_group!(
     fanout,
     mixed_fanout,
     jwt,
-    limits
+    limits,
+    moderation
 );
 criterion_main!(benches);

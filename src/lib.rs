@@ -31,6 +31,11 @@
 //!   endpoints by a bounded pool beside the worker, from jobs the producers
 //!   wrote in their own transactions; one HTTP POST shared with `alerts`.
 //!   Never runs inside a worker batch.
+//! - [`moderation`]: the word list checked before a user's message is
+//!   broadcast (`Filter`: memory only, lock-free to read, reloaded in place),
+//!   and the review hook that may retract a stored message (`Reviewer`, a
+//!   pool beside the worker like webhooks'; retracts through `store` and
+//!   tells gateways through `notify`). Never runs inside a worker batch.
 //! - [`worker`]: queue -> messages table, job delete and NOTIFY in one
 //!   transaction, through `store`, `queue` and `notify` (it also runs its own
 //!   transaction with sqlx). Never touches a socket.
@@ -58,6 +63,7 @@ pub mod domain;
 pub mod gateway;
 pub mod http;
 pub mod limits;
+pub mod moderation;
 pub mod notify;
 pub mod pglocal;
 pub mod protocol;

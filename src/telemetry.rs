@@ -132,6 +132,19 @@ pub struct QueueGauge {
     pub oldest_age_secs: i64,
 }
 
+/// What moderation did (see `crate::moderation`); bumped with `fetch_add`
+/// like [`QueueCounters`].
+#[derive(Debug, Default)]
+pub struct ModerationCounters {
+    pub rejected: AtomicU64,
+    pub masked: AtomicU64,
+    pub reloaded: AtomicU64,
+    pub reload_failed: AtomicU64,
+    pub allowed: AtomicU64,
+    pub retracted: AtomicU64,
+    pub review_failed: AtomicU64,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     connections_open: AtomicI64,
@@ -146,6 +159,7 @@ pub struct Metrics {
     webhook_sent: AtomicU64,
     webhook_failed: AtomicU64,
     webhook_dropped: AtomicU64,
+    pub moderation: ModerationCounters,
     pub persist: QueueCounters,
     pub background: QueueCounters,
     pub batch_size: Histogram,
@@ -169,6 +183,7 @@ impl Default for Metrics {
             webhook_sent: AtomicU64::new(0),
             webhook_failed: AtomicU64::new(0),
             webhook_dropped: AtomicU64::new(0),
+            moderation: ModerationCounters::default(),
             persist: QueueCounters::default(),
             background: QueueCounters::default(),
             batch_size: Histogram::new(BATCH_BUCKETS),
@@ -400,6 +415,43 @@ impl Metrics {
             .map(|(o, c)| (format!("outcome=\"{o}\""), c.load(Ordering::Relaxed).to_string()))
             .collect(),
         );
+        let m = &self.moderation;
+        for (name, help, outcomes) in [
+            (
+                "postline_moderation_checks_total",
+                "Messages and edits that matched the word list, by what was done.",
+                [("rejected", &m.rejected), ("masked", &m.masked)].as_slice(),
+            ),
+            (
+                "postline_moderation_list_loads_total",
+                "Reloads of the word list: ok (swapped in) or failed (the previous list kept).",
+                &[("ok", &m.reloaded), ("failed", &m.reload_failed)],
+            ),
+            (
+                "postline_moderation_reviews_total",
+                "Review hook calls: allowed, retracted, or failed (every failed attempt).",
+                &[
+                    ("allowed", &m.allowed),
+                    ("retracted", &m.retracted),
+                    ("failed", &m.review_failed),
+                ],
+            ),
+        ] {
+            family(
+                name,
+                "counter",
+                help,
+                outcomes
+                    .iter()
+                    .map(|(o, c)| {
+                        (
+                            format!("outcome=\"{o}\""),
+                            c.load(Ordering::Relaxed).to_string(),
+                        )
+                    })
+                    .collect(),
+            );
+        }
         self.batch_size.render(
             &mut out,
             "postline_worker_batch_size",

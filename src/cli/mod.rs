@@ -32,9 +32,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::Jwt;
 use crate::config::{
-    Config, DatabaseArgs, DatabaseUrl, EncryptionArgs, EncryptionConfig, OpsArgs, OpsConfig,
-    RuntimeArgs, RuntimeConfig, ServerArgs, WebhookArgs, WebhookConfig, WorkerArgs, WorkerConfig,
-    WorkerHttpArgs, DEV_JWT_SECRET,
+    Config, DatabaseArgs, DatabaseUrl, EncryptionArgs, EncryptionConfig, ModerationHookArgs,
+    ModerationHookConfig, OpsArgs, OpsConfig, RuntimeArgs, RuntimeConfig, ServerArgs, WebhookArgs,
+    WebhookConfig, WorkerArgs, WorkerConfig, WorkerHttpArgs, DEV_JWT_SECRET,
 };
 use crate::crypto::Keyring;
 use crate::domain::UserId;
@@ -99,6 +99,8 @@ enum Command {
         webhooks: Box<WebhookArgs>,
         #[command(flatten)]
         encryption: EncryptionArgs,
+        #[command(flatten)]
+        moderation_hook: Box<ModerationHookArgs>,
     },
     /// Apply the schema (pgmq from its SQL, then migrations/) and exit.
     Migrate {
@@ -175,6 +177,7 @@ enum Job {
         ops: Box<OpsConfig>,
         webhooks: Option<Box<WebhookConfig>>,
         keyring: Arc<Keyring>,
+        moderation_hook: Option<Box<ModerationHookConfig>>,
     },
     Migrate {
         database_url: String,
@@ -229,6 +232,7 @@ impl Job {
                 ops,
                 webhooks,
                 encryption,
+                moderation_hook,
             } => Job::Worker {
                 keyring: {
                     let cfg = EncryptionConfig::new(&encryption)?;
@@ -238,6 +242,7 @@ impl Job {
                     Arc::new(Keyring::new(&cfg))
                 },
                 webhooks: WebhookConfig::new(&webhooks)?.map(Box::new),
+                moderation_hook: ModerationHookConfig::new(&moderation_hook)?.map(Box::new),
                 database_url: database.url.required()?.to_owned(),
                 max_connections: database.max_connections()?,
                 worker: WorkerConfig::try_from(&worker)?,
@@ -376,6 +381,12 @@ async fn run(job: Job) -> anyhow::Result<()> {
             threads: _,
             dev_env_file,
         } => {
+            if let Some(words) = &cfg.moderation.words {
+                // Before connecting anywhere: a bad word list is a mistake
+                // in the configuration, reported at once (serve reads it
+                // again, to use it).
+                crate::moderation::Filter::load(words, Arc::default())?;
+            }
             let (pool, _cluster) =
                 open_database(database_url, cfg.db_max_connections, dev_env_file).await?;
             if migrate {
@@ -399,6 +410,7 @@ async fn run(job: Job) -> anyhow::Result<()> {
             ops: ops_cfg,
             webhooks,
             keyring,
+            moderation_hook,
         } => {
             let retry = worker.retry;
             let pool = store::connect(&database_url, max_connections)
@@ -421,9 +433,24 @@ async fn run(job: Job) -> anyhow::Result<()> {
                 &ops_tasks,
             );
             let http = tokio::spawn(crate::http::serve_ops(listener, ops, shutdown.clone()));
-            let mut worker =
-                Worker::with_metrics(pool.clone(), worker, Arc::new(Notify::new()), metrics)
-                    .with_keyring(keyring);
+            let mut worker = Worker::with_metrics(
+                pool.clone(),
+                worker,
+                Arc::new(Notify::new()),
+                metrics.clone(),
+            )
+            .with_keyring(keyring);
+            if let Some(hook) = &moderation_hook {
+                // Stopped with the alerts, as the webhook pool is.
+                worker = worker.with_reviews(crate::moderation::Reviewer::spawn(
+                    pool.clone(),
+                    hook,
+                    retry,
+                    metrics,
+                    ops_stop.clone(),
+                    &ops_tasks,
+                ));
+            }
             if let Some(hooks) = &webhooks {
                 // Stopped with the alerts: after the batch in hand is finished.
                 worker = worker.with_webhooks(crate::webhooks::Deliverer::spawn(

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Jwt;
 use crate::config::{Config, DevLogin};
 use crate::crypto::Keyring;
-use crate::gateway::{Enqueuers, Gateway};
+use crate::gateway::{Enqueuers, Gateway, Policies};
 use crate::http::{self, HttpContext};
 use crate::limits::Limits;
 use crate::queue::Enqueuer;
@@ -40,6 +40,19 @@ pub async fn serve(
     if let Some(hooks) = &cfg.webhooks {
         store = store.with_webhooks(hooks.endpoints.iter().map(ToString::to_string).collect());
     }
+    if cfg.moderation.hook.is_some() {
+        store = store.with_reviews();
+    }
+    // First, before anything starts: a bad word list refuses to start.
+    let moderation = match &cfg.moderation.words {
+        Some(words) => {
+            let filter = crate::moderation::Filter::load(words, metrics.clone())?;
+            let (words_n, patterns) = filter.counts();
+            tracing::info!(path = %words.path.display(), words = words_n, patterns, action = ?words.action, "moderation word list loaded");
+            Some(Arc::new(filter))
+        }
+        None => None,
+    };
     // postline.publish() validates as this gateway does.
     if let Err(e) = store.share_settings(cfg.gateway.max_content_bytes).await {
         tracing::warn!(error = %e, "could not share settings with postline.publish()");
@@ -87,7 +100,10 @@ pub async fn serve(
         metrics.clone(),
         cfg.gateway,
         close_connections.clone(),
-        limits.clone(),
+        Policies {
+            limits: limits.clone(),
+            moderation: moderation.clone(),
+        },
     );
     let background = background_tasks;
     let (mut hints, listener_task) =
@@ -100,6 +116,9 @@ pub async fn serve(
     });
     background.spawn(gateway.clone().presence_keeper(background_stop.clone()));
     background.spawn(gateway.clone().liveness_keeper(background_stop.clone()));
+    if let (Some(filter), Some(words)) = (moderation, &cfg.moderation.words) {
+        background.spawn(filter.watch(words.poll, background_stop.clone()));
+    }
     let ops = super::ops::start(
         &pool,
         metrics.clone(),
@@ -116,6 +135,16 @@ pub async fn serve(
                 pool.clone(),
                 hooks,
                 cfg.worker.retry,
+                background_stop.clone(),
+                &background,
+            ));
+        }
+        if let Some(hook) = &cfg.moderation.hook {
+            worker = worker.with_reviews(crate::moderation::Reviewer::spawn(
+                pool.clone(),
+                hook,
+                cfg.worker.retry,
+                metrics.clone(),
                 background_stop.clone(),
                 &background,
             ));

@@ -10,9 +10,10 @@
 //! - `serve`: [`ServerArgs`] = [`DatabaseArgs`] + [`HttpArgs`] +
 //!   [`GatewayArgs`] + [`EnqueueArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
 //!   [`AdmissionArgs`] + [`LimitsArgs`] + [`OpsArgs`] + [`WebhookArgs`] +
-//!   [`EncryptionArgs`];
+//!   [`EncryptionArgs`] + [`ModerationArgs`] + [`ModerationHookArgs`];
 //! - `worker`: [`DatabaseArgs`] + [`WorkerArgs`] + [`RuntimeArgs`] +
-//!   [`OpsArgs`] + [`WorkerHttpArgs`] + [`WebhookArgs`] + [`EncryptionArgs`];
+//!   [`OpsArgs`] + [`WorkerHttpArgs`] + [`WebhookArgs`] + [`EncryptionArgs`] +
+//!   [`ModerationHookArgs`];
 //! - `keys rotate`: [`DatabaseUrl`] + [`EncryptionArgs`];
 //! - `migrate`, `dlq`: [`DatabaseUrl`].
 //!
@@ -24,6 +25,7 @@ mod encryption;
 mod enqueue;
 mod gateway;
 mod limits;
+mod moderation;
 mod ops;
 mod service;
 mod webhooks;
@@ -34,6 +36,10 @@ pub use encryption::{EncryptionArgs, EncryptionConfig, EncryptionKey, KEY_BYTES}
 pub use enqueue::{EnqueueArgs, EnqueueConfig};
 pub use gateway::{GatewayArgs, GatewayConfig};
 pub use limits::{LimitsArgs, LimitsConfig, Rate};
+pub use moderation::{
+    ModerationAction, ModerationArgs, ModerationConfig, ModerationHookArgs, ModerationHookConfig,
+    WordListConfig,
+};
 pub use ops::{
     AlertConfig, OperatorAuth, OperatorToken, OpsArgs, OpsConfig, WebhookUrl, WorkerHttpArgs,
 };
@@ -123,6 +129,12 @@ pub enum ConfigError {
     ActiveKeyWithoutKeys(String),
     #[error("`keys rotate` needs a key to rotate to: set POSTLINE_ENCRYPTION_KEYS")]
     NoActiveKey,
+    #[error(
+        "POSTLINE_MODERATION_HOOK_SECRET is required when POSTLINE_MODERATION_HOOK_URL is set"
+    )]
+    MissingModerationHookSecret,
+    #[error("POSTLINE_MODERATION_HOOK_SECRET must be at least {MIN_SECRET_BYTES} bytes")]
+    WeakModerationHookSecret,
 }
 
 /// Whether the server mints tokens for the demo users (`POST /dev/token`,
@@ -345,6 +357,10 @@ pub struct ServerArgs {
     pub webhooks: WebhookArgs,
     #[command(flatten)]
     pub encryption: EncryptionArgs,
+    #[command(flatten)]
+    pub moderation: ModerationArgs,
+    #[command(flatten)]
+    pub moderation_hook: ModerationHookArgs,
 }
 
 impl ServerArgs {
@@ -404,6 +420,8 @@ pub struct Config {
     pub webhooks: Option<WebhookConfig>,
     /// Keys message content is sealed under at rest; none: stored plain.
     pub encryption: EncryptionConfig,
+    /// The word list and the review hook, each off unless set.
+    pub moderation: ModerationConfig,
 }
 
 impl std::fmt::Debug for Config {
@@ -426,6 +444,7 @@ impl std::fmt::Debug for Config {
             .field("service_keys", &self.service_keys)
             .field("webhooks", &self.webhooks)
             .field("encryption", &self.encryption)
+            .field("moderation", &self.moderation)
             .finish()
     }
 }
@@ -455,6 +474,7 @@ impl Config {
             service_keys: ServiceKeys::default(),
             webhooks: None,
             encryption: EncryptionConfig::default(),
+            moderation: ModerationConfig::default(),
         }
     }
 
@@ -510,6 +530,10 @@ impl Config {
             service_keys: ServiceKeys::parse(args.http.service_keys.as_deref().unwrap_or(""))?,
             webhooks: WebhookConfig::new(&args.webhooks)?,
             encryption: EncryptionConfig::new(&args.encryption)?,
+            moderation: ModerationConfig {
+                words: WordListConfig::new(&args.moderation)?,
+                hook: ModerationHookConfig::new(&args.moderation_hook)?,
+            },
             jwt_secret,
         })
     }

@@ -490,3 +490,81 @@ fn webhooks_need_http_urls_and_a_strong_secret_and_name_the_variable() {
         ConfigError::NotPositive("POSTLINE_WEBHOOK_TIMEOUT_MS")
     ));
 }
+
+#[test]
+fn moderation_is_off_by_default_and_its_settings_are_checked_by_name() {
+    let cfg = Config::from_args(&args(&[]), None).unwrap();
+    assert!(cfg.moderation.words.is_none());
+    assert!(cfg.moderation.hook.is_none());
+
+    let cfg = Config::from_args(
+        &args(&["--moderation-file", "/etc/postline/words.txt"]),
+        None,
+    )
+    .unwrap();
+    let words = cfg.moderation.words.unwrap();
+    assert_eq!(words.action, ModerationAction::Reject);
+    assert_eq!(words.poll, Some(Duration::from_secs(2)));
+    let cfg = Config::from_args(
+        &args(&[
+            "--moderation-file",
+            "w.txt",
+            "--moderation-action",
+            "mask",
+            "--moderation-poll-ms",
+            "0",
+        ]),
+        None,
+    )
+    .unwrap();
+    let words = cfg.moderation.words.unwrap();
+    assert_eq!(words.action, ModerationAction::Mask);
+    assert_eq!(words.poll, None, "0: SIGHUP only");
+    assert!(
+        parse_ignoring_env::<ServerArgs>(&["--moderation-action", "shout"]).is_err(),
+        "only reject or mask"
+    );
+
+    let secret = "moderation-secret-0123";
+    let cfg = Config::from_args(
+        &args(&[
+            "--moderation-hook-url",
+            "http://review.internal:7000/review",
+            "--moderation-hook-secret",
+            secret,
+        ]),
+        None,
+    )
+    .unwrap();
+    let hook = cfg.moderation.hook.unwrap();
+    assert_eq!(hook.url.to_string(), "http://review.internal:7000/review");
+    assert_eq!(hook.timeout, Duration::from_secs(5));
+    assert_eq!(hook.concurrency, 8);
+    assert!(!format!("{hook:?}").contains(secret));
+    let e = refused(&["--moderation-hook-url", "https://review.example.com/x"]);
+    assert!(
+        e.to_string().contains("POSTLINE_MODERATION_HOOK_URL"),
+        "{e}"
+    );
+    let e = refused(&["--moderation-hook-url", "http://a/x"]);
+    assert!(matches!(e, ConfigError::MissingModerationHookSecret));
+    let e = refused(&[
+        "--moderation-hook-url",
+        "http://a/x",
+        "--moderation-hook-secret",
+        "short",
+    ]);
+    assert!(matches!(e, ConfigError::WeakModerationHookSecret));
+    let e = refused(&[
+        "--moderation-hook-url",
+        "http://a/x",
+        "--moderation-hook-secret",
+        secret,
+        "--moderation-hook-concurrency",
+        "0",
+    ]);
+    assert!(matches!(
+        e,
+        ConfigError::NotPositive("POSTLINE_MODERATION_HOOK_CONCURRENCY")
+    ));
+}

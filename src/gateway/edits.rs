@@ -1,9 +1,11 @@
 //! `edit_message` and `delete_message`: applied with optimistic concurrency
-//! in one conditional UPDATE, then published to the room.
+//! in one conditional UPDATE, then published to the room. An edit's text is
+//! moderated as a send's is.
 
 use super::error::HandlerError;
+use super::messages::Moderated;
 use super::session::Session;
-use crate::domain::{Content, MessageId};
+use crate::domain::{Content, MessageId, MessageKind};
 use crate::protocol::server;
 
 impl Session {
@@ -16,6 +18,10 @@ impl Session {
     ) -> Result<server::Changed, HandlerError> {
         let gw = &self.gw;
         let editing = content.is_some();
+        // Only text is edited (the store refuses other kinds).
+        let content = content
+            .map(|c| self.moderate(MessageKind::Text, c, Moderated::Edit { message: id }))
+            .transpose()?;
         let row = gw
             .store
             .change_message(
@@ -31,7 +37,7 @@ impl Session {
         let frame = if editing {
             server::message_updated(&row)
         } else {
-            server::message_deleted(conv, id, row.version)
+            server::message_deleted(conv, id, row.version, None)
         };
         gw.publish_to_room(conv, &frame, None);
         Ok(server::Changed {

@@ -57,6 +57,9 @@ pub enum HandlerError {
     BadToken(String),
     #[error("the token is for another user; the connection keeps its current token")]
     TokenForAnotherUser,
+    /// The text matched the moderation word list (action `reject`).
+    #[error("the message contains words or patterns this server does not accept; it was not sent")]
+    Moderated,
 }
 
 impl HandlerError {
@@ -72,6 +75,7 @@ impl HandlerError {
             Unstorable(_) | NotText | TooManyJoined { .. } => ErrorCode::Invalid,
             RateLimited { .. } => ErrorCode::RateLimited,
             Conflict { .. } => ErrorCode::Conflict,
+            Moderated => ErrorCode::Moderated,
         }
     }
 

@@ -1,7 +1,7 @@
 //! `send_message`: broadcast at once, ack once the persist job is committed
 //! to the queue, so an acked message survives any crash; a retry of the same
 //! client_message_id waits for the original's fate instead of being stored
-//! or acked twice.
+//! or acked twice. Before any of it, the moderation check (shared with edits).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -9,10 +9,14 @@ use bytes::Bytes;
 
 use super::error::HandlerError;
 use super::session::Session;
-use crate::domain::{now_micros, ClientMessageId, ConversationId, Message, MessageId, UserId};
+use crate::domain::{
+    now_micros, ClientMessageId, Content, ConversationId, Message, MessageId, MessageKind, UserId,
+};
+use crate::moderation::Verdict;
 use crate::notify::Target;
 use crate::protocol::client::SendMessage;
 use crate::protocol::server;
+use crate::queue::audit::{self, Action, Actor};
 use crate::queue::{EnqueueError, PersistJob, Rejected};
 use crate::rooms::Outbox;
 use crate::telemetry::RateLimit;
@@ -97,7 +101,76 @@ impl Claim {
     }
 }
 
+/// What a moderation action was taken on, for its audit row: a send has
+/// no message id yet (none is assigned to a refused one), an edit has no
+/// conversation at hand.
+pub(super) enum Moderated {
+    Send {
+        conversation: ConversationId,
+        client_message_id: ClientMessageId,
+    },
+    Edit {
+        message: MessageId,
+    },
+}
+
 impl Session {
+    /// The moderation check of a user's text (a send or an edit): the
+    /// content to send, masked if the action is `mask`, or `moderated`.
+    /// Before broadcast and before storage, so what everyone sees and what
+    /// history keeps are the same.
+    pub(super) fn moderate(
+        &self,
+        kind: MessageKind,
+        content: Content,
+        of: Moderated,
+    ) -> Result<Content, HandlerError> {
+        let Some(filter) = &self.gw.moderation else {
+            return Ok(content);
+        };
+        match filter.check(kind, &content) {
+            Verdict::Clean => Ok(content),
+            Verdict::Masked(masked) => {
+                self.audit_moderation(Action::ModerationMask, of);
+                Ok(masked)
+            }
+            Verdict::Rejected => {
+                self.audit_moderation(Action::ModerationReject, of);
+                Err(HandlerError::Moderated)
+            }
+        }
+    }
+
+    /// Audit a reject or a mask. Off the send path: a spawned insert of the
+    /// audit job (its own one-statement transaction), so the check stays
+    /// microseconds; a failed insert is logged, the only way its row can
+    /// be missing. Sends are rate-limited before moderation, which bounds
+    /// these inserts per user.
+    fn audit_moderation(&self, action: Action, of: Moderated) {
+        let mut event = self
+            .from
+            .by(Actor::User(self.user))
+            .did(action)
+            .user(self.user);
+        event = match of {
+            Moderated::Send {
+                conversation,
+                client_message_id,
+            } => event
+                .conversation(conversation)
+                .detail(serde_json::json!({"on": "send", "client_message_id": client_message_id})),
+            Moderated::Edit { message } => event
+                .message(message)
+                .detail(serde_json::json!({"on": "edit"})),
+        };
+        let pool = self.gw.store.pool().clone();
+        tokio::spawn(async move {
+            if let Err(e) = audit::record(&pool, &event).await {
+                tracing::error!(error = %e, action = ?event.action, "could not audit a moderation action");
+            }
+        });
+    }
+
     /// The sender's and the conversation's send limits.
     fn send_allowed(&self, conv: ConversationId) -> Result<(), HandlerError> {
         let limits = &self.gw.limits;
@@ -122,12 +195,21 @@ impl Session {
         received: std::time::Instant,
     ) {
         // Limited only once joined, so only real conversations become keys.
+        // Moderated before the dedup claim: a refused message holds no id.
         let admitted = self
             .require_joined(send.conversation_id)
-            .and_then(|()| self.send_allowed(send.conversation_id));
-        if let Err(e) = admitted {
-            return self.reply::<server::Done>(r, Err(e));
-        }
+            .and_then(|()| self.send_allowed(send.conversation_id))
+            .and_then(|()| {
+                let of = Moderated::Send {
+                    conversation: send.conversation_id,
+                    client_message_id: send.client_message_id.clone(),
+                };
+                self.moderate(send.kind, send.content, of)
+            });
+        let content = match admitted {
+            Ok(content) => content,
+            Err(e) => return self.reply::<server::Done>(r, Err(e)),
+        };
         let gw = &self.gw;
         let conv = send.conversation_id;
         let id = MessageId::new_v7();
@@ -158,7 +240,7 @@ impl Session {
             sender_id: self.user,
             client_message_id: send.client_message_id,
             kind: send.kind,
-            content: send.content,
+            content,
             created_at: now_micros(),
         };
         // Not queued: a resend with the same client_message_id must be

@@ -5,7 +5,8 @@
 //!   else touches it.
 //! - [`session`]: a connection's state and `dispatch`, the one place a
 //!   client event enters. Handlers by concern: [`messages`] (send and
-//!   dedup), [`typing`], [`receipts`], [`sync`] (sync and resume), [`edits`].
+//!   dedup, and the moderation check sends and edits share), [`typing`],
+//!   [`receipts`], [`sync`] (sync and resume), [`edits`].
 //! - [`publish`]: the one place a frame leaves, here and to other gateways,
 //!   and where what other gateways and workers said is delivered.
 //! - [`presence`]: online/offline across gateways; [`liveness`]: this
@@ -48,6 +49,7 @@ pub use slots::{TooManyConnections, UserSlot};
 use crate::auth::{Jwt, Verified};
 use crate::domain::{ConversationId, UserId};
 use crate::limits::Limits;
+use crate::moderation::Filter;
 use crate::notify::Relay;
 use crate::protocol::client::DecodeLimits;
 use crate::queue::audit::Origin;
@@ -75,6 +77,15 @@ pub struct Enqueuers {
     pub background: Enqueuer,
 }
 
+/// What clients' requests are held to, shared with the HTTP layer where it
+/// applies there too.
+pub struct Policies {
+    /// Rate limits; history reads count the same over WebSocket and HTTP.
+    pub limits: Arc<Limits>,
+    /// The moderation word list, checked on every send and edit; None: off.
+    pub moderation: Option<Arc<Filter>>,
+}
+
 /// The handles a connection needs, shared by all connections of a process.
 pub struct Gateway {
     /// This gateway's identity among those sharing the database.
@@ -96,6 +107,7 @@ pub struct Gateway {
     user_slots: slots::UserSlots,
     /// Shared with the HTTP layer: history reads count the same over both.
     limits: Arc<Limits>,
+    moderation: Option<Arc<Filter>>,
     /// Room departures waiting out the grace period: at most one per
     /// (conversation, user) with a connection here that just closed.
     departures: room_presence::Departures,
@@ -109,7 +121,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         cfg: GatewayConfig,
         shutdown: CancellationToken,
-        limits: Arc<Limits>,
+        policies: Policies,
     ) -> Arc<Self> {
         Arc::new(Gateway {
             id: relay.gateway(),
@@ -126,7 +138,8 @@ impl Gateway {
             shutdown,
             connections: TaskTracker::new(),
             user_slots: slots::UserSlots::new(cfg.max_connections_per_user),
-            limits,
+            limits: policies.limits,
+            moderation: policies.moderation,
         })
     }
 

@@ -15,7 +15,7 @@ mod listen;
 mod relay;
 
 pub use listen::{listen, Hints};
-pub use relay::{Relay, RelayBatch, RelayEvent, Target};
+pub use relay::{publish_in, Relay, RelayBatch, RelayEvent, Target, NO_GATEWAY};
 
 use sqlx::PgConnection;
 

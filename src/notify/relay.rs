@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -209,6 +209,42 @@ fn users_per_event(frame_len: usize) -> usize {
     } else {
         USERS_PER_REFERENCED_EVENT
     }
+}
+
+/// The sender of events no gateway sent (SQL's `postline.publish()`, the
+/// moderation hook's retractions): every gateway delivers them.
+pub const NO_GATEWAY: Uuid = Uuid::nil();
+
+/// Relay `frame` to `target` on every gateway, from [`NO_GATEWAY`], in the
+/// caller's transaction: Postgres sends the NOTIFY at commit, so gateways
+/// hear of a change exactly when (and only if) it commits. For producers
+/// outside a gateway, such as the worker's pools; a gateway uses [`Relay`].
+pub async fn publish_in(
+    conn: &mut PgConnection,
+    target: Target,
+    frame: &Bytes,
+) -> Result<(), sqlx::Error> {
+    let event = encode_event(&RelayEvent {
+        target,
+        frame: frame.clone(),
+    });
+    let payload = envelope(NO_GATEWAY, &[event]);
+    let notice = if payload.len() < MAX_PAYLOAD {
+        payload
+    } else {
+        let id: i64 =
+            sqlx::query_scalar("insert into relay_payloads (payload) values ($1) returning id")
+                .bind(&payload)
+                .fetch_one(&mut *conn)
+                .await?;
+        format!(r#"{{"g":"{NO_GATEWAY}","r":{id}}}"#)
+    };
+    sqlx::query("select pg_notify($1, $2)")
+        .bind(EVENTS_CHANNEL)
+        .bind(notice)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 fn envelope(gateway: Uuid, events: &[String]) -> String {

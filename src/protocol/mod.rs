@@ -11,6 +11,7 @@ pub mod depth;
 #[cfg(test)]
 pub(crate) mod fuzz;
 pub mod http;
+pub mod moderation;
 pub mod server;
 pub mod socketio;
 pub mod webhook;
@@ -41,6 +42,8 @@ pub enum ErrorCode {
     Unavailable,
     Unauthorized,
     Conflict,
+    /// The message (or edit) matched the moderation word list: not sent.
+    Moderated,
     Internal,
     /// HTTP only: the route exists, the method does not.
     MethodNotAllowed,
@@ -59,6 +62,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unauthorized => "unauthorized",
             ErrorCode::Conflict => "conflict",
+            ErrorCode::Moderated => "moderated",
             ErrorCode::Internal => "internal",
             ErrorCode::MethodNotAllowed => "method_not_allowed",
         }

@@ -90,6 +90,9 @@ enum Event<'a> {
         conversation_id: ConversationId,
         message_id: MessageId,
         version: i32,
+        /// Only when moderation retracted it: why.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
     },
     Joined {
         conversation_id: ConversationId,
@@ -356,15 +359,19 @@ pub fn message_updated(message: &StoredMessage) -> Bytes {
     })
 }
 
+/// `reason`: set when moderation retracted the message, None when its
+/// sender deleted it (the field is then absent, as before it existed).
 pub fn message_deleted(
     conversation_id: ConversationId,
     message_id: MessageId,
     version: i32,
+    reason: Option<&str>,
 ) -> Bytes {
     encode(&Event::MessageDeleted {
         conversation_id,
         message_id,
         version,
+        reason,
     })
 }
 
@@ -503,6 +510,18 @@ mod tests {
             v,
             json!({"type": "error", "code": "rate_limited", "message": "slow down", "retry_after_ms": 250})
         );
+    }
+
+    #[test]
+    fn message_deleted_carries_a_reason_only_when_moderation_retracted_it() {
+        let (conv, id) = (ConversationId::new_v7(), MessageId::new_v7());
+        let v = parse(&message_deleted(conv, id, 2, None));
+        assert_eq!(
+            v,
+            json!({"type": "message_deleted", "conversation_id": conv, "message_id": id, "version": 2})
+        );
+        let v = parse(&message_deleted(conv, id, 2, Some("spam")));
+        assert_eq!(v["reason"], "spam");
     }
 
     #[test]

@@ -32,6 +32,9 @@ pub enum Data<'a> {
         conversation_id: ConversationId,
         message_id: MessageId,
         version: i32,
+        /// Set when moderation retracted it (absent when the sender deleted it).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
     },
     /// `member.joined` and `member.left`.
     Member {
@@ -76,13 +79,15 @@ impl<'a> Event<'a> {
         Self::new("message.updated", Data::Message { message: m.into() })
     }
 
-    pub fn message_deleted(m: &StoredMessage) -> Self {
+    /// `reason`: why moderation retracted it; None when the sender deleted it.
+    pub fn message_deleted(m: &StoredMessage, reason: Option<&'a str>) -> Self {
         Self::new(
             "message.deleted",
             Data::MessageDeleted {
                 conversation_id: m.message.conversation_id,
                 message_id: m.message.id,
                 version: m.version,
+                reason,
             },
         )
     }

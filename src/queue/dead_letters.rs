@@ -33,6 +33,23 @@ pub async fn record_failure<'e>(
     Ok(())
 }
 
+/// How many attempts of a job failed so far (0 if none did): attempts
+/// counted apart from `read_ct`, which also counts reads that only found a
+/// pool beside the worker full.
+pub async fn failures<'e>(
+    ex: impl PgExecutor<'e>,
+    queue: &str,
+    msg_id: i64,
+) -> Result<i32, QueueError> {
+    let n: Option<i32> =
+        sqlx::query_scalar("select failures from job_failures where queue = $1 and msg_id = $2")
+            .bind(queue)
+            .bind(msg_id)
+            .fetch_optional(ex)
+            .await?;
+    Ok(n.unwrap_or(0))
+}
+
 /// Move a job to the dead-letter table and archive it in pgmq, in the
 /// caller's transaction.
 pub async fn bury(

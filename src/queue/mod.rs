@@ -192,6 +192,20 @@ pub enum BackgroundJob {
     Webhook { v: u8, delivery_id: i64 },
     /// Append one `audit_log` row (see [`audit`]).
     Audit { v: u8, event: audit::AuditEvent },
+    /// Ask the moderation hook about one version of a stored message (see
+    /// `crate::moderation`); stale once the message changed again.
+    Review {
+        v: u8,
+        message_id: MessageId,
+        version: i32,
+    },
+}
+
+impl BackgroundJob {
+    /// The review of `message_id` as it is at `version`, as a job payload.
+    pub fn review(message_id: MessageId, version: i32) -> serde_json::Value {
+        serde_json::json!({"kind": "review", "v": PersistJob::VERSION, "message_id": message_id, "version": version})
+    }
 }
 
 impl BackgroundJob {
@@ -206,7 +220,9 @@ impl BackgroundJob {
                 read_seq,
                 ..
             } => (*v, [delivered_seq.0, read_seq.0]),
-            BackgroundJob::Webhook { v, .. } | BackgroundJob::Audit { v, .. } => (*v, [0, 0]),
+            BackgroundJob::Webhook { v, .. }
+            | BackgroundJob::Audit { v, .. }
+            | BackgroundJob::Review { v, .. } => (*v, [0, 0]),
         };
         if v != PersistJob::VERSION {
             return Err(format!("unknown background job version {v}"));
@@ -393,5 +409,18 @@ mod tests {
         ok["v"] = json!(1);
         ok["kind"] = json!("video");
         assert!(PersistJob::decode(&ok).is_err());
+    }
+
+    #[test]
+    fn a_review_job_round_trips() {
+        let id = MessageId::new_v7();
+        assert_eq!(
+            BackgroundJob::decode(&BackgroundJob::review(id, 3)).unwrap(),
+            BackgroundJob::Review {
+                v: 1,
+                message_id: id,
+                version: 3
+            }
+        );
     }
 }

@@ -295,9 +295,16 @@ impl Store {
                         .user(sender)
                         .detail(serde_json::json!({"version": stored.version}));
                     audit::record(&mut *tx, &deleted).await?;
-                    Event::message_deleted(&stored)
+                    Event::message_deleted(&stored, None)
                 };
                 self.emit(&mut tx, &[event]).await?;
+                if self.reviews && content.is_some() {
+                    // The new text is reviewed as the first was: editing a
+                    // clean message into spam must not escape the hook.
+                    let job = crate::queue::BackgroundJob::review(id, stored.version);
+                    crate::queue::send_batch(&mut *tx, crate::queue::BACKGROUND_QUEUE, &[job])
+                        .await?;
+                }
                 tx.commit().await?;
                 Ok(Ok(stored))
             }
@@ -306,6 +313,52 @@ impl Store {
                 Ok(Err(self.why_refused(id, sender, content.is_some()).await?))
             }
         }
+    }
+
+    /// A message as it is now, whoever sent it, tombstones included: what
+    /// the moderation hook is asked about.
+    pub async fn message(&self, id: MessageId) -> Result<Option<StoredMessage>, StoreError> {
+        let sql = format!("select {MESSAGE_COLUMNS} from messages where id = $1");
+        sqlx::query_as::<_, MessageRow>(&sql)
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|r| r.open(&self.keyring))
+            .transpose()
+    }
+
+    /// Retract a message for moderation, in the caller's transaction: the
+    /// same tombstone as a delete (content null, version + 1), made by the
+    /// system rather than the sender, with `reason` kept in `deleted_reason`
+    /// and in the webhook's `message.deleted`. Only `version` is retracted:
+    /// None if the message changed since (an edit is reviewed on its own)
+    /// or is already deleted.
+    pub async fn retract_in(
+        &self,
+        conn: &mut PgConnection,
+        id: MessageId,
+        version: i32,
+        reason: &str,
+    ) -> Result<Option<StoredMessage>, StoreError> {
+        let sql = format!(
+            "update messages set content = 'null'::jsonb, key_id = null, ciphertext = null,
+                    deleted_at = now(), deleted_reason = $3, version = version + 1
+             where id = $1 and version = $2 and deleted_at is null
+             returning {MESSAGE_COLUMNS}"
+        );
+        let Some(row) = sqlx::query_as::<_, MessageRow>(&sql)
+            .bind(id.0)
+            .bind(version)
+            .bind(reason)
+            .fetch_optional(&mut *conn)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let stored = row.open(&self.keyring)?;
+        self.emit(conn, &[Event::message_deleted(&stored, Some(reason))])
+            .await?;
+        Ok(Some(stored))
     }
 
     async fn why_refused(

@@ -66,6 +66,8 @@ pub struct Store {
     /// Keys that seal content written here (edits) and open content read
     /// (history); none: plain.
     keyring: Arc<crate::crypto::Keyring>,
+    /// Whether edits are queued for the moderation hook's review.
+    reviews: bool,
 }
 
 impl From<crate::queue::QueueError> for StoreError {
@@ -82,12 +84,20 @@ impl Store {
             pool,
             webhook_endpoints: Arc::from([]),
             keyring: Arc::new(crate::crypto::Keyring::plain()),
+            reviews: false,
         }
     }
 
     /// Seal edited content with, and open stored content with, `keyring`.
     pub fn with_keyring(mut self, keyring: Arc<crate::crypto::Keyring>) -> Self {
         self.keyring = keyring;
+        self
+    }
+
+    /// Queue a review of each edit for the moderation hook, in the
+    /// transaction that makes it (the worker does the same for new messages).
+    pub fn with_reviews(mut self) -> Self {
+        self.reviews = true;
         self
     }
 

@@ -26,25 +26,21 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sqlx::PgPool;
-use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::pool::PoolHandle;
 use super::post::post;
 use super::sign;
 use crate::config::{RetryPolicy, WebhookConfig, WebhookUrl};
 use crate::queue::webhooks::{self as deliveries, Delivery};
 use crate::queue::{self, dead_letters, BackgroundJob, QueueError, RawJob, BACKGROUND_QUEUE};
 
-/// Added to the attempt timeout when hiding a handed-over job: the
-/// transaction that finishes it must commit before anyone may read it again.
-const HOLD_MARGIN: Duration = Duration::from_secs(30);
 /// The worker's handle on the pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Deliverer {
-    tx: mpsc::Sender<RawJob>,
+    pool: PoolHandle,
     endpoints: Arc<[String]>,
-    hold: Duration,
 }
 
 struct Shared {
@@ -77,15 +73,16 @@ impl Deliverer {
             timeout: cfg.timeout,
             retry,
         });
-        // As many jobs waiting as in flight: enough to keep the pool busy
-        // between worker reads, few enough to hold little.
-        let (tx, rx) = mpsc::channel(cfg.concurrency);
-        tasks.spawn(run(shared, rx, cfg.concurrency, stop, tasks.clone()));
-        Deliverer {
-            tx,
-            endpoints,
-            hold: cfg.timeout + HOLD_MARGIN,
-        }
+        let pool = PoolHandle::spawn(
+            "webhook delivery",
+            shared,
+            cfg.concurrency,
+            cfg.timeout,
+            stop,
+            tasks,
+            |s, job| async move { deliver(&s, &job).await },
+        );
+        Deliverer { pool, endpoints }
     }
 
     /// Every configured endpoint, as named in `webhook_deliveries`.
@@ -93,45 +90,9 @@ impl Deliverer {
         &self.endpoints
     }
 
-    /// How long a handed-over job must stay hidden in the queue.
-    pub fn hold(&self) -> Duration {
-        self.hold
-    }
-
-    /// Room for one more job, or None when the pool is full. Never waits.
-    pub fn try_reserve(&self) -> Option<mpsc::Permit<'_, RawJob>> {
-        self.tx.try_reserve().ok()
-    }
-}
-
-async fn run(
-    shared: Arc<Shared>,
-    mut rx: mpsc::Receiver<RawJob>,
-    concurrency: usize,
-    stop: CancellationToken,
-    tasks: TaskTracker,
-) {
-    let slots = Arc::new(Semaphore::new(concurrency));
-    loop {
-        let job = tokio::select! {
-            _ = stop.cancelled() => return,
-            j = rx.recv() => match j { Some(j) => j, None => return },
-        };
-        let slot = tokio::select! {
-            _ = stop.cancelled() => return,
-            s = slots.clone().acquire_owned() => match s { Ok(s) => s, Err(_) => return },
-        };
-        let (shared, stop) = (shared.clone(), stop.clone());
-        tasks.spawn(async move {
-            let _slot = slot;
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                r = deliver(&shared, &job) => if let Err(e) = r {
-                    // The job stays hidden until its visibility timeout, then is tried again.
-                    tracing::warn!(msg_id = job.msg_id, error = %e, "webhook delivery could not be recorded");
-                }
-            }
-        });
+    /// Where the worker hands webhook jobs over.
+    pub fn pool(&self) -> &PoolHandle {
+        &self.pool
     }
 }
 

@@ -6,7 +6,8 @@
 //!   job per (event, endpoint) in their own transaction
 //!   ([`crate::queue::webhooks`]);
 //! - the worker hands those jobs to the [`Deliverer`], a bounded pool beside
-//!   it, so no HTTP ever runs inside a worker batch;
+//!   it ([`pool`], which moderation's review hook runs on too), so no HTTP
+//!   ever runs inside a worker batch;
 //! - [`sign`] makes `Postline-Signature`; [`post`] is the one HTTP POST
 //!   (the alert webhook sends with it too).
 //!
@@ -15,8 +16,10 @@
 //! or dead-lettered.
 
 mod deliver;
+pub mod pool;
 pub mod post;
 pub mod sign;
 
 pub use deliver::Deliverer;
+pub use pool::PoolHandle;
 pub use post::PostError;

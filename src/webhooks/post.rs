@@ -1,5 +1,6 @@
 //! One HTTP/1.1 POST over a fresh connection, bounded in time: what the
-//! alert webhook and chat-event webhooks both send with.
+//! alert webhook, chat-event webhooks and the moderation review hook all
+//! send with (the review hook also reads the answer's body).
 //!
 //! No pool: a connection per POST keeps no state between attempts, and a
 //! hung endpoint costs one socket until the timeout. No TLS: a TLS stack
@@ -14,8 +15,8 @@ use hyper_util::rt::TokioIo;
 
 use crate::config::WebhookUrl;
 
-/// The response body read (and discarded) at most, so a chatty endpoint
-/// cannot hold an attempt open.
+/// The response body read at most, so a chatty endpoint cannot hold an
+/// attempt open (or fill memory).
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -30,10 +31,12 @@ pub enum PostError {
     Request(#[from] hyper::http::Error),
     #[error("the endpoint answered {0}")]
     Status(hyper::StatusCode),
+    #[error("reading the answer: {0}")]
+    Body(String),
 }
 
 /// POST `body` as JSON with `headers`; Ok on a 2xx within `timeout`
-/// (connect, send, response head and a small body).
+/// (connect, send, response head and a small body, discarded).
 pub async fn post(
     url: &WebhookUrl,
     user_agent: &'static str,
@@ -41,9 +44,30 @@ pub async fn post(
     body: Bytes,
     timeout: Duration,
 ) -> Result<(), PostError> {
-    tokio::time::timeout(timeout, post_unbounded(url, user_agent, headers, body))
-        .await
-        .unwrap_or(Err(PostError::TimedOut(timeout)))
+    tokio::time::timeout(
+        timeout,
+        post_unbounded(url, user_agent, headers, body, false),
+    )
+    .await
+    .unwrap_or(Err(PostError::TimedOut(timeout)))
+    .map(drop)
+}
+
+/// [`post`], and the 2xx answer's body (at most 64 KiB, else an error), all
+/// within `timeout`.
+pub async fn post_for_answer(
+    url: &WebhookUrl,
+    user_agent: &'static str,
+    headers: &[(&'static str, String)],
+    body: Bytes,
+    timeout: Duration,
+) -> Result<Bytes, PostError> {
+    tokio::time::timeout(
+        timeout,
+        post_unbounded(url, user_agent, headers, body, true),
+    )
+    .await
+    .unwrap_or(Err(PostError::TimedOut(timeout)))
 }
 
 async fn post_unbounded(
@@ -51,7 +75,8 @@ async fn post_unbounded(
     user_agent: &'static str,
     headers: &[(&'static str, String)],
     body: Bytes,
-) -> Result<(), PostError> {
+    want_answer: bool,
+) -> Result<Bytes, PostError> {
     let stream = tokio::net::TcpStream::connect(&url.authority).await?;
     let _ = stream.set_nodelay(true);
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
@@ -67,11 +92,16 @@ async fn post_unbounded(
     let res = sender.send_request(req.body(Full::new(body))?).await;
     let outcome = match res {
         Ok(res) if res.status().is_success() => {
-            // Read (and discard) a small body so the endpoint sees a clean end.
-            let _ = http_body_util::Limited::new(res.into_body(), MAX_RESPONSE_BYTES)
+            // Read a small body: the answer, or (discarded) so the endpoint
+            // sees a clean end.
+            let read = http_body_util::Limited::new(res.into_body(), MAX_RESPONSE_BYTES)
                 .collect()
                 .await;
-            Ok(())
+            match read {
+                Ok(b) => Ok(b.to_bytes()),
+                Err(e) if want_answer => Err(PostError::Body(e.to_string())),
+                Err(_) => Ok(Bytes::new()),
+            }
         }
         Ok(res) => Err(PostError::Status(res.status())),
         Err(e) => Err(e.into()),

@@ -30,13 +30,14 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::crypto::Keyring;
-use crate::domain::{Message, Seq};
+use crate::domain::{Message, MessageKind, Seq};
+use crate::moderation::Reviewer;
 use crate::queue::{self, dead_letters, BackgroundJob, Queue, RawJob};
 use crate::store::{self, ReceiptUpdate, StoreError};
 use crate::telemetry::{Metrics, QueueCounters};
-use crate::webhooks::Deliverer;
+use crate::webhooks::{Deliverer, PoolHandle};
 
-/// How soon a webhook job the full delivery pool could not take is read
+/// How soon a webhook or review job its full pool could not take is read
 /// again: long enough not to spin, short next to any retry.
 const POOL_FULL_RETRY: Duration = Duration::from_millis(500);
 
@@ -150,6 +151,16 @@ pub struct Worker {
     webhooks: Option<Deliverer>,
     /// Keys content is sealed under as it is stored; none: plain.
     keyring: Arc<Keyring>,
+    /// Where review jobs go; a review is written for each message stored.
+    /// None when no moderation hook is configured.
+    reviews: Option<Reviewer>,
+}
+
+/// Background jobs finished by a pool beside the worker, not by the batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pooled {
+    Webhook,
+    Review,
 }
 
 /// A failed batch and the jobs of it still unfinished.
@@ -182,6 +193,7 @@ impl Worker {
             held: std::sync::Mutex::new(None),
             webhooks: None,
             keyring: Arc::new(Keyring::plain()),
+            reviews: None,
         }
     }
 
@@ -197,6 +209,21 @@ impl Worker {
     pub fn with_webhooks(mut self, deliverer: Deliverer) -> Self {
         self.webhooks = Some(deliverer);
         self
+    }
+
+    /// Write a review job for every message stored (but `system` ones), and
+    /// hand review jobs to `reviewer` (see [`crate::moderation`]).
+    pub fn with_reviews(mut self, reviewer: Reviewer) -> Self {
+        self.reviews = Some(reviewer);
+        self
+    }
+
+    /// The pool that finishes `kind` of job, if this process runs one.
+    fn pool(&self, kind: Pooled) -> Option<&PoolHandle> {
+        match kind {
+            Pooled::Webhook => self.webhooks.as_ref().map(Deliverer::pool),
+            Pooled::Review => self.reviews.as_ref().map(Reviewer::pool),
+        }
     }
 
     pub fn heartbeat(&self) -> Arc<Heartbeat> {
@@ -385,6 +412,7 @@ impl Worker {
         let mut doomed: Vec<(&RawJob, String)> = Vec::new();
         // Each with the delivery it drives.
         let mut webhook_jobs: Vec<(&RawJob, i64)> = Vec::new();
+        let mut pooled: Vec<(&RawJob, Pooled)> = Vec::new();
         match q {
             Queue::Persist => {
                 let mut messages: Vec<Message> = Vec::with_capacity(jobs.len());
@@ -415,6 +443,24 @@ impl Worker {
                     // In this transaction: an event exists exactly when its message does.
                     let events = created_events(&messages, &outcome.persisted)?;
                     queue::webhooks::enqueue(&mut tx, hooks.endpoints(), &events).await?;
+                }
+                if self.reviews.is_some() {
+                    // In this transaction too: a review exists exactly when
+                    // its message does. System messages are the
+                    // application's own, not reviewed.
+                    let reviews: Vec<serde_json::Value> = outcome
+                        .persisted
+                        .iter()
+                        .filter(|p| {
+                            messages
+                                .iter()
+                                .any(|m| m.id == p.message_id && m.kind != MessageKind::System)
+                        })
+                        .map(|p| BackgroundJob::review(p.message_id, 1))
+                        .collect();
+                    if !reviews.is_empty() {
+                        queue::send_batch(&mut *tx, queue::BACKGROUND_QUEUE, &reviews).await?;
+                    }
                 }
                 report.persisted = outcome.persisted.len();
                 report.duplicates = outcome.duplicates;
@@ -455,8 +501,10 @@ impl Worker {
                             read_seq,
                         }),
                         Ok(BackgroundJob::Webhook { delivery_id, .. }) => {
-                            webhook_jobs.push((job, delivery_id))
+                            webhook_jobs.push((job, delivery_id));
+                            pooled.push((job, Pooled::Webhook));
                         }
+                        Ok(BackgroundJob::Review { .. }) => pooled.push((job, Pooled::Review)),
                         // Recorded without a time only by hand: the job's own
                         // enqueue time is the closest to the action.
                         Ok(BackgroundJob::Audit { event, .. }) => {
@@ -465,37 +513,44 @@ impl Worker {
                         Err(reason) => doomed.push((job, reason)),
                     }
                 }
-                report.applied = receipts.len() + webhook_jobs.len() + audits.len();
+                report.applied = receipts.len() + pooled.len() + audits.len();
                 store::advance_receipts(&mut tx, &receipts).await?;
                 // A job applied before (a crash after commit, a replay) adds nothing.
                 store::append_audit(&mut tx, &audits).await?;
             }
         }
-        // Webhook jobs are not finished here: they go to the delivery pool,
-        // hidden meanwhile (or soon read again when it is full); without
-        // webhooks configured they can never be sent.
+        // Webhook and review jobs are not finished here: they go to their
+        // pool, hidden meanwhile (or soon read again when it is full);
+        // without that pool configured they can never be finished.
         let mut handed: Vec<(mpsc::Permit<'_, RawJob>, &RawJob)> = Vec::new();
         let mut busy: Vec<i64> = Vec::new();
+        // Parked jobs stay in the queue, hidden until woken (see `crate::webhooks`).
         let parked = self.park_blocked_webhooks(&mut tx, &webhook_jobs).await?;
-        for (job, _) in webhook_jobs.iter().copied() {
-            if parked.contains(&job.msg_id) {
+        for (kind, setting) in [
+            (Pooled::Webhook, "webhooks are not configured in this process (POSTLINE_WEBHOOK_URLS)"),
+            (
+                Pooled::Review,
+                "the moderation hook is not configured in this process (POSTLINE_MODERATION_HOOK_URL)",
+            ),
+        ] {
+            let jobs = pooled.iter().filter(|(_, k)| *k == kind).map(|(j, _)| *j);
+            let Some(pool) = self.pool(kind) else {
+                doomed.extend(jobs.map(|j| (j, setting.to_owned())));
                 continue;
-            }
-            match &self.webhooks {
-                Some(d) => match d.try_reserve() {
-                    Some(permit) => handed.push((permit, job)),
+            };
+            let mut ids = Vec::new();
+            for job in jobs.filter(|j| !parked.contains(&j.msg_id)) {
+                match pool.try_reserve() {
+                    Some(permit) => {
+                        handed.push((permit, job));
+                        ids.push(job.msg_id);
+                    }
                     None => busy.push(job.msg_id),
-                },
-                None => doomed.push((
-                    job,
-                    "webhooks are not configured in this process (POSTLINE_WEBHOOK_URLS)"
-                        .to_owned(),
-                )),
+                }
             }
-        }
-        if let (Some(d), false) = (&self.webhooks, handed.is_empty()) {
-            let ids: Vec<i64> = handed.iter().map(|(_, j)| j.msg_id).collect();
-            queue::set_vt(&mut *tx, q.name(), &ids, d.hold()).await?;
+            if !ids.is_empty() {
+                queue::set_vt(&mut *tx, q.name(), &ids, pool.hold()).await?;
+            }
         }
         if !busy.is_empty() {
             queue::set_vt(&mut *tx, q.name(), &busy, POOL_FULL_RETRY).await?;
@@ -512,7 +567,7 @@ impl Worker {
             .iter()
             .map(|j| j.msg_id)
             .filter(|id| !doomed.iter().any(|(d, _)| d.msg_id == *id))
-            .filter(|id| !webhook_jobs.iter().any(|(w, _)| w.msg_id == *id))
+            .filter(|id| !pooled.iter().any(|(w, _)| w.msg_id == *id))
             .collect();
         queue::delete(&mut *tx, q.name(), &done).await?;
         if jobs.iter().any(|j| j.read_ct > 1) {

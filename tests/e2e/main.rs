@@ -19,6 +19,7 @@ mod gateways;
 mod http_api;
 mod limits;
 mod liveness;
+mod moderation;
 mod ops;
 mod origins;
 mod process;

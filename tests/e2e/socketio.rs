@@ -12,14 +12,14 @@ use tokio_tungstenite::WebSocketStream;
 
 use crate::harness::*;
 
-type Sio = WebSocketStream<TcpStream>;
+pub type Sio = WebSocketStream<TcpStream>;
 
 /// A request that is served (401) when the address has room, 503 when not.
 const TOKENLESS_API: &str =
     "GET /v1/conversations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
 
 /// A Socket.IO WebSocket over `stream`, past the Engine.IO open packet.
-async fn engine_io(stream: TcpStream, addr: std::net::SocketAddr) -> Sio {
+pub async fn engine_io(stream: TcpStream, addr: std::net::SocketAddr) -> Sio {
     let url = format!("ws://{addr}/socket.io/?EIO=4&transport=websocket");
     let (mut ws, _) = tokio_tungstenite::client_async(url, stream)
         .await
@@ -29,7 +29,7 @@ async fn engine_io(stream: TcpStream, addr: std::net::SocketAddr) -> Sio {
     ws
 }
 
-async fn next_text(ws: &mut Sio) -> String {
+pub async fn next_text(ws: &mut Sio) -> String {
     loop {
         let msg = tokio::time::timeout(WAIT, ws.next())
             .await
@@ -46,7 +46,7 @@ async fn next_text(ws: &mut Sio) -> String {
 }
 
 /// CONNECT with `token`; the reply (`40{...}` or `44{...}`).
-async fn connect(ws: &mut Sio, token: &str) -> String {
+pub async fn connect(ws: &mut Sio, token: &str) -> String {
     ws.send(WsMessage::text(format!("40{}", json!({ "token": token }))))
         .await
         .unwrap();
@@ -54,7 +54,7 @@ async fn connect(ws: &mut Sio, token: &str) -> String {
 }
 
 /// The next Socket.IO event named `name`: its one argument.
-async fn event(ws: &mut Sio, name: &str) -> Value {
+pub async fn event(ws: &mut Sio, name: &str) -> Value {
     loop {
         let t = next_text(ws).await;
         if let Some(args) = t.strip_prefix("42") {

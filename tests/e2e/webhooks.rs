@@ -1,7 +1,7 @@
 //! Webhooks: real HTTP to a receiver on 127.0.0.1 that each test scripts
 //! (fail, hang, succeed), signatures checked as a receiver would.
 
-mod receiver;
+pub mod receiver;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -1,4 +1,5 @@
-//! A webhook receiver on 127.0.0.1 that answers as each test scripts it.
+//! A webhook receiver on 127.0.0.1 that answers as each test scripts it
+//! (the moderation tests use it as their review hook too).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,8 @@ pub const HOOK_SECRET: &str = "webhook-secret-0123456789";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reply {
     Status(u16),
+    /// 200 with this JSON body.
+    Json(&'static str),
     /// Read the request and never answer.
     Hang,
 }
@@ -45,6 +48,14 @@ impl Received {
 /// A webhook endpoint on a local port, answering by `script(n)`.
 pub async fn receiver(
     script: impl Fn(usize) -> Reply + Send + Sync + 'static,
+) -> (WebhookUrl, mpsc::UnboundedReceiver<Received>) {
+    receiver_by(move |n, _| script(n)).await
+}
+
+/// A webhook endpoint answering by `script(n, body)`: what the n-th
+/// request (from 0) carried decides the answer.
+pub async fn receiver_by(
+    script: impl Fn(usize, &Value) -> Reply + Send + Sync + 'static,
 ) -> (WebhookUrl, mpsc::UnboundedReceiver<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -80,19 +91,27 @@ pub async fn receiver(
                         continue;
                     }
                     assert!(head.starts_with("POST /hooks "), "{head}");
-                    let answered = script(count.fetch_add(1, Ordering::SeqCst));
+                    let json: Value = serde_json::from_str(body).expect("a JSON body");
+                    let answered = script(count.fetch_add(1, Ordering::SeqCst), &json);
                     let _ = tx.send(Received {
                         timestamp: header("postline-timestamp").parse().unwrap_or(0),
                         signature: header("postline-signature"),
                         event_id: header("postline-event-id"),
                         body: body.to_owned(),
-                        json: serde_json::from_str(body).expect("a JSON body"),
+                        json,
                         answered,
                     });
                     match answered {
                         Reply::Status(code) => {
                             let head = format!(
                                 "HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            );
+                            let _ = s.write_all(head.as_bytes()).await;
+                        }
+                        Reply::Json(answer) => {
+                            let head = format!(
+                                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{answer}",
+                                answer.len()
                             );
                             let _ = s.write_all(head.as_bytes()).await;
                         }
