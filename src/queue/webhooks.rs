@@ -41,9 +41,16 @@ impl NewEvent {
 }
 
 /// Queue `events` (in their order) for every endpoint, in the caller's
-/// transaction. The per-conversation advisory lock, held until commit, makes
-/// delivery ids follow commit order within a conversation: two transactions
-/// writing events of one conversation get their ids one after the other.
+/// transaction. Only the first pending delivery of each (endpoint,
+/// conversation) has a job: the rest are inserted parked, with none, and
+/// get theirs when the one before them finishes ([`wake_next`]). A backlog
+/// behind a failing endpoint so costs one row per event, not a job to
+/// write, read, park and hide again.
+///
+/// The lane locks (see [`lock_lanes`]), held until commit, make delivery
+/// ids follow commit order within a lane, and make the "is one pending
+/// already?" question here and the wake of a finishing delivery exclusive:
+/// an event is never parked behind a delivery that finished unseen.
 pub async fn enqueue(
     conn: &mut PgConnection,
     endpoints: &[String],
@@ -52,19 +59,42 @@ pub async fn enqueue(
     if endpoints.is_empty() || events.is_empty() {
         return Ok(());
     }
-    let mut convs: Vec<Uuid> = events.iter().map(|e| e.conversation_id.0).collect();
-    convs.sort_unstable();
-    convs.dedup();
+    let mut lanes: Vec<(&str, Uuid)> = events
+        .iter()
+        .flat_map(|e| {
+            endpoints
+                .iter()
+                .map(|ep| (ep.as_str(), e.conversation_id.0))
+        })
+        .collect();
+    lanes.sort_unstable();
+    lanes.dedup();
+    let (lane_eps, lane_convs): (Vec<&str>, Vec<Uuid>) = lanes.iter().copied().unzip();
     // Sorted, so two producers never wait for each other's locks in a cycle.
     sqlx::query(
-        "select pg_advisory_xact_lock(hashtextextended('postline.webhooks:' || c::text, 0))
-         from unnest($1::uuid[]) with ordinality as t(c, n) order by n",
+        "select pg_advisory_xact_lock(hashtextextended(
+                    'postline.webhook-lane:' || ep || ' ' || c::text, 0))
+         from unnest($1::text[], $2::uuid[]) with ordinality as t(ep, c, n) order by n",
     )
-    .bind(&convs)
+    .bind(&lane_eps)
+    .bind(&lane_convs)
     .execute(&mut *conn)
     .await?;
+    let busy: Vec<(String, Uuid)> = sqlx::query_as(
+        "select distinct d.endpoint, d.conversation_id
+         from unnest($1::text[], $2::uuid[]) as l(ep, c)
+         join webhook_deliveries d
+           on d.endpoint = l.ep and d.conversation_id = l.c and d.state = 'pending'",
+    )
+    .bind(&lane_eps)
+    .bind(&lane_convs)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut waiting: std::collections::HashSet<(&str, Uuid)> =
+        busy.iter().map(|(ep, c)| (ep.as_str(), *c)).collect();
     let n = events.len() * endpoints.len();
-    let (mut ids, mut types, mut eps, mut conv_ids, mut bodies) = (
+    let (mut ids, mut types, mut eps, mut conv_ids, mut bodies, mut parked) = (
+        Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
         Vec::with_capacity(n),
@@ -78,13 +108,15 @@ pub async fn enqueue(
             eps.push(ep.as_str());
             conv_ids.push(e.conversation_id.0);
             bodies.push(&e.body);
+            // The lane's first: attempted now. Any later one: parked.
+            parked.push(!waiting.insert((ep.as_str(), e.conversation_id.0)));
         }
     }
     let delivery_ids: Vec<i64> = sqlx::query_scalar(
-        "insert into webhook_deliveries (event_id, event_type, endpoint, conversation_id, body)
-         select e, t, ep, c, b
-         from unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[])
-              with ordinality as u(e, t, ep, c, b, n)
+        "insert into webhook_deliveries (event_id, event_type, endpoint, conversation_id, body, parked)
+         select e, t, ep, c, b, p
+         from unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::bool[])
+              with ordinality as u(e, t, ep, c, b, p, n)
          order by n
          returning id",
     )
@@ -93,8 +125,26 @@ pub async fn enqueue(
     .bind(&eps)
     .bind(&conv_ids)
     .bind(&bodies)
+    .bind(&parked)
     .fetch_all(&mut *conn)
     .await?;
+    // Ids are drawn in insert order: sorted, they pair with `parked`.
+    let mut delivery_ids = delivery_ids;
+    delivery_ids.sort_unstable();
+    let heads: Vec<i64> = delivery_ids
+        .iter()
+        .zip(&parked)
+        .filter(|(_, p)| !**p)
+        .map(|(id, _)| *id)
+        .collect();
+    give_jobs(conn, &heads).await
+}
+
+/// Write a job for each delivery and remember it on the row.
+async fn give_jobs(conn: &mut PgConnection, delivery_ids: &[i64]) -> Result<(), QueueError> {
+    if delivery_ids.is_empty() {
+        return Ok(());
+    }
     let jobs: Vec<serde_json::Value> = delivery_ids
         .iter()
         .map(|id| json!({"kind": "webhook", "v": JOB_VERSION, "delivery_id": id}))
@@ -102,7 +152,7 @@ pub async fn enqueue(
     let mut job_ids = super::send_batch(&mut *conn, BACKGROUND_QUEUE, &jobs).await?;
     // Both id sequences are drawn in payload order, so sorted they pair up
     // whatever order the rows come back in.
-    let mut delivery_ids = delivery_ids;
+    let mut delivery_ids = delivery_ids.to_vec();
     delivery_ids.sort_unstable();
     job_ids.sort_unstable();
     sqlx::query(
@@ -175,22 +225,67 @@ pub async fn lock_lane(conn: &mut PgConnection, d: &Delivery) -> Result<(), Queu
 }
 
 /// `d` has left `pending` (delivered or dead) in the caller's transaction,
-/// which holds [`lock_lane`]: unpark the next delivery of its (endpoint,
-/// conversation), if it is parked, and return its job to make visible now.
-pub async fn wake_next(conn: &mut PgConnection, d: &Delivery) -> Result<Option<i64>, QueueError> {
-    let job: Option<Option<i64>> = sqlx::query_scalar(
+/// which holds [`lock_lane`]: the next delivery of its (endpoint,
+/// conversation), if parked, is unparked and made ready now: given its job
+/// (parked at enqueue) or its hidden job made visible (parked after a read).
+pub async fn wake_next(conn: &mut PgConnection, d: &Delivery) -> Result<(), QueueError> {
+    wake_lane(conn, &d.endpoint, d.conversation_id).await
+}
+
+async fn wake_lane(conn: &mut PgConnection, endpoint: &str, conv: Uuid) -> Result<(), QueueError> {
+    let next: Option<(i64, Option<i64>)> = sqlx::query_as(
         "update webhook_deliveries set parked = false
          where id = (select id from webhook_deliveries
                      where endpoint = $1 and conversation_id = $2 and state = 'pending'
                      order by id limit 1)
            and parked
-         returning job_id",
+         returning id, job_id",
     )
-    .bind(&d.endpoint)
-    .bind(d.conversation_id)
+    .bind(endpoint)
+    .bind(conv)
     .fetch_optional(&mut *conn)
     .await?;
-    Ok(job.flatten())
+    match next {
+        None => Ok(()),
+        Some((_, Some(job))) => {
+            super::set_vt(&mut *conn, BACKGROUND_QUEUE, &[job], Duration::ZERO).await?;
+            Ok(())
+        }
+        Some((id, None)) => give_jobs(conn, &[id]).await,
+    }
+}
+
+/// Wake lanes whose first pending delivery is parked: a wake that should
+/// not be needed (every finish wakes its lane), run from the worker's
+/// cleanup so no delivery could wait forever on a bug. Returns how many
+/// lanes it woke.
+pub async fn wake_stranded(pool: &sqlx::PgPool, limit: i64) -> Result<usize, QueueError> {
+    let lanes: Vec<(String, Uuid)> = sqlx::query_as(
+        "select d.endpoint, d.conversation_id from webhook_deliveries d
+         where d.state = 'pending' and d.parked
+           and d.created_at < now() - interval '1 minute'
+           and not exists (select 1 from webhook_deliveries e
+                           where e.endpoint = d.endpoint and e.conversation_id = d.conversation_id
+                             and e.state = 'pending' and e.id < d.id)
+         limit $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    for (endpoint, conv) in &lanes {
+        let mut tx = pool.begin().await?;
+        sqlx::query(
+            "select pg_advisory_xact_lock(hashtextextended(
+                        'postline.webhook-lane:' || $1 || ' ' || $2::text, 0))",
+        )
+        .bind(endpoint)
+        .bind(conv)
+        .execute(&mut *tx)
+        .await?;
+        wake_lane(&mut tx, endpoint, *conv).await?;
+        tx.commit().await?;
+    }
+    Ok(lanes.len())
 }
 
 /// A delivery as the deliverer needs it.

@@ -13,12 +13,13 @@
 //! dead-letter table. A crash mid-attempt leaves the job to reappear when
 //! its visibility timeout ends: delivery is at least once.
 //!
-//! Order: the worker hands over only the first pending delivery of each
-//! (endpoint, conversation) and parks the rest
-//! ([`deliveries::park_blocked`]); the transaction that finishes a delivery
-//! (2xx or dead letter) wakes the next ([`deliveries::wake_next`]). A
-//! failing endpoint so costs one read per waiting delivery, not one per
-//! delivery per poll.
+//! Order: only the first pending delivery of each (endpoint, conversation)
+//! has a job; the rest are parked when written ([`deliveries::enqueue`]),
+//! and the transaction that finishes a delivery (2xx or dead letter) gives
+//! the next its job ([`deliveries::wake_next`]). A job that still finds an
+//! earlier delivery pending (a replayed dead letter) is parked by the
+//! worker ([`deliveries::park_blocked`]). A failing endpoint so costs a row
+//! per waiting event, not reads of waiting jobs.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -147,9 +148,7 @@ async fn deliver(s: &Shared, job: &RawJob) -> Result<(), QueueError> {
     };
     if finished {
         // The conversation's order moves on: its next delivery stops waiting.
-        if let Some(next) = deliveries::wake_next(&mut tx, &d).await? {
-            queue::set_vt(&mut *tx, BACKGROUND_QUEUE, &[next], Duration::ZERO).await?;
-        }
+        deliveries::wake_next(&mut tx, &d).await?;
     }
     tx.commit().await?;
     Ok(())

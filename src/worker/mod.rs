@@ -135,6 +135,9 @@ pub struct CleanupReport {
     pub webhook_deliveries: u64,
     /// Audit rows past the audit retention.
     pub audit_rows: u64,
+    /// Webhook lanes whose first delivery was parked with nothing to wake
+    /// it (none expected: see `queue::webhooks::wake_stranded`).
+    pub webhook_lanes_woken: usize,
 }
 
 pub struct Worker {
@@ -640,6 +643,15 @@ impl Worker {
         .rows_affected();
         if let Some(keep) = self.cfg.audit_retention {
             report.audit_rows = store::prune_audit(&self.pool, keep).await?;
+        }
+        if self.webhooks.is_some() {
+            report.webhook_lanes_woken = queue::webhooks::wake_stranded(&self.pool, 100).await?;
+            if report.webhook_lanes_woken > 0 {
+                tracing::warn!(
+                    lanes = report.webhook_lanes_woken,
+                    "woke webhook deliveries that were parked with nothing to wake them"
+                );
+            }
         }
         Ok(report)
     }
