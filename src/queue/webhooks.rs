@@ -81,10 +81,10 @@ pub async fn enqueue(
     .execute(&mut *conn)
     .await?;
     let busy: Vec<(String, Uuid)> = sqlx::query_as(
-        "select distinct d.endpoint, d.conversation_id
-         from unnest($1::text[], $2::uuid[]) as l(ep, c)
-         join webhook_deliveries d
-           on d.endpoint = l.ep and d.conversation_id = l.c and d.state = 'pending'",
+        // One index probe per lane, however long its backlog.
+        "select l.ep, l.c from unnest($1::text[], $2::uuid[]) as l(ep, c)
+         where exists (select 1 from webhook_deliveries d
+                       where d.endpoint = l.ep and d.conversation_id = l.c and d.state = 'pending')",
     )
     .bind(&lane_eps)
     .bind(&lane_convs)
