@@ -10,6 +10,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-postgres.sh
+# A fresh clone (CI) compiles everything once: incremental caches would
+# only be written, never read.
+if [ -n "${CI:-}" ]; then
+  export CARGO_INCREMENTAL=0
+fi
 log=$(mktemp)
 browser_log=$(mktemp)
 setup_log=$(mktemp)
