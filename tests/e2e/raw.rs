@@ -241,6 +241,9 @@ fn postline_command(
         .env("POSTLINE_WORKER_VISIBILITY_TIMEOUT", "1")
         .env("POSTLINE_WORKER_POLL_MS", "20")
         .env("RUST_LOG", "warn")
+        // A port of the OS's choosing: tests run side by side, and two
+        // workers on the default 9091 left one without its listener, exiting.
+        .env("POSTLINE_WORKER_LISTEN", "127.0.0.1:0")
         .stdin(std::process::Stdio::null());
     for (k, v) in env {
         cmd.env(k, v);
