@@ -238,7 +238,8 @@ impl Route {
                     format!("{credential}/{key}").as_bytes(),
                 ));
                 let members: Vec<UserId> = body.member_ids.into_iter().map(UserId).collect();
-                let created_by = UserId(body.created_by.unwrap_or(Uuid::nil()));
+                // No creator named: the nil user.
+                let created_by = UserId(body.created_by.unwrap_or_default());
                 let c = ctx
                     .store
                     .service_create_conversation(id, created_by, body.title, &members, by)
