@@ -9,16 +9,12 @@
 
 use std::time::Duration;
 
-use serde_json::json;
 use sqlx::{PgConnection, PgExecutor};
 use uuid::Uuid;
 
 use super::{QueueError, BACKGROUND_QUEUE};
 use crate::domain::ConversationId;
 use crate::protocol::webhook::Event;
-
-/// Version of the `webhook` background job.
-pub const JOB_VERSION: u8 = 1;
 
 /// An event to deliver to every endpoint: its body already encoded.
 #[derive(Debug, Clone)]
@@ -47,10 +43,12 @@ impl NewEvent {
 /// behind a failing endpoint so costs one row per event, not a job to
 /// write, read, park and hide again.
 ///
-/// The lane locks (see [`lock_lanes`]), held until commit, make delivery
-/// ids follow commit order within a lane, and make the "is one pending
-/// already?" question here and the wake of a finishing delivery exclusive:
-/// an event is never parked behind a delivery that finished unseen.
+/// One call to `postline.webhook_enqueue` (migrations/0015), one round
+/// trip: it takes the lane locks (see [`lock_lanes`]), held until commit,
+/// which make delivery ids follow commit order within a lane, and make the
+/// "is one pending already?" question there and the wake of a finishing
+/// delivery exclusive: an event is never parked behind a delivery that
+/// finished unseen.
 pub async fn enqueue(
     conn: &mut PgConnection,
     endpoints: &[String],
@@ -59,110 +57,27 @@ pub async fn enqueue(
     if endpoints.is_empty() || events.is_empty() {
         return Ok(());
     }
-    let mut lanes: Vec<(&str, Uuid)> = events
-        .iter()
-        .flat_map(|e| {
-            endpoints
-                .iter()
-                .map(|ep| (ep.as_str(), e.conversation_id.0))
-        })
-        .collect();
-    lanes.sort_unstable();
-    lanes.dedup();
-    let (lane_eps, lane_convs): (Vec<&str>, Vec<Uuid>) = lanes.iter().copied().unzip();
-    // Sorted, so two producers never wait for each other's locks in a cycle.
-    sqlx::query(
-        "select pg_advisory_xact_lock(hashtextextended(
-                    'postline.webhook-lane:' || ep || ' ' || c::text, 0))
-         from unnest($1::text[], $2::uuid[]) with ordinality as t(ep, c, n) order by n",
-    )
-    .bind(&lane_eps)
-    .bind(&lane_convs)
-    .execute(&mut *conn)
-    .await?;
-    let busy: Vec<(String, Uuid)> = sqlx::query_as(
-        // One index probe per lane, however long its backlog.
-        "select l.ep, l.c from unnest($1::text[], $2::uuid[]) as l(ep, c)
-         where exists (select 1 from webhook_deliveries d
-                       where d.endpoint = l.ep and d.conversation_id = l.c and d.state = 'pending')",
-    )
-    .bind(&lane_eps)
-    .bind(&lane_convs)
-    .fetch_all(&mut *conn)
-    .await?;
-    let mut waiting: std::collections::HashSet<(&str, Uuid)> =
-        busy.iter().map(|(ep, c)| (ep.as_str(), *c)).collect();
-    let n = events.len() * endpoints.len();
-    let (mut ids, mut types, mut eps, mut conv_ids, mut bodies, mut parked) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for e in events {
-        for ep in endpoints {
-            ids.push(e.event_id);
-            types.push(e.event_type);
-            eps.push(ep.as_str());
-            conv_ids.push(e.conversation_id.0);
-            bodies.push(&e.body);
-            // The lane's first: attempted now. Any later one: parked.
-            parked.push(!waiting.insert((ep.as_str(), e.conversation_id.0)));
-        }
-    }
-    let delivery_ids: Vec<i64> = sqlx::query_scalar(
-        "insert into webhook_deliveries (event_id, event_type, endpoint, conversation_id, body, parked)
-         select e, t, ep, c, b, p
-         from unnest($1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::jsonb[], $6::bool[])
-              with ordinality as u(e, t, ep, c, b, p, n)
-         order by n
-         returning id",
-    )
-    .bind(&ids)
-    .bind(&types)
-    .bind(&eps)
-    .bind(&conv_ids)
-    .bind(&bodies)
-    .bind(&parked)
-    .fetch_all(&mut *conn)
-    .await?;
-    // Ids are drawn in insert order: sorted, they pair with `parked`.
-    let mut delivery_ids = delivery_ids;
-    delivery_ids.sort_unstable();
-    let heads: Vec<i64> = delivery_ids
-        .iter()
-        .zip(&parked)
-        .filter(|(_, p)| !**p)
-        .map(|(id, _)| *id)
-        .collect();
-    give_jobs(conn, &heads).await
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let types: Vec<&str> = events.iter().map(|e| e.event_type).collect();
+    let convs: Vec<Uuid> = events.iter().map(|e| e.conversation_id.0).collect();
+    let bodies: Vec<&serde_json::Value> = events.iter().map(|e| &e.body).collect();
+    sqlx::query("select postline.webhook_enqueue($1, $2, $3, $4, $5)")
+        .bind(endpoints)
+        .bind(&ids)
+        .bind(&types)
+        .bind(&convs)
+        .bind(&bodies)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// Write a job for each delivery and remember it on the row.
 async fn give_jobs(conn: &mut PgConnection, delivery_ids: &[i64]) -> Result<(), QueueError> {
-    if delivery_ids.is_empty() {
-        return Ok(());
-    }
-    let jobs: Vec<serde_json::Value> = delivery_ids
-        .iter()
-        .map(|id| json!({"kind": "webhook", "v": JOB_VERSION, "delivery_id": id}))
-        .collect();
-    let mut job_ids = super::send_batch(&mut *conn, BACKGROUND_QUEUE, &jobs).await?;
-    // Both id sequences are drawn in payload order, so sorted they pair up
-    // whatever order the rows come back in.
-    let mut delivery_ids = delivery_ids.to_vec();
-    delivery_ids.sort_unstable();
-    job_ids.sort_unstable();
-    sqlx::query(
-        "update webhook_deliveries d set job_id = u.j
-         from unnest($1::bigint[], $2::bigint[]) as u(d, j) where d.id = u.d",
-    )
-    .bind(&delivery_ids)
-    .bind(&job_ids)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query("select postline.webhook_give_jobs($1)")
+        .bind(delivery_ids)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
