@@ -271,6 +271,112 @@ async fn deliveries_waiting_behind_a_failing_one_are_parked_without_a_job_then_w
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_read_behind_a_pending_delivery_of_its_lane_is_parked_until_that_one_finishes() {
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gate = open.clone();
+    let (url, mut rx) = receiver(move |_| {
+        if gate.load(Ordering::SeqCst) {
+            Reply::Status(200)
+        } else {
+            Reply::Status(503)
+        }
+    })
+    .await;
+    let endpoint = url.to_string();
+    let app = TestApp::spawn_with(options(url, 1_000)).await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    // conversation.created, failing, heads the lane.
+    next_of(&mut rx, "conversation.created").await;
+    // A delivery behind it that has a job of its own, as a dead letter
+    // replayed behind newer events has (or one queued before parking).
+    let event_id = uuid::Uuid::now_v7();
+    let body = json!({"id": event_id, "type": "member.left", "data": {"conversation_id": conv}});
+    let (id,): (i64,) = sqlx::query_as(
+        "insert into webhook_deliveries (event_id, event_type, endpoint, conversation_id, body)
+         values ($1, 'member.left', $2, $3, $4) returning id",
+    )
+    .bind(event_id)
+    .bind(&endpoint)
+    .bind(conv)
+    .bind(&body)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let (job,): (i64,) = sqlx::query_as(
+        "select * from pgmq.send('postline_background',
+                                 jsonb_build_object('kind', 'webhook', 'v', 1, 'delivery_id', $1::bigint))",
+    )
+    .bind(id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    eventually("the job read and parked, not attempted", || async {
+        let (parked, job_id, attempts): (bool, Option<i64>, i32) =
+            sqlx::query_as("select parked, job_id, attempts from webhook_deliveries where id = $1")
+                .bind(id)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        assert_eq!(attempts, 0, "attempted before the one ahead of it");
+        (parked && job_id == Some(job)).then_some(())
+    })
+    .await;
+    for _ in 0..3 {
+        let r = next(&mut rx).await;
+        assert_eq!(r.json["type"], "conversation.created", "{}", r.json);
+    }
+    open.store(true, Ordering::SeqCst);
+    next_of(&mut rx, "conversation.created").await;
+    let r = next(&mut rx).await;
+    assert_eq!(
+        r.json, body,
+        "woken by the finish ahead of it, then delivered"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lane_parked_with_nothing_before_it_is_woken_by_the_workers_cleanup() {
+    let (url, mut rx) = receiver(|_| Reply::Status(200)).await;
+    let endpoint = url.to_string();
+    let mut o = options(url, 3);
+    o.config.worker.cleanup_interval = Duration::from_millis(200);
+    let app = TestApp::spawn_with(o).await;
+    // What no code path should leave (every finish wakes its lane): the
+    // first pending delivery of a lane parked, with no job and nothing
+    // before it, old enough to be past the cleanup's grace minute.
+    let (event_id, conv) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let body = json!({"id": event_id, "type": "member.left", "data": {"conversation_id": conv}});
+    let (id,): (i64,) = sqlx::query_as(
+        "insert into webhook_deliveries
+             (event_id, event_type, endpoint, conversation_id, body, parked, created_at)
+         values ($1, 'member.left', $2, $3, $4, true, now() - interval '2 minutes')
+         returning id",
+    )
+    .bind(event_id)
+    .bind(&endpoint)
+    .bind(conv)
+    .bind(&body)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let r = next(&mut rx).await;
+    assert_eq!(r.json, body, "the stranded delivery, as stored");
+    eventually("delivered, unparked, given a job", || async {
+        let (state, parked, job): (String, bool, Option<i64>) =
+            sqlx::query_as("select state, parked, job_id from webhook_deliveries where id = $1")
+                .bind(id)
+                .fetch_one(&app.pool)
+                .await
+                .unwrap();
+        (state == "delivered" && !parked && job.is_some()).then_some(())
+    })
+    .await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_event_type_is_delivered_in_the_conversations_order() {
     let (url, mut rx) = receiver(|_| Reply::Status(204)).await;
     let app = TestApp::spawn_with(options(url, 8)).await;
