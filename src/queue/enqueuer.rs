@@ -323,6 +323,9 @@ async fn commit_with_retry(
                 tracing::warn!(error = %e, jobs = payloads.len(), "the database refused a persist batch");
                 return Err(Attempt::Refused(e.to_string()));
             }
+            Err(e @ super::QueueError::UnknownQueue(_)) => {
+                return Err(Attempt::Refused(e.to_string()))
+            }
             Err(e) => {
                 failing.store(true, Ordering::Relaxed);
                 tracing::warn!(error = %e, jobs = payloads.len(), ?backoff, "enqueue failed; retrying");

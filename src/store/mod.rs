@@ -74,6 +74,7 @@ impl From<crate::queue::QueueError> for StoreError {
     fn from(e: crate::queue::QueueError) -> Self {
         match e {
             crate::queue::QueueError::Db(e) => StoreError::Db(e),
+            e @ crate::queue::QueueError::UnknownQueue(_) => StoreError::Invariant(e.to_string()),
         }
     }
 }

@@ -31,7 +31,7 @@ async fn serve_returns_by_the_shutdown_deadline_while_requests_and_the_persist_f
     } = app.pair().await;
 
     // From a connection of its own, hold the persist queue's table and the
-    // messages table: every pgmq.send_batch (the persist flush), the
+    // messages table: every enqueue into it (the persist flush), the
     // worker's reads and any history request now wait.
     let mut locker = PgConnection::connect(&app.db_url).await.unwrap();
     let mut lock = locker.begin().await.unwrap();
@@ -59,9 +59,9 @@ async fn serve_returns_by_the_shutdown_deadline_while_requests_and_the_persist_f
     // Both stages are stuck for real before shutdown is requested.
     let pool = app.pool.clone();
     eventually(
-        "a send_batch and a history query waiting on the lock",
+        "an enqueue and a history query waiting on the lock",
         || async {
-            (waiting(&pool, "%pgmq.send_batch%").await > 0
+            (waiting(&pool, "%insert into pgmq.q_postline_persist%").await > 0
                 && waiting(&pool, "%from messages%").await > 0)
                 .then_some(())
         },
