@@ -238,12 +238,19 @@ impl Store {
     }
 
     /// Users who share at least one conversation with `user` (for presence).
+    ///
+    /// Run each time a user comes online or goes offline, so it must cost the user's
+    /// conversations, not the table: written as a self-join, Postgres
+    /// hashed the user's few memberships and scanned every membership row
+    /// against them (4.4 ms at 10,000 rows, 62 s of Postgres CPU for S2's
+    /// 10,000 connects); `= any(array(...))` probes the primary key per
+    /// conversation (0.35 ms).
     pub async fn contacts(&self, user: UserId) -> Result<Vec<UserId>, StoreError> {
         let rows: Vec<Uuid> = sqlx::query_scalar(
-            "select distinct m2.user_id
-             from conversation_members m1
-             join conversation_members m2 on m2.conversation_id = m1.conversation_id
-             where m1.user_id = $1 and m2.user_id <> $1",
+            "select distinct user_id from conversation_members
+             where conversation_id = any(array(
+                       select conversation_id from conversation_members where user_id = $1))
+               and user_id <> $1",
         )
         .bind(user.0)
         .fetch_all(&self.pool)
