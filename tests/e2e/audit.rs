@@ -8,7 +8,6 @@ use std::process::Command;
 
 use chrono::{DateTime, Utc};
 use postline::config::ServiceKeys;
-use postline::queue::{self, BACKGROUND_QUEUE};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -46,11 +45,7 @@ pub async fn rows(pool: &sqlx::PgPool) -> Vec<AuditRow> {
 /// The rows once the server's worker has applied every audit job: each job
 /// is in the queue by the time its action answered.
 async fn settled_rows(app: &TestApp) -> Vec<AuditRow> {
-    eventually("the background queue drained", || async {
-        let depth = queue::depth(&app.pool, BACKGROUND_QUEUE).await.unwrap();
-        (depth == 0).then_some(())
-    })
-    .await;
+    background_drained(&app.pool, "the background queue drained").await;
     rows(&app.pool).await
 }
 

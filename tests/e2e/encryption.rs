@@ -264,14 +264,7 @@ async fn rotate_moves_plain_and_old_key_rows_to_the_new_key_and_history_still_re
         "{out}\n{err}"
     );
     // Audited once: the run that changed rows, not the one that found none.
-    eventually("the background queue drained", || async {
-        let queued: i64 = sqlx::query_scalar("select count(*) from pgmq.q_postline_background")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        (queued == 0).then_some(())
-    })
-    .await;
+    background_drained(&pool, "the background queue drained").await;
     let audited: Vec<(String, serde_json::Value)> =
         sqlx::query_as("select actor_kind, detail from audit_log where action = 'keys.rotate'")
             .fetch_all(&pool)

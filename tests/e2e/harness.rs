@@ -449,6 +449,15 @@ pub async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
+/// Wait until the background queue is empty: the worker has applied every
+/// background job (audit rows, receipts, reviews, webhooks) written so far.
+pub async fn background_drained(pool: &PgPool, what: &str) {
+    eventually(what, || async {
+        (count(pool, "select count(*) from pgmq.q_postline_background").await == 0).then_some(())
+    })
+    .await
+}
+
 /// Poll `f` until it returns Some, bounded by WAIT.
 pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
 where

@@ -206,14 +206,7 @@ async fn readiness_and_metrics_report_state() {
     c.recv_type("message_persisted").await;
     // Creating the conversation queued its audit row on the background
     // queue: applied by now, or soon.
-    eventually("the background queue drained", || async {
-        let queued: i64 = sqlx::query_scalar("select count(*) from pgmq.q_postline_background")
-            .fetch_one(&app.pool)
-            .await
-            .unwrap();
-        (queued == 0).then_some(())
-    })
-    .await;
+    background_drained(&app.pool, "the background queue drained").await;
     let mut s = tokio::net::TcpStream::connect(app.addr).await.unwrap();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -84,10 +84,7 @@ async fn audited(
     pool: &sqlx::PgPool,
     action: &str,
 ) -> Vec<(String, Option<Uuid>, Option<Uuid>, Value)> {
-    eventually("the background queue drained", || async {
-        (count(pool, "select count(*) from pgmq.q_postline_background").await == 0).then_some(())
-    })
-    .await;
+    background_drained(pool, "the background queue drained").await;
     sqlx::query_as(
         "select actor_kind, conversation_id, message_id, detail from audit_log
          where action = $1 order by at",
@@ -542,15 +539,7 @@ async fn a_hook_that_hangs_then_allows_never_slows_chat_and_leaves_the_message()
             allowed += 1;
         }
     }
-    let pool = app.pool.clone();
-    eventually("every review to finish", || {
-        let pool = pool.clone();
-        async move {
-            (count(&pool, "select count(*) from pgmq.q_postline_background").await == 0)
-                .then_some(())
-        }
-    })
-    .await;
+    background_drained(&app.pool, "every review to finish").await;
     let h = history(&app, p.b, p.conv).await;
     assert!(h.iter().all(|m| m["deleted"] == false), "{h:?}");
     assert!(
