@@ -190,11 +190,15 @@ async fn a_receiver_failing_three_times_gets_the_event_on_the_fourth_try_signed_
     app.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deliveries_waiting_behind_a_failing_one_are_parked_without_a_job_then_woken() {
+/// A receiver that answers 503 until `open` is set, then 200.
+async fn gated_receiver() -> (
+    Arc<std::sync::atomic::AtomicBool>,
+    WebhookUrl,
+    mpsc::UnboundedReceiver<Received>,
+) {
     let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let gate = open.clone();
-    let (url, mut rx) = receiver(move |_| {
+    let (url, rx) = receiver(move |_| {
         if gate.load(Ordering::SeqCst) {
             Reply::Status(200)
         } else {
@@ -202,6 +206,42 @@ async fn deliveries_waiting_behind_a_failing_one_are_parked_without_a_job_then_w
         }
     })
     .await;
+    (open, url, rx)
+}
+
+/// A `member.left` delivery of `conv` to `endpoint` written straight into
+/// the table, parked or not, created `age_secs` ago: states the code
+/// reaches only through a replay or a bug. Returns its id and body.
+async fn insert_delivery(
+    pool: &sqlx::PgPool,
+    endpoint: &str,
+    conv: uuid::Uuid,
+    parked: bool,
+    age_secs: f64,
+) -> (i64, serde_json::Value) {
+    let event_id = uuid::Uuid::now_v7();
+    let body = json!({"id": event_id, "type": "member.left", "data": {"conversation_id": conv}});
+    let (id,): (i64,) = sqlx::query_as(
+        "insert into webhook_deliveries
+             (event_id, event_type, endpoint, conversation_id, body, parked, created_at)
+         values ($1, 'member.left', $2, $3, $4, $5, now() - make_interval(secs => $6))
+         returning id",
+    )
+    .bind(event_id)
+    .bind(endpoint)
+    .bind(conv)
+    .bind(&body)
+    .bind(parked)
+    .bind(age_secs)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    (id, body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_waiting_behind_a_failing_one_are_parked_without_a_job_then_woken() {
+    let (open, url, mut rx) = gated_receiver().await;
     // Attempts enough that the first event keeps failing, never dies.
     let app = TestApp::spawn_with(options(url, 1_000)).await;
     let (a, b) = (uid(), uid());
@@ -272,16 +312,7 @@ async fn deliveries_waiting_behind_a_failing_one_are_parked_without_a_job_then_w
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_read_behind_a_pending_delivery_of_its_lane_is_parked_until_that_one_finishes() {
-    let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let gate = open.clone();
-    let (url, mut rx) = receiver(move |_| {
-        if gate.load(Ordering::SeqCst) {
-            Reply::Status(200)
-        } else {
-            Reply::Status(503)
-        }
-    })
-    .await;
+    let (open, url, mut rx) = gated_receiver().await;
     let endpoint = url.to_string();
     let app = TestApp::spawn_with(options(url, 1_000)).await;
     let a = uid();
@@ -290,19 +321,7 @@ async fn a_job_read_behind_a_pending_delivery_of_its_lane_is_parked_until_that_o
     next_of(&mut rx, "conversation.created").await;
     // A delivery behind it that has a job of its own, as a dead letter
     // replayed behind newer events has (or one queued before parking).
-    let event_id = uuid::Uuid::now_v7();
-    let body = json!({"id": event_id, "type": "member.left", "data": {"conversation_id": conv}});
-    let (id,): (i64,) = sqlx::query_as(
-        "insert into webhook_deliveries (event_id, event_type, endpoint, conversation_id, body)
-         values ($1, 'member.left', $2, $3, $4) returning id",
-    )
-    .bind(event_id)
-    .bind(&endpoint)
-    .bind(conv)
-    .bind(&body)
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
+    let (id, body) = insert_delivery(&app.pool, &endpoint, conv, false, 0.0).await;
     let (job,): (i64,) = sqlx::query_as(
         "select * from pgmq.send('postline_background',
                                  jsonb_build_object('kind', 'webhook', 'v', 1, 'delivery_id', $1::bigint))",
@@ -346,21 +365,7 @@ async fn a_lane_parked_with_nothing_before_it_is_woken_by_the_workers_cleanup() 
     // What no code path should leave (every finish wakes its lane): the
     // first pending delivery of a lane parked, with no job and nothing
     // before it, old enough to be past the cleanup's grace minute.
-    let (event_id, conv) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
-    let body = json!({"id": event_id, "type": "member.left", "data": {"conversation_id": conv}});
-    let (id,): (i64,) = sqlx::query_as(
-        "insert into webhook_deliveries
-             (event_id, event_type, endpoint, conversation_id, body, parked, created_at)
-         values ($1, 'member.left', $2, $3, $4, true, now() - interval '2 minutes')
-         returning id",
-    )
-    .bind(event_id)
-    .bind(&endpoint)
-    .bind(conv)
-    .bind(&body)
-    .fetch_one(&app.pool)
-    .await
-    .unwrap();
+    let (id, body) = insert_delivery(&app.pool, &endpoint, uuid::Uuid::now_v7(), true, 120.0).await;
     let r = next(&mut rx).await;
     assert_eq!(r.json, body, "the stranded delivery, as stored");
     eventually("delivered, unparked, given a job", || async {
