@@ -41,7 +41,8 @@ pub use moderation::{
     WordListConfig,
 };
 pub use ops::{
-    AlertConfig, OperatorAuth, OperatorToken, OpsArgs, OpsConfig, WebhookUrl, WorkerHttpArgs,
+    AlertConfig, OperatorAuth, OperatorToken, OpsArgs, OpsConfig, SigningSecret, WebhookUrl,
+    WorkerHttpArgs,
 };
 pub use service::ServiceKeys;
 pub use webhooks::{WebhookArgs, WebhookConfig};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{defaults, millis, positive, ConfigError, WebhookUrl, MIN_SECRET_BYTES};
+use super::{defaults, millis, positive, ConfigError, SigningSecret, WebhookUrl};
 
 /// What a message that matches the word list becomes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -108,23 +108,12 @@ impl Default for ModerationHookArgs {
 }
 
 /// The validated [`ModerationHookArgs`], present only when a URL is set.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct ModerationHookConfig {
     pub url: WebhookUrl,
-    pub secret: String,
+    pub secret: SigningSecret,
     pub timeout: Duration,
     pub concurrency: usize,
-}
-
-impl std::fmt::Debug for ModerationHookConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ModerationHookConfig")
-            .field("url", &self.url)
-            .field("secret", &"<redacted>")
-            .field("timeout", &self.timeout)
-            .field("concurrency", &self.concurrency)
-            .finish()
-    }
 }
 
 impl ModerationHookConfig {
@@ -140,11 +129,11 @@ impl ModerationHookConfig {
             return Ok(None);
         };
         let url = WebhookUrl::parse(VAR, url)?;
-        let secret = match &a.moderation_hook_secret {
-            Some(s) if s.len() >= MIN_SECRET_BYTES => s.clone(),
-            Some(_) => return Err(ConfigError::WeakModerationHookSecret),
-            None => return Err(ConfigError::MissingModerationHookSecret),
-        };
+        let secret = SigningSecret::parse(
+            a.moderation_hook_secret.as_deref(),
+            ConfigError::WeakModerationHookSecret,
+            ConfigError::MissingModerationHookSecret,
+        )?;
         Ok(Some(ModerationHookConfig {
             url,
             secret,

@@ -82,6 +82,37 @@ impl std::fmt::Debug for OperatorToken {
     }
 }
 
+/// The HMAC key that signs outgoing requests (webhooks, the moderation
+/// hook): at least [`MIN_SECRET_BYTES`], never printed.
+#[derive(Clone)]
+pub struct SigningSecret(String);
+
+impl SigningSecret {
+    /// `None` if `s` is shorter than [`MIN_SECRET_BYTES`].
+    pub fn new(s: &str) -> Option<SigningSecret> {
+        (s.len() >= MIN_SECRET_BYTES).then(|| SigningSecret(s.to_owned()))
+    }
+
+    /// The setting's value: `weak` if too short, `missing` if unset.
+    pub(super) fn parse(
+        given: Option<&str>,
+        weak: ConfigError,
+        missing: ConfigError,
+    ) -> Result<SigningSecret, ConfigError> {
+        SigningSecret::new(given.ok_or(missing)?).ok_or(weak)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for SigningSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
 /// Who may read the dashboard's data and `/alerts`.
 #[derive(Debug, Clone)]
 pub enum OperatorAuth {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::{defaults, millis, positive, ConfigError, WebhookUrl, MIN_SECRET_BYTES};
+use super::{defaults, millis, positive, ConfigError, SigningSecret, WebhookUrl};
 
 #[derive(Debug, Clone, Args)]
 pub struct WebhookArgs {
@@ -36,23 +36,12 @@ impl Default for WebhookArgs {
 }
 
 /// The validated [`WebhookArgs`], present only when endpoints are set.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct WebhookConfig {
     pub endpoints: Vec<WebhookUrl>,
-    pub secret: String,
+    pub secret: SigningSecret,
     pub timeout: Duration,
     pub concurrency: usize,
-}
-
-impl std::fmt::Debug for WebhookConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebhookConfig")
-            .field("endpoints", &self.endpoints)
-            .field("secret", &"<redacted>")
-            .field("timeout", &self.timeout)
-            .field("concurrency", &self.concurrency)
-            .finish()
-    }
 }
 
 impl WebhookConfig {
@@ -76,11 +65,11 @@ impl WebhookConfig {
         if endpoints.is_empty() {
             return Ok(None);
         }
-        let secret = match &a.webhook_secret {
-            Some(s) if s.len() >= MIN_SECRET_BYTES => s.clone(),
-            Some(_) => return Err(ConfigError::WeakWebhookSecret),
-            None => return Err(ConfigError::MissingWebhookSecret),
-        };
+        let secret = SigningSecret::parse(
+            a.webhook_secret.as_deref(),
+            ConfigError::WeakWebhookSecret,
+            ConfigError::MissingWebhookSecret,
+        )?;
         Ok(Some(WebhookConfig {
             endpoints,
             secret,

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use futures_util::SinkExt;
-use postline::config::{ModerationAction, ModerationHookConfig, WordListConfig};
+use postline::config::{ModerationAction, ModerationHookConfig, SigningSecret, WordListConfig};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -395,7 +395,7 @@ fn with_hook(url: postline::config::WebhookUrl, timeout: Duration) -> Options {
     o.config.worker.retry.cap = Duration::from_millis(200);
     o.config.moderation.hook = Some(ModerationHookConfig {
         url,
-        secret: HOOK_SECRET.into(),
+        secret: SigningSecret::new(HOOK_SECRET).unwrap(),
         timeout,
         concurrency: 4,
     });

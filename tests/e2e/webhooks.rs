@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use postline::config::{WebhookConfig, WebhookUrl};
+use postline::config::{SigningSecret, WebhookConfig, WebhookUrl};
 use serde_json::json;
 use tokio::sync::mpsc;
 
@@ -22,7 +22,7 @@ fn options(url: WebhookUrl, max_attempts: i32) -> Options {
     o.config.worker.retry.max_attempts = max_attempts;
     o.config.webhooks = Some(WebhookConfig {
         endpoints: vec![url],
-        secret: HOOK_SECRET.into(),
+        secret: SigningSecret::new(HOOK_SECRET).unwrap(),
         timeout: Duration::from_secs(10),
         concurrency: 4,
     });
