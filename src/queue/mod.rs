@@ -353,18 +353,23 @@ where
     )
 }
 
-/// pgmq's read: up to `qty` visible jobs, hidden from other readers for `vt_secs`.
+/// pgmq's read: up to `qty` visible jobs, oldest first, hidden from other readers for `vt_secs`.
 pub async fn read<'e>(
     ex: impl PgExecutor<'e>,
     queue: &str,
     vt_secs: i32,
     qty: i32,
 ) -> Result<Vec<RawJob>, QueueError> {
-    Ok(sqlx::query_as::<_, RawJob>(&statements(queue)?.read)
+    let mut jobs = sqlx::query_as::<_, RawJob>(&statements(queue)?.read)
         .bind(qty)
         .bind(f64::from(vt_secs))
         .fetch_all(ex)
-        .await?)
+        .await?;
+    // In queue order: the worker stores a conversation's messages with seqs
+    // in the order read, and an UPDATE ... RETURNING has no order of its
+    // own (a hash join in its plan returned them shuffled).
+    jobs.sort_unstable_by_key(|j| j.msg_id);
+    Ok(jobs)
 }
 
 /// pgmq's delete of several jobs; returns how many existed.
