@@ -87,6 +87,7 @@ pub async fn serve(
     let relay = crate::notify::Relay::spawn(
         pool.clone(),
         cfg.gateway_id,
+        cfg.gateway.presence_heartbeat * crate::store::MISSED_BEATS as u32,
         background_stop.clone(),
         &background_tasks,
     );
@@ -108,6 +109,11 @@ pub async fn serve(
     let background = background_tasks;
     let (mut hints, listener_task) =
         crate::notify::listen(&pool, cfg.gateway_id, background_stop.clone()).await?;
+    // Listening now: tell the other gateways before a client can join
+    // anything here, so their relay includes this one from the start.
+    if let Err(e) = gateway.announce_to_peers().await {
+        tracing::warn!(error = %e, "could not announce this gateway; others relay to it from their next heartbeat");
+    }
     let gw = gateway.clone();
     background.spawn(async move {
         while let Some(hint) = hints.recv().await {

@@ -1,6 +1,8 @@
 //! This gateway's row in `gateways`: written at start, refreshed every
 //! presence heartbeat, deleted on a clean shutdown. Any process reads the
-//! table to say which gateways are alive and which died silently.
+//! table to say which gateways are alive and which died silently. Each
+//! heartbeat also reads whether any other gateway is alive, which turns the
+//! relay on or off (see [`crate::notify::Peers`]).
 
 use std::sync::Arc;
 
@@ -13,8 +15,20 @@ impl Gateway {
     pub async fn liveness_keeper(self: Arc<Self>, stop: CancellationToken) {
         let every = self.cfg.presence_heartbeat;
         loop {
-            if let Err(e) = self.store.gateway_heartbeat(self.id, every).await {
-                tracing::warn!(error = %e, "gateway heartbeat failed");
+            let others = match self.store.gateway_heartbeat(self.id, every).await {
+                Ok(others) => Some(others),
+                Err(e) => {
+                    tracing::warn!(error = %e, "gateway heartbeat failed");
+                    None
+                }
+            };
+            if self.relay.peers().looked(others) {
+                match others {
+                    Some(false) => {
+                        tracing::info!("no other gateway alive: live events are not relayed")
+                    }
+                    _ => tracing::info!("relaying live events to other gateways"),
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => break,

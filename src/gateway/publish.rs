@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::Gateway;
 use crate::domain::{ConversationId, Persisted, UserId};
-use crate::notify::{Hint, Target};
+use crate::notify::{Hint, Target, NO_GATEWAY};
 use crate::protocol::server;
 use crate::rooms::ConnectionId;
 
@@ -86,17 +86,33 @@ impl Gateway {
         }
     }
 
+    /// Say this gateway is here (see [`crate::notify::Peers`]): called
+    /// once, listening already, before connections are accepted.
+    pub async fn announce_to_peers(&self) -> Result<(), sqlx::Error> {
+        self.relay.announce().await
+    }
+
     /// What the LISTEN connection heard.
     pub fn on_hint(&self, hint: Hint) {
         match hint {
             Hint::Persisted(entries) => self.on_persisted(&entries),
             Hint::Relay(batch) if batch.gateway == self.id => {}
             Hint::Relay(batch) => {
+                // SQL's postline.publish() and the workers speak as no
+                // gateway: nobody to relay to.
+                if batch.gateway != NO_GATEWAY {
+                    self.relay.peers().heard();
+                }
                 for e in batch.events {
                     self.deliver(&e.target, &e.frame, None);
                 }
             }
-            Hint::Reconnected | Hint::Missed => self.users.push_all(&server::resync()),
+            Hint::Reconnected => {
+                // Another gateway's announcement may have been missed.
+                self.relay.peers().doubt();
+                self.users.push_all(&server::resync());
+            }
+            Hint::Missed => self.users.push_all(&server::resync()),
         }
     }
 

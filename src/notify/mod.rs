@@ -9,12 +9,15 @@
 //! - `listen`: the LISTEN task (drains and routes, never waits on anyone)
 //!   and [`Hints`], the consumer side that decodes and fetches.
 //! - `inbox`: the byte-bounded, coalescing buffer between the two.
+//! - `peers`: whether any other gateway listens, so a lone one relays nothing.
 
 mod inbox;
 mod listen;
+mod peers;
 mod relay;
 
 pub use listen::{listen, Hints};
+pub use peers::Peers;
 pub use relay::{publish_in, Relay, RelayBatch, RelayEvent, Target, NO_GATEWAY};
 
 use sqlx::PgConnection;

@@ -12,6 +12,7 @@
 //! `users` event carrying the frame once and the list of ids, split so each
 //! part fits a payload: 5,000 contacts cost ~26 NOTIFYs, not 5,000.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use super::peers::Peers;
 use super::EVENTS_CHANNEL;
 use crate::domain::{ConversationId, MessageId, UserId};
 
@@ -256,24 +258,52 @@ fn envelope(gateway: Uuid, events: &[String]) -> String {
 pub struct Relay {
     tx: mpsc::Sender<RelayEvent>,
     gateway: Uuid,
+    /// Whether anyone else listens; while nobody does, nothing is relayed.
+    peers: Arc<Peers>,
+    pool: PgPool,
 }
 
 impl Relay {
+    /// `remember`: how long another gateway heard on the channel counts as
+    /// present without a live row in `gateways` (see [`Peers`]).
     pub fn spawn(
         pool: PgPool,
         gateway: Uuid,
+        remember: Duration,
         shutdown: CancellationToken,
         tracker: &TaskTracker,
     ) -> Relay {
         // Bounded: if Postgres cannot keep up, live relay degrades (dropped
         // hints, recovered by sync) instead of growing memory.
         let (tx, rx) = mpsc::channel(16_384);
-        tracker.spawn(run(rx, pool, gateway, shutdown));
-        Relay { tx, gateway }
+        tracker.spawn(run(rx, pool.clone(), gateway, shutdown));
+        Relay {
+            tx,
+            gateway,
+            peers: Arc::new(Peers::new(remember)),
+            pool,
+        }
     }
 
     pub fn gateway(&self) -> Uuid {
         self.gateway
+    }
+
+    pub fn peers(&self) -> &Peers {
+        &self.peers
+    }
+
+    /// Tell the other gateways this one is here, before it accepts a
+    /// connection, so they relay to it at once rather than from their next
+    /// look at `gateways`: an empty batch, which every receiver takes as a
+    /// sign of life.
+    pub async fn announce(&self) -> Result<(), sqlx::Error> {
+        sqlx::query("select pg_notify($1, $2)")
+            .bind(EVENTS_CHANNEL)
+            .bind(envelope(self.gateway, &[]))
+            .execute(&self.pool)
+            .await
+            .map(|_| ())
     }
 
     /// The same frame for every connection of each of `users`: the frame is
@@ -292,6 +322,9 @@ impl Relay {
     }
 
     fn send(&self, event: RelayEvent) {
+        if !self.peers.present() {
+            return;
+        }
         match self.tx.try_send(event) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {

@@ -31,7 +31,12 @@ impl Store {
     /// (Re)announce `id`, and forget gateways silent for longer than
     /// [`FORGET_SILENT_AFTER`]. Called at start and on every heartbeat; a
     /// restart under the same id keeps its `started_at` only if it was alive.
-    pub async fn gateway_heartbeat(&self, id: Uuid, interval: Duration) -> Result<(), StoreError> {
+    /// Returns whether any other gateway is alive.
+    pub async fn gateway_heartbeat(
+        &self,
+        id: Uuid,
+        interval: Duration,
+    ) -> Result<bool, StoreError> {
         let ms = interval.as_millis().clamp(1, i32::MAX as u128) as i32;
         sqlx::query(
             "insert into gateways (id, heartbeat_interval_ms) values ($1, $2)
@@ -48,7 +53,14 @@ impl Store {
         .bind(FORGET_SILENT_AFTER.as_secs_f64())
         .execute(&self.pool)
         .await?;
-        Ok(())
+        let others: bool = sqlx::query_scalar(&format!(
+            "select exists (select 1 from gateways where id <> $1 and {})",
+            alive()
+        ))
+        .bind(id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(others)
     }
 
     /// A clean shutdown: this gateway is gone on purpose, not missing.
@@ -61,15 +73,19 @@ impl Store {
     }
 }
 
+/// A row heard from within [`MISSED_BEATS`] of its own heartbeat interval,
+/// by Postgres' clock.
+fn alive() -> String {
+    format!("last_seen >= now() - make_interval(secs => {MISSED_BEATS} * heartbeat_interval_ms / 1000.0)")
+}
+
 /// Every known gateway, oldest first.
 pub async fn gateways(pool: &PgPool) -> Result<Vec<GatewayRow>, StoreError> {
-    Ok(sqlx::query_as(
-        "select id, started_at, last_seen,
-                last_seen >= now() - make_interval(secs => $1 * heartbeat_interval_ms / 1000.0)
-                    as alive
+    Ok(sqlx::query_as(&format!(
+        "select id, started_at, last_seen, {} as alive
          from gateways order by started_at, id",
-    )
-    .bind(MISSED_BEATS)
+        alive()
+    ))
     .fetch_all(pool)
     .await?)
 }

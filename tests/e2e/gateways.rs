@@ -15,8 +15,18 @@ const FAST: &[(&str, &str)] = &[
 ];
 
 async fn gateway(db_url: &str) -> (Proc, SocketAddr) {
+    gateway_with(db_url, &[]).await
+}
+
+/// A gateway with `env` over [`FAST`] (a later setting of a variable wins).
+async fn gateway_with(db_url: &str, env: &[(&str, &str)]) -> (Proc, SocketAddr) {
     let port = free_port();
-    let env: Vec<(&str, &str)> = FAST.iter().chain(LOOSE_LIMITS_ENV).copied().collect();
+    let env: Vec<(&str, &str)> = FAST
+        .iter()
+        .chain(LOOSE_LIMITS_ENV)
+        .chain(env)
+        .copied()
+        .collect();
     let child = spawn_postline(
         &["serve", "--no-worker", "--no-migrate"],
         db_url,
@@ -137,6 +147,63 @@ async fn messages_typing_and_presence_cross_gateways_and_two_workers_keep_seqs_g
     // B is unaffected.
     let (status, _) = raw_http(b_addr, "GET", "/healthz", "", None).await;
     assert_eq!(status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_gateway_relays_nothing_and_one_that_starts_is_relayed_to_from_its_first_client() {
+    let (db_url, pool) = fresh_database().await;
+    let mut wire = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    wire.listen(postline::notify::EVENTS_CHANNEL).await.unwrap();
+    // A looks at the gateways table once at start, then not for a minute:
+    // only B's announcement can tell A that B is there.
+    let (_gw_a, a_addr) =
+        gateway_with(&db_url, &[("POSTLINE_PRESENCE_HEARTBEAT_MS", "60000")]).await;
+    let (alice, bob) = (uid(), uid());
+    let conv = create_conversation(a_addr, alice, &[bob]).await;
+    let mut a = client(a_addr, alice).await;
+    a.join(conv).await;
+
+    // Alone, A's sends (and its presence) leave nothing on the relay channel.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    for n in 0.. {
+        let ack = a.send_text(conv, &format!("alone {n}"), "hello?").await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let mut relayed = false;
+        while let Ok(got) = tokio::time::timeout(Duration::from_millis(300), wire.recv()).await {
+            let nil = postline::notify::NO_GATEWAY.to_string();
+            relayed |= !got.unwrap().payload().contains(&nil);
+        }
+        if !relayed {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a lone gateway kept relaying"
+        );
+    }
+
+    // B starts. Before any client of B says a word, its announcement alone
+    // turns A's relay on.
+    let (_gw_b, b_addr) = gateway(&db_url).await;
+    let ack = a.send_text(conv, "b is up", "still alone?").await;
+    let id = ack["message_id"].as_str().unwrap().to_owned();
+    tokio::time::timeout(WAIT, async {
+        while !wire.recv().await.unwrap().payload().contains(&id) {}
+    })
+    .await
+    .expect("A relays once B has announced itself");
+    // And B's first client hears A's next message.
+    let mut b = client(b_addr, bob).await;
+    b.join(conv).await;
+    let ack = a.send_text(conv, "together", "anyone?").await;
+    let m = b.recv_type("new_message").await;
+    assert_eq!(
+        m["message"]["id"], ack["message_id"],
+        "relayed to the newcomer"
+    );
+    assert_eq!(m["message"]["content"], "anyone?");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
