@@ -241,12 +241,17 @@ pub async fn publish_in(
                 .await?;
         format!(r#"{{"g":"{NO_GATEWAY}","r":{id}}}"#)
     };
+    notify(&mut *conn, &notice).await
+}
+
+/// NOTIFY the relay channel; sent when `e`'s transaction commits.
+async fn notify<'e>(e: impl sqlx::PgExecutor<'e>, payload: &str) -> Result<(), sqlx::Error> {
     sqlx::query("select pg_notify($1, $2)")
         .bind(EVENTS_CHANNEL)
-        .bind(notice)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
+        .bind(payload)
+        .execute(e)
+        .await
+        .map(|_| ())
 }
 
 fn envelope(gateway: Uuid, events: &[String]) -> String {
@@ -298,12 +303,7 @@ impl Relay {
     /// look at `gateways`: an empty batch, which every receiver takes as a
     /// sign of life.
     pub async fn announce(&self) -> Result<(), sqlx::Error> {
-        sqlx::query("select pg_notify($1, $2)")
-            .bind(EVENTS_CHANNEL)
-            .bind(envelope(self.gateway, &[]))
-            .execute(&self.pool)
-            .await
-            .map(|_| ())
+        notify(&self.pool, &envelope(self.gateway, &[])).await
     }
 
     /// The same frame for every connection of each of `users`: the frame is
@@ -403,12 +403,7 @@ async fn publish(pool: &PgPool, gateway: Uuid, pieces: &[String]) {
     }
     let payload = envelope(gateway, pieces);
     let result = if payload.len() < MAX_PAYLOAD {
-        sqlx::query("select pg_notify($1, $2)")
-            .bind(EVENTS_CHANNEL)
-            .bind(&payload)
-            .execute(pool)
-            .await
-            .map(|_| ())
+        notify(pool, &payload).await
     } else {
         // Too big for NOTIFY: by reference, insert and notify in one transaction.
         async {
@@ -418,11 +413,7 @@ async fn publish(pool: &PgPool, gateway: Uuid, pieces: &[String]) {
                     .bind(&payload)
                     .fetch_one(&mut *tx)
                     .await?;
-            sqlx::query("select pg_notify($1, $2)")
-                .bind(EVENTS_CHANNEL)
-                .bind(format!(r#"{{"g":"{gateway}","r":{id}}}"#))
-                .execute(&mut *tx)
-                .await?;
+            notify(&mut *tx, &format!(r#"{{"g":"{gateway}","r":{id}}}"#)).await?;
             tx.commit().await
         }
         .await
