@@ -77,6 +77,11 @@ struct Args {
     /// Database for --persist-jobs; unset: a throwaway local cluster with fsync on.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// With --persist-jobs: drain with pgmq alone (read a batch, delete it,
+    /// each its own commit as the worker does), no chat logic: the queue's
+    /// own ceiling beside the worker's.
+    #[arg(long)]
+    pgmq_only: bool,
     /// Concurrent workers for --persist-jobs.
     #[arg(long, default_value_t = 1)]
     workers: usize,

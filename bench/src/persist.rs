@@ -73,6 +73,10 @@ pub(crate) async fn persist_benchmark(args: &Args, jobs: usize) -> anyhow::Resul
     let t = Instant::now();
     let mut handles = Vec::new();
     for _ in 0..args.workers {
+        if args.pgmq_only {
+            handles.push(tokio::spawn(drain_pgmq(pool.clone())));
+            continue;
+        }
         let w = Worker::new(
             pool.clone(),
             WorkerConfig::default(),
@@ -101,6 +105,7 @@ pub(crate) async fn persist_benchmark(args: &Args, jobs: usize) -> anyhow::Resul
         "conversations": args.conversations,
         "payload": args.payload,
         "encryption_key": keyring.active_id(),
+        "pgmq_only": args.pgmq_only,
         "throwaway_cluster_fsync_on": cluster.is_some(),
         "enqueue_jobs_per_s": jobs as f64 / enqueue.as_secs_f64(),
         "persisted": persisted,
@@ -109,7 +114,8 @@ pub(crate) async fn persist_benchmark(args: &Args, jobs: usize) -> anyhow::Resul
     });
     if !args.json {
         println!(
-            "postline-bench persist: {jobs} jobs, {} worker(s), {} conversations, {}: enqueue {:.0} jobs/s (send_batch of 1000), persisted {:.0} msg/s ({persisted} in {:.2} s)",
+            "postline-bench persist{}: {jobs} jobs, {} worker(s), {} conversations, {}: enqueue {:.0} jobs/s (send_batch of 1000), persisted {:.0} msg/s ({persisted} in {:.2} s)",
+            if args.pgmq_only { " (pgmq only: read + delete, no chat logic)" } else { "" },
             args.workers,
             args.conversations,
             keyring.active_id().map_or("content plain".to_owned(), |k| format!("content sealed under key {k:?}")),
@@ -121,4 +127,25 @@ pub(crate) async fn persist_benchmark(args: &Args, jobs: usize) -> anyhow::Resul
     println!("{report}");
     drop(cluster);
     Ok(())
+}
+
+/// The queue alone: read a batch (its own commit, as the worker's read is)
+/// and delete it (another commit, where the worker's delete shares the
+/// transaction that stores the messages). What is left between this and
+/// the worker is the chat logic: storing, seqs, NOTIFY.
+async fn drain_pgmq(pool: sqlx::PgPool) -> anyhow::Result<usize> {
+    use postline::config::WorkerConfig;
+    use postline::queue::{self, PERSIST_QUEUE};
+
+    let cfg = WorkerConfig::default();
+    let vt = cfg.visibility_timeout.as_secs().max(1) as i32;
+    let mut n = 0;
+    loop {
+        let jobs = queue::read(&pool, PERSIST_QUEUE, vt, cfg.batch_size).await?;
+        if jobs.is_empty() {
+            return Ok(n);
+        }
+        let ids: Vec<i64> = jobs.iter().map(|j| j.msg_id).collect();
+        n += queue::delete(&pool, PERSIST_QUEUE, &ids).await?;
+    }
 }

@@ -163,7 +163,7 @@ pub async fn serve(
     let ctx = Arc::new(HttpContext {
         store,
         gateway: gateway.clone(),
-        jwt: Jwt::new(cfg.jwt_secret.as_bytes()).with_max_ttl(cfg.max_token_ttl),
+        jwt: Arc::new(Jwt::new(cfg.jwt_secret.as_bytes()).with_max_ttl(cfg.max_token_ttl)),
         metrics,
         enqueuer,
         worker: heartbeat,

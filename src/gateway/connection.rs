@@ -17,19 +17,21 @@ use std::time::Duration;
 use fastwebsockets::{Frame, OpCode, Payload, WebSocketError, WebSocketRead, WebSocketWrite};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::io::{BufWriter, ReadHalf, WriteHalf};
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::write_buffer::WriteBuffer;
 use crate::protocol::{close, server, socketio, Framing};
 use crate::rooms::{Outbox, OutboxReceiver};
 
 pub(super) type Io = TokioIo<Upgraded>;
 
-/// Bytes coalesced per connection before a write; a flush happens sooner
-/// whenever the outbox runs empty.
+/// Most bytes coalesced per connection before a write; a flush happens
+/// sooner whenever the outbox runs empty. Held only during a burst (see
+/// [`WriteBuffer`]).
 const WRITE_BUFFER: usize = 16 * 1024;
 
 /// Frames written back to back before a flush, so one busy connection cannot
@@ -56,11 +58,16 @@ pub(super) enum Inbound {
     Text(Vec<u8>),
     Binary,
     /// A Socket.IO packet the codec could not turn into a native frame; the
-    /// session answers it (to its acknowledgement id when known).
-    Refused {
-        r#ref: Option<String>,
-        reason: String,
-    },
+    /// session answers it. Boxed: rare, and every connection's channel
+    /// holds a block of 32 slots of this enum's size.
+    Refused(Box<Refusal>),
+}
+
+#[derive(Debug)]
+pub(super) struct Refusal {
+    /// The packet's acknowledgement id, when it had one.
+    pub r#ref: Option<String>,
+    pub reason: String,
 }
 
 /// Settings of one socket.
@@ -145,7 +152,7 @@ impl Connection {
         // empty, so a burst costs one syscall, not one each.
         let (mut read, write) = ws.split(|io| {
             let (r, w) = tokio::io::split(io);
-            (r, BufWriter::with_capacity(WRITE_BUFFER, w))
+            (r, WriteBuffer::new(w, WRITE_BUFFER))
         });
         // fastwebsockets refuses a frame whose length equals its limit; ours
         // is the largest size accepted.
@@ -352,10 +359,10 @@ async fn read_loop(
                     continue;
                 }
                 Ok(socketio::Packet::Close) => return,
-                Ok(socketio::Packet::Connect(_)) => Inbound::Refused {
+                Ok(socketio::Packet::Connect(_)) => Inbound::Refused(Box::new(Refusal {
                     r#ref: None,
                     reason: "already connected to namespace \"/\"".into(),
-                },
+                })),
                 Ok(socketio::Packet::ForeignNamespace(ns)) => {
                     if control
                         .send((OpCode::Text, socketio::invalid_namespace(&ns)))
@@ -373,10 +380,10 @@ async fn read_loop(
                     ));
                     return;
                 }
-                Err(refused) => Inbound::Refused {
+                Err(refused) => Inbound::Refused(Box::new(Refusal {
                     r#ref: refused.ack.map(|a| a.to_string()),
                     reason: refused.reason,
-                },
+                })),
             },
             (_, message) => message,
         };
@@ -398,7 +405,7 @@ async fn read_loop(
 
 /// The writing half of a socket and everything that decides what it writes.
 struct Writer {
-    write: WebSocketWrite<BufWriter<WriteHalf<Io>>>,
+    write: WebSocketWrite<WriteBuffer<WriteHalf<Io>>>,
     codec: Framing,
     /// Socket.IO: where a frame is wrapped (prefix, the shared bytes, a
     /// bracket) before it is written; reused, so no allocation per frame.

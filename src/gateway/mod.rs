@@ -36,6 +36,7 @@ mod slots;
 mod socketio;
 mod sync;
 mod typing;
+mod write_buffer;
 
 use std::sync::Arc;
 
@@ -158,7 +159,7 @@ impl Gateway {
         self: &Arc<Self>,
         slot: UserSlot,
         token: Verified,
-        jwt: &Jwt,
+        jwt: &Arc<Jwt>,
         upgrade: fastwebsockets::upgrade::UpgradeFut,
         from: Origin,
     ) {
@@ -176,7 +177,7 @@ impl Gateway {
     /// upgrade request). `authenticated` runs once it verified.
     pub fn accept_socketio(
         self: &Arc<Self>,
-        jwt: &Jwt,
+        jwt: &Arc<Jwt>,
         header_token: Option<String>,
         upgrade: fastwebsockets::upgrade::UpgradeFut,
         from: Origin,

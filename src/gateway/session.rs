@@ -47,7 +47,7 @@ pub(super) struct Session {
     pub(super) syncs: Arc<Semaphore>,
     pub(super) gw: Arc<Gateway>,
     /// Verifies the fresh tokens of `refresh_token`.
-    jwt: Jwt,
+    jwt: Arc<Jwt>,
     /// `exp` of the latest token (Unix seconds): the connection is closed
     /// (4001) when it passes, unless a fresh token moved it.
     expires_at: Arc<AtomicU64>,
@@ -84,7 +84,7 @@ pub(super) async fn upgraded(
 pub(super) async fn run(
     gw: Arc<Gateway>,
     token: Verified,
-    jwt: Jwt,
+    jwt: Arc<Jwt>,
     ws: WebSocket<Io>,
     framing: Framing,
     from: Origin,
@@ -151,16 +151,19 @@ pub(super) async fn run(
             m = next => m,
         };
         match message {
-            Some(Inbound::Text(mut buf)) => session.handle(&mut buf).await,
+            // Boxed: the handlers' futures (join, history, sync) are
+            // kilobytes, and inline they would make every connection's task
+            // that large for its whole life, idle or not (S3).
+            Some(Inbound::Text(mut buf)) => Box::pin(session.handle(&mut buf)).await,
             Some(Inbound::Binary) => session.push(server::error(
                 None,
                 ErrorCode::BadRequest,
                 "binary frames are not supported; send JSON text frames",
             )),
-            Some(Inbound::Refused { r#ref, reason }) => session.push(server::error(
-                r#ref.as_deref(),
+            Some(Inbound::Refused(refusal)) => session.push(server::error(
+                refusal.r#ref.as_deref(),
                 ErrorCode::BadRequest,
-                &reason,
+                &refusal.reason,
             )),
             None => break,
         }

@@ -43,7 +43,7 @@ impl Refusal {
 /// connection came from, for the audit log.
 pub(super) async fn run(
     gw: Arc<Gateway>,
-    jwt: Jwt,
+    jwt: Arc<Jwt>,
     header_token: Option<String>,
     upgrade: fastwebsockets::upgrade::UpgradeFut,
     from: Origin,

@@ -54,7 +54,9 @@ pub type Body = Full<Bytes>;
 pub struct HttpContext {
     pub store: Store,
     pub gateway: Arc<Gateway>,
-    pub jwt: Jwt,
+    /// Shared with every connection (it verifies their refreshed tokens):
+    /// its keys and validation sets are not copied per connection.
+    pub jwt: Arc<Jwt>,
     pub metrics: Arc<Metrics>,
     pub enqueuer: Enqueuer,
     /// The in-process worker's heartbeat, when this process runs one.
