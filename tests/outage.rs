@@ -114,6 +114,19 @@ async fn postgres_restarted_during_a_stream_of_sends_loses_and_duplicates_nothin
     }
 
     // The LISTEN connection came back too: a new message is confirmed.
+    // Waited for first: the worker may be back (and have stored everything
+    // above) before the listener's reconnect backoff runs out, and what is
+    // persisted meanwhile is announced by `resync`, not `message_persisted`.
+    eventually("the LISTEN connection is back", || async {
+        let listening: i64 = sqlx::query_scalar(
+            "select count(*) from pg_stat_activity where query ilike 'listen %'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        (listening > 0).then_some(())
+    })
+    .await;
     let ack = alice.send_text(conv, "after", "still there?").await;
     assert_eq!(ack["type"], "ack");
     let p = bob
