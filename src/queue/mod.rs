@@ -76,6 +76,7 @@ impl Queue {
 struct Statements {
     send: String,
     read: String,
+    claim: String,
     delete: String,
     set_vt: String,
 }
@@ -106,6 +107,16 @@ impl Statements {
                      read_ct = read_ct + 1
                  from cte where m.msg_id = cte.msg_id
                  returning m.msg_id, m.read_ct, m.enqueued_at, m.message"
+            ),
+            // The visible jobs locked by the caller's transaction, with the
+            // attempt this is (read_ct + 1) but nothing written: see `claim`.
+            claim: format!(
+                "select msg_id, read_ct + 1 as read_ct, enqueued_at, message
+                 from {table}
+                 where vt <= clock_timestamp()
+                 order by msg_id asc
+                 limit $1
+                 for update skip locked"
             ),
             delete: format!("delete from {table} where msg_id = any($1) returning msg_id"),
             set_vt: format!(
@@ -370,6 +381,24 @@ pub async fn read<'e>(
     // own (a hash join in its plan returned them shuffled).
     jobs.sort_unstable_by_key(|j| j.msg_id);
     Ok(jobs)
+}
+
+/// Up to `qty` visible jobs, oldest first, locked by the caller's
+/// transaction instead of hidden by a visibility timeout: the transaction
+/// that applies them deletes them and commits once, where [`read`] commits
+/// on its own first (and writes every row it reads). If that transaction
+/// rolls back or its connection dies, the jobs are visible again at once,
+/// and no attempt was counted (`read_ct` is what it would be after a read,
+/// but is not stored), so a worker reads the careful way after a failure.
+pub async fn claim(
+    tx: &mut sqlx::PgConnection,
+    queue: &str,
+    qty: i32,
+) -> Result<Vec<RawJob>, QueueError> {
+    Ok(sqlx::query_as::<_, RawJob>(&statements(queue)?.claim)
+        .bind(qty)
+        .fetch_all(tx)
+        .await?)
 }
 
 /// pgmq's delete of several jobs; returns how many existed.

@@ -2,6 +2,18 @@
 //! batch, applies them (stores messages with their seqs, moves read markers),
 //! deletes the jobs and NOTIFYs gateways.
 //!
+//! Two ways to take a batch of messages to store:
+//! - claimed (the usual one): the jobs are locked by the very transaction
+//!   that stores and deletes them, so a batch is one commit. Nothing is
+//!   written to take them, so a failure leaves no trace on them: they are
+//!   visible again at once, and their attempt is not counted;
+//! - read (pgmq's `read`, its own commit first): the job is hidden for the
+//!   visibility timeout and its `read_ct` counts the attempt, even if the
+//!   process dies. A worker reads this way when it starts (a process that
+//!   crashed on a batch counts that batch's attempts from its restart on),
+//!   after any failure, until a batch succeeds again; and always for the
+//!   background queue.
+//!
 //! Failures, by kind:
 //! - a job that can never succeed (malformed payload, conversation gone) is
 //!   dead-lettered at once, in the batch's own transaction;
@@ -21,7 +33,7 @@ mod retry;
 
 pub use crate::config::{RetryPolicy, WorkerConfig};
 
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -140,6 +152,15 @@ pub struct CleanupReport {
     pub webhook_lanes_woken: usize,
 }
 
+/// What [`Worker::claim_and_apply`] did.
+enum Claim {
+    Applied(Outcome),
+    /// Claimed nothing: the persist queue has no visible job.
+    Empty,
+    /// Not claimed (see `claim_and_apply`): read instead.
+    NotClaimed,
+}
+
 pub struct Worker {
     pool: PgPool,
     cfg: WorkerConfig,
@@ -147,6 +168,9 @@ pub struct Worker {
     heartbeat: Arc<Heartbeat>,
     metrics: Arc<Metrics>,
     high_streak: AtomicU32,
+    /// Read (not claim) the next persist batch: from the start and after a
+    /// failure, until a batch succeeds (see the module's notes).
+    careful: AtomicBool,
     /// A batch that failed transiently, retried before anything new is read.
     held: std::sync::Mutex<Option<(Queue, Vec<i64>)>>,
     /// Where webhook jobs go, and the endpoints `message.created` is written
@@ -193,6 +217,7 @@ impl Worker {
             heartbeat: Arc::new(Heartbeat::started()),
             metrics,
             high_streak: AtomicU32::new(0),
+            careful: AtomicBool::new(true),
             held: std::sync::Mutex::new(None),
             webhooks: None,
             keyring: Arc::new(Keyring::plain()),
@@ -259,6 +284,11 @@ impl Worker {
     /// Read one batch (high priority first, see `starvation_limit`) and apply
     /// it. Tests call this to drain the queues step by step without sleeping.
     pub async fn run_once(&self) -> Result<Outcome, WorkerError> {
+        let persist_empty = match self.claim_and_apply().await? {
+            Claim::Applied(outcome) => return Ok(outcome),
+            Claim::Empty => true,
+            Claim::NotClaimed => false,
+        };
         let (q, jobs) = match self.take_held() {
             Some((q, ids)) => {
                 // Keep the batch hidden from other workers while we retry it.
@@ -270,7 +300,7 @@ impl Worker {
                     }
                 }
             }
-            None => match self.read_by_priority().await? {
+            None => match self.read_by_priority(persist_empty).await? {
                 Some(batch) => batch,
                 None => return Ok(Outcome::Idle),
             },
@@ -281,18 +311,10 @@ impl Worker {
         self.metrics.batch_size.observe(jobs.len() as f64);
         match self.process(q, &jobs).await {
             Ok(report) => {
-                let c = self.counters(q);
-                c.processed.fetch_add(
-                    (report.jobs - report.retried - report.dead) as u64,
-                    Ordering::Relaxed,
-                );
-                c.retried
-                    .fetch_add(report.retried as u64, Ordering::Relaxed);
-                c.dead_lettered
-                    .fetch_add(report.dead as u64, Ordering::Relaxed);
-                c.failed
-                    .fetch_add((report.retried + report.dead) as u64, Ordering::Relaxed);
-                Ok(Outcome::Processed(q, report))
+                if q == Queue::Persist && report.retried == 0 {
+                    self.careful.store(false, Ordering::Relaxed);
+                }
+                Ok(self.processed(q, report))
             }
             Err(Interrupted { error, remaining }) => {
                 self.counters(q)
@@ -304,7 +326,66 @@ impl Worker {
         }
     }
 
-    async fn read_by_priority(&self) -> Result<Option<(Queue, Vec<RawJob>)>, WorkerError> {
+    fn processed(&self, q: Queue, report: BatchReport) -> Outcome {
+        let c = self.counters(q);
+        c.processed.fetch_add(
+            (report.jobs - report.retried - report.dead) as u64,
+            Ordering::Relaxed,
+        );
+        c.retried
+            .fetch_add(report.retried as u64, Ordering::Relaxed);
+        c.dead_lettered
+            .fetch_add(report.dead as u64, Ordering::Relaxed);
+        c.failed
+            .fetch_add((report.retried + report.dead) as u64, Ordering::Relaxed);
+        Outcome::Processed(q, report)
+    }
+
+    /// The usual way to store messages: claim a persist batch inside the
+    /// transaction that applies it, one commit in all. Not when careful,
+    /// when a held batch goes first or when it is the background queue's
+    /// turn; and a batch that failed for a reason of its own is left to the
+    /// read path, which takes the same jobs, counts the attempt and retries
+    /// them one by one.
+    async fn claim_and_apply(&self) -> Result<Claim, WorkerError> {
+        let low_turn = self.high_streak.load(Ordering::Relaxed) >= self.cfg.starvation_limit;
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if low_turn || held || self.careful.load(Ordering::Relaxed) {
+            return Ok(Claim::NotClaimed);
+        }
+        let mut tx = self.pool.begin().await?;
+        let jobs = queue::claim(&mut tx, Queue::Persist.name(), self.cfg.batch_size).await?;
+        if jobs.is_empty() {
+            // It only read: its rollback (on drop) writes nothing.
+            return Ok(Claim::Empty);
+        }
+        self.metrics.batch_size.observe(jobs.len() as f64);
+        match self.apply_in(tx, Queue::Persist, &jobs).await {
+            Ok(report) => {
+                self.high_streak.fetch_add(1, Ordering::Relaxed);
+                Ok(Claim::Applied(self.processed(Queue::Persist, report)))
+            }
+            Err(e) => {
+                self.careful.store(true, Ordering::Relaxed);
+                tracing::warn!(jobs = jobs.len(), error = %e, "claimed batch failed; reading it again, counting the attempt");
+                if e.is_transient() {
+                    Err(e)
+                } else {
+                    Ok(Claim::NotClaimed)
+                }
+            }
+        }
+    }
+
+    /// `persist_empty`: a claim just found nothing there, so skip it.
+    async fn read_by_priority(
+        &self,
+        persist_empty: bool,
+    ) -> Result<Option<(Queue, Vec<RawJob>)>, WorkerError> {
         let low_turn = self.high_streak.load(Ordering::Relaxed) >= self.cfg.starvation_limit;
         let order = if low_turn {
             [Queue::Background, Queue::Persist]
@@ -312,6 +393,9 @@ impl Worker {
             [Queue::Persist, Queue::Background]
         };
         for q in order {
+            if q == Queue::Persist && persist_empty {
+                continue;
+            }
             let jobs =
                 queue::read(&self.pool, q.name(), self.vt_secs(), self.cfg.batch_size).await?;
             if q == Queue::Background && jobs.is_empty() {
@@ -350,6 +434,7 @@ impl Worker {
                     });
             }
             Err(e) => {
+                self.careful.store(true, Ordering::Relaxed);
                 tracing::warn!(queue = q.name(), jobs = jobs.len(), error = %e, "batch failed; retrying its jobs one by one");
             }
         }
@@ -407,7 +492,17 @@ impl Worker {
     /// Apply a batch in one transaction: its effects, the deletion of its
     /// jobs, the burial of jobs that can never succeed, and the NOTIFY.
     async fn apply(&self, q: Queue, jobs: &[RawJob]) -> Result<BatchReport, WorkerError> {
-        let mut tx = self.pool.begin().await?;
+        let tx = self.pool.begin().await?;
+        self.apply_in(tx, q, jobs).await
+    }
+
+    /// [`Self::apply`] in `tx`, which may already hold the jobs (claimed).
+    async fn apply_in(
+        &self,
+        mut tx: Transaction<'static, Postgres>,
+        q: Queue,
+        jobs: &[RawJob],
+    ) -> Result<BatchReport, WorkerError> {
         let mut report = BatchReport {
             jobs: jobs.len(),
             ..BatchReport::default()

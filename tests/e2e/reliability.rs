@@ -360,3 +360,166 @@ async fn cleanup_removes_archived_jobs_stale_failures_and_old_delivered_webhooks
     assert_eq!(dead, 2);
     app.stop().await;
 }
+
+/// Counts the writes a worker makes to the persist queue's rows other than
+/// deleting them (pgmq's `read` and `set_vt` update them).
+async fn count_queue_updates(pool: &sqlx::PgPool) {
+    sqlx::raw_sql(
+        r#"create table queue_updates (msg_id bigint, read_ct int);
+           create function note_queue_update() returns trigger language plpgsql as $$
+           begin
+             insert into queue_updates values (new.msg_id, new.read_ct);
+             return new;
+           end $$;
+           create trigger note_queue_update before update on pgmq.q_postline_persist
+             for each row execute function note_queue_update();"#,
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_reads_its_first_batch_then_claims_batches_in_the_transaction_that_stores_them() {
+    let app = gateway_only().await;
+    count_queue_updates(&app.pool).await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    let w = worker_past_setup(&app, 100).await;
+
+    // A fresh worker reads the careful way: the attempt is written first.
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &[job_with(conv, a, "a", "first")])
+        .await
+        .unwrap();
+    assert_eq!(
+        next_chat_batch(&w).await,
+        crate::durability::processed(1, 1, 0, 0)
+    );
+    let updates = count(&app.pool, "select count(*) from queue_updates").await;
+    assert_eq!(updates, 1, "the first batch was read (read_ct written)");
+
+    // Then: claimed, stored and deleted in one transaction, no write to take it.
+    let jobs = vec![
+        job_with(conv, a, "b", "second"),
+        job_with(conv, a, "c", "third"),
+    ];
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &jobs)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_chat_batch(&w).await,
+        crate::durability::processed(2, 2, 0, 0)
+    );
+    let updates = count(&app.pool, "select count(*) from queue_updates").await;
+    assert_eq!(updates, 1, "claimed jobs are not updated, only deleted");
+    let order: Vec<(i64, String)> = stored(&app.pool, conv)
+        .await
+        .into_iter()
+        .map(|r| (r.0, r.2))
+        .collect();
+    assert_eq!(
+        order,
+        vec![(1, "a".into()), (2, "b".into()), (3, "c".into())]
+    );
+    assert_eq!(queue::depth(&app.pool, PERSIST_QUEUE).await.unwrap(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_batch_that_fails_leaves_no_trace_and_its_jobs_are_read_again_with_the_attempt_counted(
+) {
+    let app = gateway_only().await;
+    install_poison_trigger(&app.pool).await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    let w = worker_past_setup(&app, 100).await;
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &[job_with(conv, a, "a", "first")])
+        .await
+        .unwrap();
+    assert_eq!(
+        next_chat_batch(&w).await,
+        crate::durability::processed(1, 1, 0, 0)
+    );
+
+    // Claimed (the worker is past its first batch); the insert fails, the
+    // claim rolls back, and the same jobs are read, counted and split.
+    let jobs = vec![
+        job_with(conv, a, "b", "second"),
+        job_with(conv, a, "p", "poison"),
+        job_with(conv, a, "c", "third"),
+    ];
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &jobs)
+        .await
+        .unwrap();
+    let Outcome::Processed(Queue::Persist, report) = next_chat_batch(&w).await else {
+        panic!("expected a persist batch")
+    };
+    assert_eq!(
+        (report.jobs, report.persisted, report.retried, report.dead),
+        (3, 2, 1, 0),
+        "{report:?}"
+    );
+    let (read_ct, failures): (i32, i32) = sqlx::query_as(
+        "select q.read_ct, f.failures from pgmq.q_postline_persist q
+         join job_failures f on f.msg_id = q.msg_id",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (read_ct, failures),
+        (1, 1),
+        "one attempt counted: the failed claim wrote nothing"
+    );
+    let order: Vec<(i64, String)> = stored(&app.pool, conv)
+        .await
+        .into_iter()
+        .map(|r| (r.0, r.2))
+        .collect();
+    assert_eq!(
+        order,
+        vec![(1, "a".into()), (2, "b".into()), (3, "c".into())],
+        "no seq was spent on the rolled-back claim"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claimed_jobs_are_skipped_by_other_workers_and_visible_again_at_once_if_the_claim_dies() {
+    let app = gateway_only().await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &[job_with(conv, a, "a", "first")])
+        .await
+        .unwrap();
+
+    let mut first = app.pool.begin().await.unwrap();
+    let claimed = queue::claim(&mut first, PERSIST_QUEUE, 10).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].read_ct, 1, "the attempt this is");
+    let mut second = app.pool.begin().await.unwrap();
+    let other = queue::claim(&mut second, PERSIST_QUEUE, 10).await.unwrap();
+    assert!(other.is_empty(), "locked jobs are skipped, not waited for");
+    let read = queue::read(&app.pool, PERSIST_QUEUE, 30, 10).await.unwrap();
+    assert!(read.is_empty(), "nor read by a careful worker");
+    drop(second);
+
+    // The claiming worker dies: its transaction goes, the job stays, unread.
+    first.rollback().await.unwrap();
+    let (read_ct, hidden): (i32, bool) = sqlx::query_as(
+        "select read_ct, vt > clock_timestamp() from pgmq.q_postline_persist where msg_id = $1",
+    )
+    .bind(claimed[0].msg_id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (read_ct, hidden),
+        (0, false),
+        "visible at once, no attempt stored"
+    );
+    let w = worker(&app, 100);
+    assert_eq!(
+        next_chat_batch(&w).await,
+        crate::durability::processed(1, 1, 0, 0)
+    );
+    assert_eq!(stored(&app.pool, conv).await.len(), 1);
+}
