@@ -361,6 +361,26 @@ async fn cleanup_removes_archived_jobs_stale_failures_and_old_delivered_webhooks
     app.stop().await;
 }
 
+/// Enqueue `job` alone and have `w` store it.
+async fn store_one(app: &TestApp, w: &postline::worker::Worker, job: serde_json::Value) {
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &[job])
+        .await
+        .unwrap();
+    assert_eq!(
+        next_chat_batch(w).await,
+        crate::durability::processed(1, 1, 0, 0)
+    );
+}
+
+/// (seq, client_message_id) of what `conv` holds, in seq order.
+async fn stored_order(pool: &sqlx::PgPool, conv: uuid::Uuid) -> Vec<(i64, String)> {
+    stored(pool, conv)
+        .await
+        .into_iter()
+        .map(|r| (r.0, r.2))
+        .collect()
+}
+
 /// Counts the writes a worker makes to the persist queue's rows other than
 /// deleting them (pgmq's `read` and `set_vt` update them).
 async fn count_queue_updates(pool: &sqlx::PgPool) {
@@ -388,13 +408,7 @@ async fn a_worker_reads_its_first_batch_then_claims_batches_in_the_transaction_t
     let w = worker_past_setup(&app, 100).await;
 
     // A fresh worker reads the careful way: the attempt is written first.
-    queue::send_batch(&app.pool, PERSIST_QUEUE, &[job_with(conv, a, "a", "first")])
-        .await
-        .unwrap();
-    assert_eq!(
-        next_chat_batch(&w).await,
-        crate::durability::processed(1, 1, 0, 0)
-    );
+    store_one(&app, &w, job_with(conv, a, "a", "first")).await;
     let updates = count(&app.pool, "select count(*) from queue_updates").await;
     assert_eq!(updates, 1, "the first batch was read (read_ct written)");
 
@@ -412,11 +426,7 @@ async fn a_worker_reads_its_first_batch_then_claims_batches_in_the_transaction_t
     );
     let updates = count(&app.pool, "select count(*) from queue_updates").await;
     assert_eq!(updates, 1, "claimed jobs are not updated, only deleted");
-    let order: Vec<(i64, String)> = stored(&app.pool, conv)
-        .await
-        .into_iter()
-        .map(|r| (r.0, r.2))
-        .collect();
+    let order = stored_order(&app.pool, conv).await;
     assert_eq!(
         order,
         vec![(1, "a".into()), (2, "b".into()), (3, "c".into())]
@@ -432,13 +442,7 @@ async fn a_claimed_batch_that_fails_leaves_no_trace_and_its_jobs_are_read_again_
     let a = uid();
     let conv = app.conversation(a, &[]).await;
     let w = worker_past_setup(&app, 100).await;
-    queue::send_batch(&app.pool, PERSIST_QUEUE, &[job_with(conv, a, "a", "first")])
-        .await
-        .unwrap();
-    assert_eq!(
-        next_chat_batch(&w).await,
-        crate::durability::processed(1, 1, 0, 0)
-    );
+    store_one(&app, &w, job_with(conv, a, "a", "first")).await;
 
     // Claimed (the worker is past its first batch); the insert fails, the
     // claim rolls back, and the same jobs are read, counted and split.
@@ -470,11 +474,7 @@ async fn a_claimed_batch_that_fails_leaves_no_trace_and_its_jobs_are_read_again_
         (1, 1),
         "one attempt counted: the failed claim wrote nothing"
     );
-    let order: Vec<(i64, String)> = stored(&app.pool, conv)
-        .await
-        .into_iter()
-        .map(|r| (r.0, r.2))
-        .collect();
+    let order = stored_order(&app.pool, conv).await;
     assert_eq!(
         order,
         vec![(1, "a".into()), (2, "b".into()), (3, "c".into())],
