@@ -284,6 +284,9 @@ impl Worker {
     /// Read one batch (high priority first, see `starvation_limit`) and apply
     /// it. Tests call this to drain the queues step by step without sleeping.
     pub async fn run_once(&self) -> Result<Outcome, WorkerError> {
+        if let Some(jobs) = self.background_turn().await? {
+            return self.run_batch(Queue::Background, jobs).await;
+        }
         let persist_empty = match self.claim_and_apply().await? {
             Claim::Applied(outcome) => return Ok(outcome),
             Claim::Empty => true,
@@ -308,6 +311,12 @@ impl Worker {
         if jobs.is_empty() {
             return Ok(Outcome::Idle);
         }
+        self.run_batch(q, jobs).await
+    }
+
+    /// Apply a batch that was read (or held), retrying its jobs one by one
+    /// if it fails as a whole.
+    async fn run_batch(&self, q: Queue, jobs: Vec<RawJob>) -> Result<Outcome, WorkerError> {
         self.metrics.batch_size.observe(jobs.len() as f64);
         match self.process(q, &jobs).await {
             Ok(report) => {
@@ -339,6 +348,26 @@ impl Worker {
         c.failed
             .fetch_add((report.retried + report.dead) as u64, Ordering::Relaxed);
         Outcome::Processed(q, report)
+    }
+
+    /// When the background queue's turn has come (see `starvation_limit`)
+    /// and persist batches are being claimed: its batch, read as always.
+    /// With nothing there the turn is over, and persist jobs are claimed
+    /// again rather than read the careful way.
+    async fn background_turn(&self) -> Result<Option<Vec<RawJob>>, WorkerError> {
+        let low_turn = self.high_streak.load(Ordering::Relaxed) >= self.cfg.starvation_limit;
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some();
+        if !low_turn || held || self.careful.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let q = Queue::Background;
+        let jobs = queue::read(&self.pool, q.name(), self.vt_secs(), self.cfg.batch_size).await?;
+        self.high_streak.store(0, Ordering::Relaxed);
+        Ok((!jobs.is_empty()).then_some(jobs))
     }
 
     /// The usual way to store messages: claim a persist batch inside the

@@ -523,3 +523,33 @@ async fn claimed_jobs_are_skipped_by_other_workers_and_visible_again_at_once_if_
     );
     assert_eq!(stored(&app.pool, conv).await.len(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn persist_batches_stay_claimed_when_the_background_queue_s_turn_finds_nothing() {
+    let app = gateway_only().await;
+    count_queue_updates(&app.pool).await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    let w = worker_past_setup(&app, 1).await;
+    store_one(&app, &w, job_with(conv, a, "a", "first")).await;
+    // Batches of one: more than `starvation_limit` (4) in a row, so the
+    // background queue gets its turns on the way.
+    let jobs: Vec<_> = (0..10)
+        .map(|i| job_with(conv, a, &format!("m{i}"), "busy"))
+        .collect();
+    queue::send_batch(&app.pool, PERSIST_QUEUE, &jobs)
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        assert_eq!(
+            next_chat_batch(&w).await,
+            crate::durability::processed(1, 1, 0, 0)
+        );
+    }
+    let updates = count(&app.pool, "select count(*) from queue_updates").await;
+    assert_eq!(
+        updates, 1,
+        "only the first batch was read; every later one claimed"
+    );
+    assert_eq!(stored(&app.pool, conv).await.len(), 11);
+}
