@@ -356,12 +356,7 @@ impl Worker {
     /// again rather than read the careful way.
     async fn background_turn(&self) -> Result<Option<Vec<RawJob>>, WorkerError> {
         let low_turn = self.high_streak.load(Ordering::Relaxed) >= self.cfg.starvation_limit;
-        let held = self
-            .held
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_some();
-        if !low_turn || held || self.careful.load(Ordering::Relaxed) {
+        if !low_turn || !self.claiming() {
             return Ok(None);
         }
         let q = Queue::Background;
@@ -370,20 +365,24 @@ impl Worker {
         Ok((!jobs.is_empty()).then_some(jobs))
     }
 
-    /// The usual way to store messages: claim a persist batch inside the
-    /// transaction that applies it, one commit in all. Not when careful,
-    /// when a held batch goes first or when it is the background queue's
-    /// turn; and a batch that failed for a reason of its own is left to the
-    /// read path, which takes the same jobs, counts the attempt and retries
-    /// them one by one.
-    async fn claim_and_apply(&self) -> Result<Claim, WorkerError> {
-        let low_turn = self.high_streak.load(Ordering::Relaxed) >= self.cfg.starvation_limit;
+    /// Whether persist batches are claimed now: not while careful, nor
+    /// while a held batch goes first.
+    fn claiming(&self) -> bool {
         let held = self
             .held
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .is_some();
-        if low_turn || held || self.careful.load(Ordering::Relaxed) {
+        !held && !self.careful.load(Ordering::Relaxed)
+    }
+
+    /// The usual way to store messages: claim a persist batch inside the
+    /// transaction that applies it, one commit in all (the background
+    /// queue's turn was taken just before, see `background_turn`). A batch
+    /// that failed for a reason of its own is left to the read path, which
+    /// takes the same jobs, counts the attempt and retries them one by one.
+    async fn claim_and_apply(&self) -> Result<Claim, WorkerError> {
+        if !self.claiming() {
             return Ok(Claim::NotClaimed);
         }
         let mut tx = self.pool.begin().await?;
