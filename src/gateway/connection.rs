@@ -58,16 +58,10 @@ pub(super) enum Inbound {
     Text(Vec<u8>),
     Binary,
     /// A Socket.IO packet the codec could not turn into a native frame; the
-    /// session answers it. Boxed: rare, and every connection's channel
-    /// holds a block of 32 slots of this enum's size.
-    Refused(Box<Refusal>),
-}
-
-#[derive(Debug)]
-pub(super) struct Refusal {
-    /// The packet's acknowledgement id, when it had one.
-    pub r#ref: Option<String>,
-    pub reason: String,
+    /// session answers it (to its acknowledgement id when known). Boxed:
+    /// rare, and every connection's channel holds a block of 32 slots of
+    /// this enum's size.
+    Refused(Box<socketio::Refused>),
 }
 
 /// Settings of one socket.
@@ -359,9 +353,10 @@ async fn read_loop(
                     continue;
                 }
                 Ok(socketio::Packet::Close) => return,
-                Ok(socketio::Packet::Connect(_)) => Inbound::Refused(Box::new(Refusal {
-                    r#ref: None,
+                Ok(socketio::Packet::Connect(_)) => Inbound::Refused(Box::new(socketio::Refused {
+                    ack: None,
                     reason: "already connected to namespace \"/\"".into(),
+                    fatal: false,
                 })),
                 Ok(socketio::Packet::ForeignNamespace(ns)) => {
                     if control
@@ -380,10 +375,7 @@ async fn read_loop(
                     ));
                     return;
                 }
-                Err(refused) => Inbound::Refused(Box::new(Refusal {
-                    r#ref: refused.ack.map(|a| a.to_string()),
-                    reason: refused.reason,
-                })),
+                Err(refused) => Inbound::Refused(Box::new(refused)),
             },
             (_, message) => message,
         };

@@ -160,10 +160,10 @@ pub(super) async fn run(
                 ErrorCode::BadRequest,
                 "binary frames are not supported; send JSON text frames",
             )),
-            Some(Inbound::Refused(refusal)) => session.push(server::error(
-                refusal.r#ref.as_deref(),
+            Some(Inbound::Refused(refused)) => session.push(server::error(
+                refused.ack.map(|a| a.to_string()).as_deref(),
                 ErrorCode::BadRequest,
-                &refusal.reason,
+                &refused.reason,
             )),
             None => break,
         }
