@@ -281,8 +281,9 @@ impl Worker {
             (!ids.is_empty()).then_some((q, ids));
     }
 
-    /// Read one batch (high priority first, see `starvation_limit`) and apply
-    /// it. Tests call this to drain the queues step by step without sleeping.
+    /// Take one batch (high priority first, see `starvation_limit`; claimed
+    /// or read, see the module's notes) and apply it. Tests call this to
+    /// drain the queues step by step without sleeping.
     pub async fn run_once(&self) -> Result<Outcome, WorkerError> {
         if let Some(jobs) = self.background_turn().await? {
             return self.run_batch(Queue::Background, jobs).await;
