@@ -140,12 +140,35 @@ impl Store {
     }
 }
 
+/// A pooled connection idle this long is tested (one round trip) before it
+/// is handed out; one used more recently is not.
+///
+/// sqlx tests every connection on acquire by default, and every connection
+/// on release too (that one cannot be turned off), so a statement run on
+/// the pool cost three round trips: in S1 (an enqueue ~250 times a second,
+/// a worker batch ~50) the pings were about as many as the statements. The
+/// release test already vouches for a busy connection; a
+/// connection idle through a Postgres restart is still caught here, and one
+/// broken in the last second fails its statement, which every caller
+/// already treats as the transient error it is.
+pub const TEST_IDLE_AFTER: Duration = Duration::from_secs(1);
+
 /// Open a bounded pool.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
     let options: PgConnectOptions = url.parse()?;
     let pool = PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(Duration::from_secs(5))
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= TEST_IDLE_AFTER {
+                    // An error closes the connection and another is tried.
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         // pgmq's install and our idempotent migrations raise NOTICEs
         // ("already exists, skipping") on every start: not worth a log line.
         .connect_with(

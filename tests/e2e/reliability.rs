@@ -553,3 +553,28 @@ async fn persist_batches_stay_claimed_when_the_background_queue_s_turn_finds_not
     );
     assert_eq!(stored(&app.pool, conv).await.len(), 11);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_that_died_while_idle_is_replaced_not_handed_out() {
+    let app = gateway_only().await;
+    let pool = postline::store::connect(&app.db_url, 1).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // Postgres ends it while it waits in the pool (a restart, an idle timeout).
+    let ended: bool = sqlx::query_scalar("select pg_terminate_backend($1, 5000)")
+        .bind(pid)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(ended);
+    // Idle long enough to be tested before it is handed out again.
+    tokio::time::sleep(postline::store::TEST_IDLE_AFTER + std::time::Duration::from_millis(200))
+        .await;
+    let again: i32 = sqlx::query_scalar("select pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .expect("the dead connection was handed out instead of replaced");
+    assert_ne!(again, pid);
+}
