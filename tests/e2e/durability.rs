@@ -127,6 +127,39 @@ pub fn message(conv: uuid::Uuid, sender: postline::domain::UserId, cmid: &str) -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_written_past_the_conversation_lock_fails_the_batch_and_stores_nothing() {
+    let app = gateway_only().await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    // Another writer stored seq 1 without taking the conversation's lock
+    // (last_seq still says 0): the next seq the batch assigns is taken.
+    sqlx::query(
+        "insert into messages (id, conversation_id, seq, sender_id, client_message_id, kind, content, created_at)
+         values ($1, $2, 1, $3, 'rogue', 'text', '\"rogue\"', now())",
+    )
+    .bind(uuid::Uuid::new_v4())
+    .bind(conv)
+    .bind(a.0)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let batch = [message(conv, a, "one"), message(conv, a, "two")];
+    let mut tx = app.pool.begin().await.unwrap();
+    let err = postline::store::persist_batch(&mut tx, &batch, &postline::crypto::Keyring::plain())
+        .await
+        .expect_err("the unique (conversation_id, seq) must refuse a second seq 1");
+    assert!(
+        matches!(&err, postline::store::StoreError::Invariant(why) if why.contains("bypassed the conversation lock")),
+        "{err}"
+    );
+    drop(tx);
+    let rows = stored(&app.pool, conv).await;
+    assert_eq!(rows.len(), 1, "only the rogue row: {rows:?}");
+    assert_eq!(rows[0].2, "rogue");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_message_enqueued_twice_is_stored_once() {
     let app = gateway_only().await;
     let a = uid();
