@@ -33,6 +33,7 @@ mod retry;
 
 pub use crate::config::{RetryPolicy, WorkerConfig};
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,7 +43,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 use crate::crypto::Keyring;
-use crate::domain::{Message, MessageKind, Seq};
+use crate::domain::{Message, MessageId, MessageKind, Seq};
 use crate::moderation::Reviewer;
 use crate::queue::{self, dead_letters, BackgroundJob, Queue, RawJob};
 use crate::store::{self, ReceiptUpdate, StoreError};
@@ -542,33 +543,21 @@ impl Worker {
         let mut pooled: Vec<(&RawJob, Pooled)> = Vec::new();
         match q {
             Queue::Persist => {
-                let mut messages: Vec<Message> = Vec::with_capacity(jobs.len());
-                let mut sources: Vec<&RawJob> = Vec::with_capacity(jobs.len());
-                for job in jobs {
-                    match queue::PersistJob::decode(&job.message) {
-                        Ok(m) => {
-                            messages.push(m);
-                            sources.push(job);
-                        }
-                        Err(reason) => doomed.push((job, reason)),
-                    }
-                }
-                let outcome = store::persist_batch(&mut tx, &messages, &self.keyring).await?;
+                let batch = Decoded::new(jobs, &mut doomed);
+                let messages = &batch.messages;
+                let outcome = store::persist_batch(&mut tx, messages, &self.keyring).await?;
                 for orphan in &outcome.orphans {
-                    if let Some(i) = messages.iter().position(|m| m.id == *orphan) {
+                    if let Some((m, job)) = batch.get(*orphan) {
                         doomed.push((
-                            sources[i],
-                            format!(
-                                "conversation {} does not exist",
-                                messages[i].conversation_id
-                            ),
+                            job,
+                            format!("conversation {} does not exist", m.conversation_id),
                         ));
                     }
                 }
                 crate::notify::publish_persisted(&mut tx, &outcome.persisted).await?;
                 if let Some(hooks) = &self.webhooks {
                     // In this transaction: an event exists exactly when its message does.
-                    let events = created_events(&messages, &outcome.persisted)?;
+                    let events = created_events(&batch, &outcome.persisted)?;
                     queue::webhooks::enqueue(&mut tx, hooks.endpoints(), &events).await?;
                 }
                 if self.reviews.is_some() {
@@ -579,9 +568,9 @@ impl Worker {
                         .persisted
                         .iter()
                         .filter(|p| {
-                            messages
-                                .iter()
-                                .any(|m| m.id == p.message_id && m.kind != MessageKind::System)
+                            batch
+                                .get(p.message_id)
+                                .is_some_and(|(m, _)| m.kind != MessageKind::System)
                         })
                         .map(|p| BackgroundJob::review(p.message_id, 1))
                         .collect();
@@ -593,8 +582,8 @@ impl Worker {
                 report.duplicates = outcome.duplicates;
                 let now = chrono::Utc::now();
                 for p in &outcome.persisted {
-                    if let Some(i) = messages.iter().position(|m| m.id == p.message_id) {
-                        let waited = (now - sources[i].enqueued_at).to_std().unwrap_or_default();
+                    if let Some((_, job)) = batch.get(p.message_id) {
+                        let waited = (now - job.enqueued_at).to_std().unwrap_or_default();
                         self.metrics.persist_latency.observe(waited.as_secs_f64());
                     }
                 }
@@ -838,12 +827,12 @@ impl Worker {
 
 /// `message.created` for each message just stored, in seq order.
 fn created_events(
-    messages: &[Message],
+    batch: &Decoded<'_>,
     persisted: &[crate::domain::Persisted],
 ) -> Result<Vec<queue::webhooks::NewEvent>, StoreError> {
     let mut out = Vec::with_capacity(persisted.len());
     for p in persisted {
-        let Some(m) = messages.iter().find(|m| m.id == p.message_id) else {
+        let Some((m, _)) = batch.get(p.message_id) else {
             continue;
         };
         let stored = crate::domain::StoredMessage {
@@ -860,6 +849,45 @@ fn created_events(
         );
     }
     Ok(out)
+}
+
+/// A persist batch's jobs decoded, each message findable by id: the report
+/// loops look up every stored message, and a scan per lookup was quadratic
+/// in the batch (up to 500).
+struct Decoded<'j> {
+    messages: Vec<Message>,
+    sources: Vec<&'j RawJob>,
+    at: HashMap<MessageId, usize>,
+}
+
+impl<'j> Decoded<'j> {
+    /// Jobs that do not decode go to `doomed` with the reason.
+    fn new(jobs: &'j [RawJob], doomed: &mut Vec<(&'j RawJob, String)>) -> Self {
+        let mut batch = Decoded {
+            messages: Vec::with_capacity(jobs.len()),
+            sources: Vec::with_capacity(jobs.len()),
+            at: HashMap::with_capacity(jobs.len()),
+        };
+        for job in jobs {
+            match queue::PersistJob::decode(&job.message) {
+                Ok(m) => {
+                    // The same job twice keeps its first place (persist_batch
+                    // stores it once).
+                    batch.at.entry(m.id).or_insert(batch.messages.len());
+                    batch.messages.push(m);
+                    batch.sources.push(job);
+                }
+                Err(reason) => doomed.push((job, reason)),
+            }
+        }
+        batch
+    }
+
+    fn get(&self, id: MessageId) -> Option<(&Message, &'j RawJob)> {
+        self.at
+            .get(&id)
+            .map(|&i| (&self.messages[i], self.sources[i]))
+    }
 }
 
 async fn commit(tx: Transaction<'_, Postgres>) -> Result<(), WorkerError> {
