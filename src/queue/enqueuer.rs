@@ -15,14 +15,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use sqlx::PgPool;
+use sqlx::pool::PoolConnection;
+use sqlx::{PgPool, Postgres};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{send_batch_encoded, Payload};
+use super::{send_batch_encoded, Payload, QueueError};
 use crate::config::EnqueueConfig;
 use crate::domain::UserId;
+use crate::store::TEST_IDLE_AFTER;
 
 /// One owner's share of the buffer is capacity / this: sixteen owners at
 /// their share fill it, so fewer than sixteen flooders cannot crowd out the
@@ -119,6 +121,36 @@ pub struct Enqueuer {
 /// wait its whole acquire timeout before it reports anything.
 const STALLED_AFTER: Duration = Duration::from_secs(1);
 
+/// The enqueue task's connection, kept from batch to batch while they come
+/// often: taken from the pool for each batch, every batch also paid the
+/// test sqlx runs on a connection's release (one round trip, not optional).
+struct Link {
+    pool: PgPool,
+    held: Option<(PoolConnection<Postgres>, tokio::time::Instant)>,
+}
+
+impl Link {
+    async fn send(&mut self, queue: &str, payloads: &[Payload]) -> Result<(), QueueError> {
+        // Idle a while, it may have died meanwhile (a Postgres restart): it
+        // goes back to the pool, which tests it, and a tested one is taken.
+        let recent = self
+            .held
+            .take()
+            .filter(|(_, used)| used.elapsed() < TEST_IDLE_AFTER);
+        let mut conn = match recent {
+            Some((conn, _)) => conn,
+            None => self.pool.acquire().await?,
+        };
+        let sent = send_batch_encoded(&mut *conn, queue, payloads).await;
+        match &sent {
+            // A connection that failed goes back to the pool, which closes it if broken.
+            Err(QueueError::Db(e)) if super::is_transient(e) => {}
+            _ => self.held = Some((conn, tokio::time::Instant::now())),
+        }
+        sent.map(drop)
+    }
+}
+
 /// What the handles and the task share.
 struct State {
     /// The last attempt to enqueue failed and is being retried.
@@ -207,6 +239,7 @@ async fn run(
     state: Arc<State>,
 ) {
     let failing = &state.failing;
+    let mut link = Link { pool, held: None };
     let mut batch: Vec<Submission> = Vec::with_capacity(cfg.max_batch);
     // One flush deadline for everything left at shutdown, not one per batch.
     let mut deadline: Option<tokio::time::Instant> = None;
@@ -244,7 +277,7 @@ async fn run(
             .unzip();
         state.sending(Some(tokio::time::Instant::now()));
         let results = match commit_with_retry(
-            &pool,
+            &mut link,
             queue,
             &payloads,
             &cfg,
@@ -259,7 +292,7 @@ async fn run(
                 for p in &payloads {
                     results.push(
                         commit_with_retry(
-                            &pool,
+                            &mut link,
                             queue,
                             std::slice::from_ref(p),
                             &cfg,
@@ -305,7 +338,7 @@ impl From<Attempt> for EnqueueError {
 /// passed: the callers were not acked, so they hear `unavailable` and nothing
 /// acked is lost. A refusal caused by the data itself is returned at once.
 async fn commit_with_retry(
-    pool: &PgPool,
+    link: &mut Link,
     queue: &str,
     payloads: &[Payload],
     cfg: &EnqueueConfig,
@@ -314,18 +347,16 @@ async fn commit_with_retry(
 ) -> Result<(), Attempt> {
     let mut backoff = Duration::from_millis(20);
     loop {
-        match send_batch_encoded(pool, queue, payloads).await {
-            Ok(_) => {
+        match link.send(queue, payloads).await {
+            Ok(()) => {
                 failing.store(false, Ordering::Relaxed);
                 return Ok(());
             }
-            Err(super::QueueError::Db(e)) if !super::is_transient(&e) => {
+            Err(QueueError::Db(e)) if !super::is_transient(&e) => {
                 tracing::warn!(error = %e, jobs = payloads.len(), "the database refused a persist batch");
                 return Err(Attempt::Refused(e.to_string()));
             }
-            Err(e @ super::QueueError::UnknownQueue(_)) => {
-                return Err(Attempt::Refused(e.to_string()))
-            }
+            Err(e @ QueueError::UnknownQueue(_)) => return Err(Attempt::Refused(e.to_string())),
             Err(e) => {
                 failing.store(true, Ordering::Relaxed);
                 tracing::warn!(error = %e, jobs = payloads.len(), ?backoff, "enqueue failed; retrying");
