@@ -13,8 +13,12 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::latency::{Stats, SHARDS};
-use crate::ws::{event, kind, open_socketio, open_ws, stamp, WsRead, WsWrite};
+use crate::ws::{ack_ref, event, kind, open_socketio, open_ws, stamp, WsRead, WsWrite};
 use crate::Args;
+
+/// Sends remembered per connection for matching acks: far more than a
+/// sender has in flight at any rate the server accepts.
+const SENT_SLOTS: usize = 64;
 
 /// What one connection is and does: its user's token, the conversation it
 /// joins, the gateway it uses, and its part in the run.
@@ -130,6 +134,11 @@ pub(crate) async fn run_connection(
         drop((rx, tx));
         return Ok(());
     }
+    // When each of the last SENT_SLOTS sends left, by ref: an ack is matched
+    // to its own send even if it comes after the next one.
+    let sent_at: Arc<[AtomicU64; SENT_SLOTS]> =
+        Arc::new(std::array::from_fn(|_| AtomicU64::new(0)));
+    let reader_sent_at = sent_at.clone();
     let reader_stats = stats.clone();
     let observer = plan.observer;
     let cross = plan.cross;
@@ -163,6 +172,12 @@ pub(crate) async fn run_connection(
                 }
                 b"ack" => {
                     reader_stats.acks.fetch_add(1, Ordering::Relaxed);
+                    let sent = ack_ref(&f.payload, sio)
+                        .map(|n| reader_sent_at[n as usize % SENT_SLOTS].load(Ordering::Relaxed));
+                    if let Some(t) = sent.filter(|t| reader_stats.in_window(*t)) {
+                        let us = (now.saturating_sub(t) / 1000).max(1);
+                        reader_stats.ack_latency.lock().unwrap().record(us).ok();
+                    }
                 }
                 b"error" => reader_stats.error(String::from_utf8_lossy(&f.payload).into_owned()),
                 _ => {}
@@ -186,6 +201,7 @@ pub(crate) async fn run_connection(
                 break;
             }
             n += 1;
+            sent_at[n as usize % SENT_SLOTS].store(t, Ordering::Relaxed);
             let msg = event(
                 args.socketio,
                 "send_message",

@@ -33,6 +33,8 @@ pub(crate) struct Stats {
     pub(crate) deliveries: AtomicU64,
     pub(crate) persisted: AtomicU64,
     pub(crate) acks: AtomicU64,
+    /// From a send to its ack (the message is durable in the queue).
+    pub(crate) ack_latency: Mutex<Histogram<u64>>,
     errors: AtomicU64,
     error_sample: Mutex<Option<String>>,
 }
@@ -88,6 +90,7 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
         deliveries: AtomicU64::new(0),
         persisted: AtomicU64::new(0),
         acks: AtomicU64::new(0),
+        ack_latency: Mutex::new(hist()),
         errors: AtomicU64::new(0),
         error_sample: Mutex::new(None),
     });
@@ -178,6 +181,7 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
     let mut same = lat.clone();
     same.subtract(&cross).ok();
     let connect = stats.connect.lock().unwrap().clone();
+    let acked = stats.ack_latency.lock().unwrap().clone();
     let secs = args.duration;
     let rss = args.server_pid.and_then(rss_kib);
     let cpu_cores = match cpu {
@@ -199,6 +203,7 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
         "deliveries_per_s": stats.deliveries.load(Ordering::Relaxed) as f64 / secs,
         "persisted_per_s": stats.persisted.load(Ordering::Relaxed) as f64 / secs,
         "acks": stats.acks.load(Ordering::Relaxed),
+        "ack_latency_us": {"p50": acked.value_at_quantile(0.5), "p99": acked.value_at_quantile(0.99), "max": acked.max(), "samples": acked.len()},
         "errors": stats.errors.load(Ordering::Relaxed),
         "error_sample": *stats.error_sample.lock().unwrap(),
         "failed_connections": failed,
@@ -234,6 +239,13 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
                 cross.value_at_quantile(0.5), cross.value_at_quantile(0.99), cross.len()
             );
         }
+        println!(
+            "  ack (us)       p50 {:>8}  p99 {:>8}  max {:>8}  (n={})",
+            acked.value_at_quantile(0.5),
+            acked.value_at_quantile(0.99),
+            acked.max(),
+            acked.len()
+        );
         println!("  sends/s {:>10.0}   deliveries/s {:>10.0}   persisted/s {:>10.0}   errors {}   failed connections {}",
             report["sends_per_s"].as_f64().unwrap_or(0.0), report["deliveries_per_s"].as_f64().unwrap_or(0.0), report["persisted_per_s"].as_f64().unwrap_or(0.0),
             report["errors"], failed);

@@ -88,6 +88,20 @@ pub(crate) fn stamp(frame: &[u8]) -> Option<u64> {
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
+/// The ref an ack answers: native `{"type":"ack","ref":"N",...}`, or the
+/// Socket.IO acknowledgement id of `43N[...]`.
+pub(crate) fn ack_ref(frame: &[u8], socketio: bool) -> Option<u64> {
+    let digits = if socketio {
+        frame.strip_prefix(b"43")?
+    } else {
+        const KEY: &[u8] = b"\"ref\":\"";
+        let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+        &frame[at..]
+    };
+    let end = digits.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+}
+
 /// [`frame_type`] of a native frame, or of one in Socket.IO framing: an
 /// event `42["<name>",{...}]`, or an ack `43N[{"type":"ack"...}]`.
 pub(crate) fn kind(frame: &[u8], socketio: bool) -> &[u8] {
@@ -125,4 +139,19 @@ pub(crate) fn frame_type(frame: &[u8]) -> &[u8] {
     let rest = &frame[PREFIX.len()..];
     let end = rest.iter().position(|b| *b == b'"').unwrap_or(0);
     &rest[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ack_s_ref_is_read_in_either_framing_and_other_frames_have_none() {
+        let native = br#"{"type":"ack","ref":"42","message_id":"m","created_at":1}"#;
+        assert_eq!(ack_ref(native, false), Some(42));
+        assert_eq!(ack_ref(br#"43917[{"type":"ack","message_id":"m"}]"#, true), Some(917));
+        assert_eq!(ack_ref(br#"{"type":"ack","message_id":"m"}"#, false), None);
+        assert_eq!(ack_ref(br#"42["new_message",{}]"#, true), None);
+        assert_eq!(ack_ref(br#"{"type":"ack","ref":"x"}"#, false), None);
+    }
 }
