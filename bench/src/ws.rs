@@ -149,7 +149,10 @@ mod tests {
     fn an_ack_s_ref_is_read_in_either_framing_and_other_frames_have_none() {
         let native = br#"{"type":"ack","ref":"42","message_id":"m","created_at":1}"#;
         assert_eq!(ack_ref(native, false), Some(42));
-        assert_eq!(ack_ref(br#"43917[{"type":"ack","message_id":"m"}]"#, true), Some(917));
+        assert_eq!(
+            ack_ref(br#"43917[{"type":"ack","message_id":"m"}]"#, true),
+            Some(917)
+        );
         assert_eq!(ack_ref(br#"{"type":"ack","message_id":"m"}"#, false), None);
         assert_eq!(ack_ref(br#"42["new_message",{}]"#, true), None);
         assert_eq!(ack_ref(br#"{"type":"ack","ref":"x"}"#, false), None);
