@@ -142,10 +142,14 @@ impl Link {
             None => self.pool.acquire().await?,
         };
         let sent = send_batch_encoded(&mut *conn, queue, payloads).await;
-        match &sent {
-            // A connection that failed goes back to the pool, which closes it if broken.
-            Err(QueueError::Db(e)) if super::is_transient(e) => {}
-            _ => self.held = Some((conn, tokio::time::Instant::now())),
+        let broken = matches!(&sent, Err(QueueError::Db(e)) if super::is_transient(e));
+        // A connection that failed goes back to the pool, which closes it if
+        // broken; and so does one the rest of the server needs (a pool at its
+        // size with none idle, as a pool of one always is).
+        let spare = self.pool.num_idle() > 0
+            || self.pool.size() < self.pool.options().get_max_connections();
+        if !broken && spare {
+            self.held = Some((conn, tokio::time::Instant::now()));
         }
         sent.map(drop)
     }

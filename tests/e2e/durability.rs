@@ -160,6 +160,43 @@ async fn a_row_written_past_the_conversation_lock_fails_the_batch_and_stores_not
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_of_two_connections_serves_the_enqueuer_the_worker_and_requests_alike() {
+    // POSTLINE_DB_MAX_CONNECTIONS=2: the enqueuer must not keep a connection
+    // between batches that the worker and the requests need.
+    let (db_url, setup) = fresh_database().await;
+    setup.close().await;
+    let pool = postline::store::connect(&db_url, 2).await.unwrap();
+    let app = TestApp::spawn_on(db_url, pool, Options::default()).await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    let mut alice = app.ws(a).await;
+    alice.join(conv).await;
+    for i in 1..=3 {
+        let ack = alice.send_text(conv, &format!("k{i}"), "hi").await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        // Stored by the worker, through the same connection.
+        let persisted = alice.recv_type("message_persisted").await;
+        assert_eq!(persisted["seq"], i, "{persisted}");
+        // And a request that reads the database is answered too.
+        let (status, page) = app
+            .http(
+                "GET",
+                &format!("/v1/conversations/{conv}/messages"),
+                Some(a),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(
+            page["messages"].as_array().map(Vec::len),
+            Some(i as usize),
+            "{page}"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_message_enqueued_twice_is_stored_once() {
     let app = gateway_only().await;
     let a = uid();
