@@ -240,9 +240,24 @@ impl Default for DatabaseArgs {
     }
 }
 
+/// The smallest pool that works: a gateway's LISTEN connection is one of
+/// the pool's for as long as it listens (sqlx's `PgListener` takes it from
+/// the pool), and everything else needs at least one more. With one, joins,
+/// conversations and the worker waited out the pool timeout forever.
+pub const MIN_DB_CONNECTIONS: u32 = 2;
+
 impl DatabaseArgs {
     pub fn max_connections(&self) -> Result<u32, ConfigError> {
-        positive("POSTLINE_DB_MAX_CONNECTIONS", self.db_max_connections)
+        let var = "POSTLINE_DB_MAX_CONNECTIONS";
+        let n = positive(var, self.db_max_connections)?;
+        if n < MIN_DB_CONNECTIONS {
+            return Err(ConfigError::TooSmall {
+                var,
+                min: MIN_DB_CONNECTIONS.into(),
+                got: n.into(),
+            });
+        }
+        Ok(n)
     }
 }
 

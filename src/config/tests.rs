@@ -197,6 +197,16 @@ fn zero_where_zero_means_something_is_kept() {
 
 #[test]
 fn out_of_range_values_are_refused_not_clamped() {
+    // The LISTEN connection is one of the pool's: a pool of one serves nothing else.
+    let e = refused(&["--db-max-connections", "1"]);
+    assert!(matches!(
+        e,
+        ConfigError::TooSmall {
+            var: "POSTLINE_DB_MAX_CONNECTIONS",
+            min: 2,
+            got: 1
+        }
+    ));
     let e = refused(&["--presence-heartbeat-ms", "5"]);
     assert!(matches!(
         e,

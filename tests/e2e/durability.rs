@@ -161,8 +161,8 @@ async fn a_row_written_past_the_conversation_lock_fails_the_batch_and_stores_not
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_of_two_connections_serves_the_enqueuer_the_worker_and_requests_alike() {
-    // POSTLINE_DB_MAX_CONNECTIONS=2: the enqueuer must not keep a connection
-    // between batches that the worker and the requests need.
+    // POSTLINE_DB_MAX_CONNECTIONS=2, the smallest accepted: LISTEN holds
+    // one, so the enqueuer must not keep the other between batches.
     let (db_url, setup) = fresh_database().await;
     setup.close().await;
     let pool = postline::store::connect(&db_url, 2).await.unwrap();
