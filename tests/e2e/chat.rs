@@ -216,14 +216,7 @@ async fn non_members_and_unjoined_connections_are_refused() {
     assert_eq!(r["code"], "not_joined", "{r}");
 
     // The history API refuses too.
-    let (status, v) = app
-        .http(
-            "GET",
-            &format!("/v1/conversations/{conv}/messages"),
-            Some(stranger),
-            None,
-        )
-        .await;
+    let (status, v) = app.history(stranger, conv).await;
     assert_eq!(
         (status, v["error"]["code"].as_str()),
         (403, Some("forbidden"))
@@ -352,14 +345,7 @@ async fn attachments_round_trip_through_broadcast_and_history() {
     assert_eq!(m["message"]["kind"], "image");
     assert_eq!(m["message"]["content"], content);
     alice.recv_type("message_persisted").await;
-    let (_, v) = app
-        .http(
-            "GET",
-            &format!("/v1/conversations/{conv}/messages"),
-            Some(a),
-            None,
-        )
-        .await;
+    let (_, v) = app.history(a, conv).await;
     assert_eq!(v["messages"][0]["content"], content);
     assert_eq!(v["messages"][0]["created_at"], m["message"]["created_at"]);
     app.stop().await;

@@ -178,14 +178,7 @@ async fn a_pool_of_two_connections_serves_the_enqueuer_the_worker_and_requests_a
         let persisted = alice.recv_type("message_persisted").await;
         assert_eq!(persisted["seq"], i, "{persisted}");
         // And a request that reads the database is answered too.
-        let (status, page) = app
-            .http(
-                "GET",
-                &format!("/v1/conversations/{conv}/messages"),
-                Some(a),
-                None,
-            )
-            .await;
+        let (status, page) = app.history(a, conv).await;
         assert_eq!(status, 200, "{page}");
         assert_eq!(
             page["messages"].as_array().map(Vec::len),

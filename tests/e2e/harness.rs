@@ -191,6 +191,17 @@ impl TestApp {
         raw_http(self.addr, method, path, &auth, body).await
     }
 
+    /// `GET /v1/conversations/{conv}/messages` as `user`: status and body.
+    pub async fn history(&self, user: UserId, conv: Uuid) -> (u16, Value) {
+        self.http(
+            "GET",
+            &format!("/v1/conversations/{conv}/messages"),
+            Some(user),
+            None,
+        )
+        .await
+    }
+
     /// Create a conversation owned by `owner` with `members`; returns its id.
     pub async fn conversation(&self, owner: UserId, members: &[UserId]) -> Uuid {
         let body = json!({"title": "test", "member_ids": members}).to_string();

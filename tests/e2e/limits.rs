@@ -89,14 +89,7 @@ async fn sync_flooding_is_rate_limited_and_http_history_shares_the_budget() {
         )
         .await;
     retry_after_ms(&resume);
-    let (status, body) = app
-        .http(
-            "GET",
-            &format!("/v1/conversations/{conv}/messages"),
-            Some(a),
-            None,
-        )
-        .await;
+    let (status, body) = app.history(a, conv).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (429, Some("rate_limited"))

@@ -371,14 +371,7 @@ async fn edits_and_deletes_use_versions_and_history_keeps_tombstones() {
         .await;
     assert_eq!(e["code"], "forbidden", "{e}");
 
-    let (_, v) = app
-        .http(
-            "GET",
-            &format!("/v1/conversations/{conv}/messages"),
-            Some(b),
-            None,
-        )
-        .await;
+    let (_, v) = app.history(b, conv).await;
     let m = &v["messages"][0];
     assert_eq!(
         (
