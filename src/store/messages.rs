@@ -563,7 +563,14 @@ pub async fn persist_batch(
         e => StoreError::Db(e),
     })?
     .rows_affected();
-    debug_assert_eq!(inserted as usize, rows.len());
+    if inserted as usize != rows.len() {
+        // Seqs were assigned to every row: one skipped (a trigger returning
+        // NULL) would leave a gap, so the batch fails instead.
+        return Err(StoreError::Invariant(format!(
+            "inserted {inserted} of {} messages: something on the messages table skipped rows",
+            rows.len()
+        )));
+    }
 
     let mut newest: HashMap<Uuid, (i64, DateTime<Utc>)> = HashMap::new();
     for (m, seq) in &rows {

@@ -147,10 +147,10 @@ impl Store {
 /// on release too (that one cannot be turned off), so a statement run on
 /// the pool cost three round trips: in S1 (an enqueue ~250 times a second,
 /// a worker batch ~50) the pings were about as many as the statements. The
-/// release test already vouches for a busy connection; a
-/// connection idle through a Postgres restart is still caught here, and one
-/// broken in the last second fails its statement, which every caller
-/// already treats as the transient error it is.
+/// release test already vouches for a busy connection; one idle through a
+/// Postgres restart is still caught here, and one broken in the last second
+/// fails its statement, which every caller treats as the transient error it
+/// is.
 pub const TEST_IDLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Open a bounded pool.

@@ -160,6 +160,41 @@ async fn a_row_written_past_the_conversation_lock_fails_the_batch_and_stores_not
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_skipped_by_a_trigger_fails_the_batch_rather_than_leave_a_seq_gap() {
+    let app = gateway_only().await;
+    let a = uid();
+    let conv = app.conversation(a, &[]).await;
+    sqlx::raw_sql(
+        r#"create function skip_second() returns trigger language plpgsql as $$
+           begin
+             if new.client_message_id = 'two' then return null; end if;
+             return new;
+           end $$;
+           create trigger skip_second before insert on messages
+             for each row execute function skip_second();"#,
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let batch = [
+        message(conv, a, "one"),
+        message(conv, a, "two"),
+        message(conv, a, "three"),
+    ];
+    let mut tx = app.pool.begin().await.unwrap();
+    let err = postline::store::persist_batch(&mut tx, &batch, &postline::crypto::Keyring::plain())
+        .await
+        .expect_err("seq 2 would be a gap");
+    assert!(
+        matches!(&err, postline::store::StoreError::Invariant(why) if why.contains("inserted 2 of 3")),
+        "{err}"
+    );
+    drop(tx);
+    assert!(stored(&app.pool, conv).await.is_empty());
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pool_of_two_connections_serves_the_enqueuer_the_worker_and_requests_alike() {
     // POSTLINE_DB_MAX_CONNECTIONS=2, the smallest accepted: LISTEN holds
     // one, so the enqueuer must not keep the other between batches.
