@@ -126,6 +126,19 @@ pub fn message(conv: uuid::Uuid, sender: postline::domain::UserId, cmid: &str) -
     }
 }
 
+/// Store `batch` in a transaction that must fail as an invariant (and is
+/// rolled back); the reason given.
+async fn refused_as_invariant(app: &TestApp, batch: &[Message]) -> String {
+    let mut tx = app.pool.begin().await.unwrap();
+    let err = postline::store::persist_batch(&mut tx, batch, &postline::crypto::Keyring::plain())
+        .await
+        .expect_err("the batch must fail");
+    match err {
+        postline::store::StoreError::Invariant(why) => why,
+        other => panic!("not an invariant failure: {other}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_written_past_the_conversation_lock_fails_the_batch_and_stores_nothing() {
     let app = gateway_only().await;
@@ -144,15 +157,9 @@ async fn a_row_written_past_the_conversation_lock_fails_the_batch_and_stores_not
     .await
     .unwrap();
     let batch = [message(conv, a, "one"), message(conv, a, "two")];
-    let mut tx = app.pool.begin().await.unwrap();
-    let err = postline::store::persist_batch(&mut tx, &batch, &postline::crypto::Keyring::plain())
-        .await
-        .expect_err("the unique (conversation_id, seq) must refuse a second seq 1");
-    assert!(
-        matches!(&err, postline::store::StoreError::Invariant(why) if why.contains("bypassed the conversation lock")),
-        "{err}"
-    );
-    drop(tx);
+    // The unique (conversation_id, seq) refuses a second seq 1.
+    let why = refused_as_invariant(&app, &batch).await;
+    assert!(why.contains("bypassed the conversation lock"), "{why}");
     let rows = stored(&app.pool, conv).await;
     assert_eq!(rows.len(), 1, "only the rogue row: {rows:?}");
     assert_eq!(rows[0].2, "rogue");
@@ -181,15 +188,9 @@ async fn a_row_skipped_by_a_trigger_fails_the_batch_rather_than_leave_a_seq_gap(
         message(conv, a, "two"),
         message(conv, a, "three"),
     ];
-    let mut tx = app.pool.begin().await.unwrap();
-    let err = postline::store::persist_batch(&mut tx, &batch, &postline::crypto::Keyring::plain())
-        .await
-        .expect_err("seq 2 would be a gap");
-    assert!(
-        matches!(&err, postline::store::StoreError::Invariant(why) if why.contains("inserted 2 of 3")),
-        "{err}"
-    );
-    drop(tx);
+    // Stored as is, seq 2 would be a gap.
+    let why = refused_as_invariant(&app, &batch).await;
+    assert!(why.contains("inserted 2 of 3"), "{why}");
     assert!(stored(&app.pool, conv).await.is_empty());
     app.stop().await;
 }
