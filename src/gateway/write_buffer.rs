@@ -72,15 +72,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for WriteBuffer<W> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        if this.buf.len() + data.len() > this.limit {
-            ready!(this.poll_drain(cx))?;
-        }
-        if data.len() >= this.limit {
-            return Pin::new(&mut this.inner).poll_write(cx, data);
-        }
-        this.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
+        self.poll_write_vectored(cx, &[IoSlice::new(data)])
     }
 
     fn poll_write_vectored(
