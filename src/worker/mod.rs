@@ -357,14 +357,19 @@ impl Worker {
     /// With nothing there the turn is over, and persist jobs are claimed
     /// again rather than read the careful way.
     async fn background_turn(&self) -> Result<Option<Vec<RawJob>>, WorkerError> {
-        let low_turn = self.high_streak.load(Ordering::Relaxed) >= self.cfg.starvation_limit;
-        if !low_turn || !self.claiming() {
+        if !self.low_turn() || !self.claiming() {
             return Ok(None);
         }
         let q = Queue::Background;
         let jobs = queue::read(&self.pool, q.name(), self.vt_secs(), self.cfg.batch_size).await?;
         self.high_streak.store(0, Ordering::Relaxed);
         Ok((!jobs.is_empty()).then_some(jobs))
+    }
+
+    /// Whether the background queue goes first now: persist batches have
+    /// had `starvation_limit` turns in a row.
+    fn low_turn(&self) -> bool {
+        self.high_streak.load(Ordering::Relaxed) >= self.cfg.starvation_limit
     }
 
     /// Whether persist batches are claimed now: not while careful, nor
@@ -416,8 +421,7 @@ impl Worker {
         &self,
         persist_empty: bool,
     ) -> Result<Option<(Queue, Vec<RawJob>)>, WorkerError> {
-        let low_turn = self.high_streak.load(Ordering::Relaxed) >= self.cfg.starvation_limit;
-        let order = if low_turn {
+        let order = if self.low_turn() {
             [Queue::Background, Queue::Persist]
         } else {
             [Queue::Persist, Queue::Background]
@@ -544,8 +548,7 @@ impl Worker {
         match q {
             Queue::Persist => {
                 let batch = Decoded::new(jobs, &mut doomed);
-                let messages = &batch.messages;
-                let outcome = store::persist_batch(&mut tx, messages, &self.keyring).await?;
+                let outcome = store::persist_batch(&mut tx, &batch.messages, &self.keyring).await?;
                 for orphan in &outcome.orphans {
                     if let Some((m, job)) = batch.get(*orphan) {
                         doomed.push((
