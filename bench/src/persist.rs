@@ -138,10 +138,9 @@ async fn drain_pgmq(pool: sqlx::PgPool) -> anyhow::Result<usize> {
     use postline::queue::{self, PERSIST_QUEUE};
 
     let cfg = WorkerConfig::default();
-    let vt = cfg.visibility_timeout.as_secs().max(1) as i32;
     let mut n = 0;
     loop {
-        let jobs = queue::read(&pool, PERSIST_QUEUE, vt, cfg.batch_size).await?;
+        let jobs = queue::read(&pool, PERSIST_QUEUE, cfg.vt_secs(), cfg.batch_size).await?;
         if jobs.is_empty() {
             return Ok(n);
         }

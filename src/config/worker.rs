@@ -94,6 +94,13 @@ pub struct WorkerConfig {
     pub audit_retention: Option<Duration>,
 }
 
+impl WorkerConfig {
+    /// `visibility_timeout` in whole seconds, as pgmq's read takes it.
+    pub fn vt_secs(&self) -> i32 {
+        self.visibility_timeout.as_secs().clamp(1, i32::MAX as u64) as i32
+    }
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig::try_from(&WorkerArgs::default())

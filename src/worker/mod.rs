@@ -266,13 +266,6 @@ impl Worker {
         }
     }
 
-    fn vt_secs(&self) -> i32 {
-        self.cfg
-            .visibility_timeout
-            .as_secs()
-            .clamp(1, i32::MAX as u64) as i32
-    }
-
     fn take_held(&self) -> Option<(Queue, Vec<i64>)> {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
@@ -361,7 +354,13 @@ impl Worker {
             return Ok(None);
         }
         let q = Queue::Background;
-        let jobs = queue::read(&self.pool, q.name(), self.vt_secs(), self.cfg.batch_size).await?;
+        let jobs = queue::read(
+            &self.pool,
+            q.name(),
+            self.cfg.vt_secs(),
+            self.cfg.batch_size,
+        )
+        .await?;
         self.high_streak.store(0, Ordering::Relaxed);
         Ok((!jobs.is_empty()).then_some(jobs))
     }
@@ -430,8 +429,13 @@ impl Worker {
             if q == Queue::Persist && persist_empty {
                 continue;
             }
-            let jobs =
-                queue::read(&self.pool, q.name(), self.vt_secs(), self.cfg.batch_size).await?;
+            let jobs = queue::read(
+                &self.pool,
+                q.name(),
+                self.cfg.vt_secs(),
+                self.cfg.batch_size,
+            )
+            .await?;
             if q == Queue::Background && jobs.is_empty() {
                 // Nothing waiting below: no turn is owed.
                 self.high_streak.store(0, Ordering::Relaxed);
