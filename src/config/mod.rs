@@ -229,7 +229,7 @@ impl DatabaseUrl {
 pub struct DatabaseArgs {
     #[command(flatten)]
     pub url: DatabaseUrl,
-    /// Postgres connections in the pool (the LISTEN connection is extra).
+    /// Postgres connections in the pool, at least 2 (a gateway's LISTEN connection is one of them).
     #[arg(long, env = "POSTLINE_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
 }
