@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # `scripts/bench.sh compare`: BENCHMARKS.md's S1 load against Postline and
 # against the original design's stack (Node + Socket.IO + BullMQ/Redis ->
-# Postgres, bench/compare/), driven by the same load generator over
+# Postgres, bench/compare/) and a plain Rust Socket.IO server
+# (bench/compare/socketioxide/), driven by the same load generator over
 # Socket.IO, runs interleaved; prints a markdown table of medians and every
 # run.
 #
 #   scripts/bench.sh compare [--runs 4] [--duration 30] [--warmup 2]
 #       [--connections 1000] [--conversations 100] [--rate 10] [--payload 100]
-#       [--systems postline,postline-no-worker,node-bullmq,node]
+#       [--systems postline,postline-no-worker,node-bullmq,node,socketioxide]
 #       [-- extra postline-bench flags]
 #
 # The same settings as environment variables: RUNS, DURATION, WARMUP,
 # CONNECTIONS, CONVERSATIONS, RATE, PAYLOAD, SYSTEMS. POSTLINE_BIN and
 # POSTLINE_BENCH_BIN use binaries already built instead of
-# `cargo build --release`. COMPARE_OUT keeps the per-run JSON there;
-# COMPARE_KEEP=1 keeps the whole work directory (servers' logs, CPU samples).
+# `cargo build --release`; COMPARE_SOCKETIOXIDE_BIN uses a
+# bench/compare/socketioxide binary already built instead of building it.
+# COMPARE_OUT keeps the per-run JSON there; COMPARE_KEEP=1 keeps the whole
+# work directory (servers' logs, CPU samples).
 #
 # Systems (one row each):
 #   postline            postline serve --dev (gateway + in-process worker; its own Postgres)
 #   postline-no-worker  postline serve --dev --no-worker (enqueue to pgmq only)
 #   node-bullmq         node server.mjs --persist + node server.mjs --worker, Redis, Postgres
 #   node                node server.mjs (broadcast only, nothing stored)
+#   socketioxide        bench/compare/socketioxide: server.mjs's node row in Rust
+#                       on socketioxide (broadcast only, nothing stored)
 # Every run starts the system from scratch (a fresh Postgres cluster and
 # Redis) and stops it after. Postgres for the Node stack is initdb'd and
 # started exactly as `serve --dev` starts its own (src/pglocal.rs: fsync=off,
@@ -29,20 +34,21 @@
 # snapshots): both write their log and neither flushes it.
 #
 # Cores used: utime+stime (from /proc/<pid>/stat) of the server's processes
-# (postline; or the Node gateway and worker) and of its Postgres (the
-# postmaster with its children; the postmaster's cutime/cstime counts the
-# backends that exit) and Redis, sampled every 0.25 s, over the measured
-# window: the DURATION seconds that end 0.6 s before postline-bench exits
-# (it lingers 0.5 s after the window, then closes). "server" is the
-# application process(es) alone; postline-bench also reports the main
-# process's own CPU over its exact window (server_cpu_cores) as a check.
+# (postline; or the Node gateway and worker; or the socketioxide server) and
+# of its Postgres (the postmaster with its children; the postmaster's
+# cutime/cstime counts the backends that exit) and Redis, sampled every
+# 0.25 s, over the measured window: the DURATION seconds that end 0.6 s
+# before postline-bench exits (it lingers 0.5 s after the window, then
+# closes). "server" is the application process(es) alone; postline-bench
+# also reports the main process's own CPU over its exact window
+# (server_cpu_cores) as a check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 runs=${RUNS:-4} duration=${DURATION:-30} warmup=${WARMUP:-2}
 connections=${CONNECTIONS:-1000} conversations=${CONVERSATIONS:-100}
 rate=${RATE:-10} payload=${PAYLOAD:-100}
-systems=${SYSTEMS:-postline,postline-no-worker,node-bullmq,node}
+systems=${SYSTEMS:-postline,postline-no-worker,node-bullmq,node,socketioxide}
 extra=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -62,8 +68,8 @@ done
 IFS=, read -r -a system_list <<<"$systems"
 for s in "${system_list[@]}"; do
   case "$s" in
-    postline | postline-no-worker | node-bullmq | node) ;;
-    *) echo "unknown system $s (postline, postline-no-worker, node-bullmq, node)" >&2; exit 2 ;;
+    postline | postline-no-worker | node-bullmq | node | socketioxide) ;;
+    *) echo "unknown system $s (postline, postline-no-worker, node-bullmq, node, socketioxide)" >&2; exit 2 ;;
   esac
 done
 
@@ -94,6 +100,12 @@ if [ -z "${POSTLINE_BIN:-}" ] || [ -z "${POSTLINE_BENCH_BIN:-}" ]; then
 fi
 postline=${POSTLINE_BIN:-./target/release/postline}
 bench=${POSTLINE_BENCH_BIN:-./target/release/postline-bench}
+# The socketioxide row: its own Cargo project, versions pinned by its Cargo.lock.
+sioxide_dir=bench/compare/socketioxide
+sioxide=${COMPARE_SOCKETIOXIDE_BIN:-$sioxide_dir/target/release/compare-socketioxide}
+if [ -z "${COMPARE_SOCKETIOXIDE_BIN:-}" ] && [[ ",$systems," == *,socketioxide,* ]]; then
+  cargo build --release --locked --manifest-path "$sioxide_dir/Cargo.toml" >&2
+fi
 
 pg_bin=${POSTLINE_PG_BIN:-}
 if [ -z "$pg_bin" ]; then
@@ -110,7 +122,7 @@ clk_tck=$(getconf CLK_TCK)
 # As scripts/bench.sh: the load generator is one address standing in for
 # a thousand clients and sends faster than people do, so Postline's rate
 # limits are lifted, and its receivers never answer pings, so the read
-# timeout is an hour (the Node server gets the same pong wait).
+# timeout is an hour (the Node and socketioxide servers get the same pong wait).
 for v in SEND CONVERSATION_SEND JOIN HISTORY HTTP_USER HTTP_IP UPGRADE_IP; do
   export "POSTLINE_${v}_RATE=1000000" "POSTLINE_${v}_BURST=1000000"
 done
@@ -213,6 +225,12 @@ start_system() {
       stop_pids=$app_pids
       wait_up "$addr"
       ;;
+    socketioxide)
+      "$sioxide" --port "$port" >>"$work/$1.log" 2>&1 &
+      app_pids=$!
+      stop_pids=$app_pids
+      wait_up "$addr"
+      ;;
   esac
 }
 
@@ -297,7 +315,7 @@ window_cores() {
 # ------------------------------------------------------------------ runs
 describe() {
   echo "host: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), Linux $(uname -r)"
-  echo "versions: postline $("$postline" --version 2>/dev/null | awk '{print $2}') ($postline; tree $(git rev-parse --short HEAD 2>/dev/null || echo '?')), node $(node --version), redis $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p'), postgres $("$pg_bin/postgres" --version | awk '{print $3}'), $(cd bench/compare && node -e 'console.log(["socket.io","bullmq","ioredis","pg"].map((p) => p + " " + require("./node_modules/" + p + "/package.json").version).join(", "))')"
+  echo "versions: postline $("$postline" --version 2>/dev/null | awk '{print $2}') ($postline; tree $(git rev-parse --short HEAD 2>/dev/null || echo '?')), node $(node --version), redis $(redis-server --version | sed -n 's/.* v=\([^ ]*\).*/\1/p'), postgres $("$pg_bin/postgres" --version | awk '{print $3}'), $(cd bench/compare && node -e 'console.log(["socket.io","bullmq","ioredis","pg"].map((p) => p + " " + require("./node_modules/" + p + "/package.json").version).join(", "))'), socketioxide $(awk '/^name = "socketioxide"$/ { getline; gsub(/"/, "", $3); print $3 }' "$sioxide_dir/Cargo.lock")"
 }
 
 echo "compare: ${system_list[*]}; $runs runs each, interleaved; $connections connections, $conversations conversations, 1 sender each at $rate msg/s, $payload B, ${duration} s after ${warmup} s warm-up" >&2

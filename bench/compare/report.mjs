@@ -16,6 +16,7 @@ const LABELS = {
   'postline-no-worker': 'Postline `serve --no-worker` (enqueue only)',
   'node-bullmq': 'Node + Socket.IO + BullMQ/Redis → Postgres',
   node: 'Node + Socket.IO, no persistence',
+  socketioxide: 'socketioxide (Rust Socket.IO), no persistence',
 };
 
 const ms = (us) => (us == null ? null : us / 1000);
