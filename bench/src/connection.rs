@@ -66,7 +66,12 @@ async fn connect(
     };
     let (mut rx, mut tx) = ws.split(tokio::io::split);
     let mut no_obligations = |_: Frame<'_>| async { Ok::<(), WebSocketError>(()) };
-    let hello = rx.read_frame(&mut no_obligations).await?;
+    let hello = loop {
+        let f = rx.read_frame(&mut no_obligations).await?;
+        if !(sio && crate::ws::is_ping(&f.payload)) {
+            break f;
+        }
+    };
     if kind(&hello.payload, sio) != b"hello" {
         bail!("expected hello");
     }

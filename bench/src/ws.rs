@@ -53,7 +53,14 @@ pub(crate) async fn open_socketio(
     let connect = format!(r#"40{{"token":"{token}"}}"#);
     ws.write_frame(Frame::text(Payload::Borrowed(connect.as_bytes())))
         .await?;
-    let reply = ws.read_frame().await?;
+    // An Engine.IO ping ("2") may come first: a server may ping at any time,
+    // socketioxide at once. Receivers never answer pings (the servers wait).
+    let reply = loop {
+        let f = ws.read_frame().await?;
+        if !is_ping(&f.payload) {
+            break f;
+        }
+    };
     anyhow::ensure!(
         reply.payload.starts_with(b"40{"),
         "CONNECT refused: {}",
@@ -77,6 +84,11 @@ async fn handshake(stream: TcpStream, addr: SocketAddr, path: &str) -> anyhow::R
         .body(Empty::<Bytes>::new())?;
     let (ws, _) = fastwebsockets::handshake::client(&Executor, req, stream).await?;
     Ok(ws)
+}
+
+/// An Engine.IO ping packet.
+pub(crate) fn is_ping(frame: &[u8]) -> bool {
+    frame == b"2"
 }
 
 /// Read the sender's timestamp from `..."content":"t=<ns>;...`.
