@@ -1,6 +1,7 @@
 //! One connection of the latency run: its plan, connecting and joining,
 //! then sending at the fixed rate and recording what it receives.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,12 +14,15 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::latency::{Stats, SHARDS};
-use crate::ws::{ack_ref, event, kind, open_socketio, open_ws, stamp, WsRead, WsWrite};
+use crate::ws::{ack_ref, event, kind, message_id, open_socketio, open_ws, stamp, WsRead, WsWrite};
 use crate::Args;
 
 /// Sends remembered per connection for matching acks: far more than a
 /// sender has in flight at any rate the server accepts.
 const SENT_SLOTS: usize = 64;
+
+/// Messages an observer remembers to time their `message_persisted`.
+const RECENT_MESSAGES: usize = 256;
 
 /// What one connection is and does: its user's token, the conversation it
 /// joins, the gateway it uses, and its part in the run.
@@ -150,6 +154,9 @@ pub(crate) async fn run_connection(
     let sio = args.socketio;
     let reader = tokio::spawn(async move {
         let shard = idx % SHARDS;
+        // The observer's recent messages, (id, send stamp), to time their
+        // confirmations: a few hundred ms of a busy room.
+        let mut recent: VecDeque<(Vec<u8>, u64)> = VecDeque::new();
         loop {
             let f = match rx.read_frame(&mut no_obligations).await {
                 Ok(f) => f,
@@ -162,6 +169,14 @@ pub(crate) async fn run_connection(
             match kind(&f.payload, sio) {
                 b"new_message" => {
                     if let Some(t) = stamp(&f.payload) {
+                        if observer {
+                            if let Some(id) = message_id(&f.payload) {
+                                if recent.len() == RECENT_MESSAGES {
+                                    recent.pop_front();
+                                }
+                                recent.push_back((id.to_vec(), t));
+                            }
+                        }
                         if reader_stats.in_window(t) {
                             reader_stats.deliveries.fetch_add(1, Ordering::Relaxed);
                             let us = (now.saturating_sub(t) / 1000).max(1);
@@ -172,8 +187,23 @@ pub(crate) async fn run_connection(
                         }
                     }
                 }
-                b"message_persisted" if observer && reader_stats.in_window(now) => {
-                    reader_stats.persisted.fetch_add(1, Ordering::Relaxed);
+                b"message_persisted" if observer => {
+                    if reader_stats.in_window(now) {
+                        reader_stats.persisted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let id = message_id(&f.payload).unwrap_or_default();
+                    if let Some(i) = recent.iter().position(|(m, _)| m == id) {
+                        let (_, t) = recent.remove(i).unwrap_or_default();
+                        if reader_stats.in_window(t) {
+                            let us = (now.saturating_sub(t) / 1000).max(1);
+                            reader_stats
+                                .persisted_latency
+                                .lock()
+                                .unwrap()
+                                .record(us)
+                                .ok();
+                        }
+                    }
                 }
                 b"ack" => {
                     reader_stats.acks.fetch_add(1, Ordering::Relaxed);

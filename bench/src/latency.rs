@@ -35,6 +35,10 @@ pub(crate) struct Stats {
     pub(crate) acks: AtomicU64,
     /// From a send to its ack (the message is durable in the queue).
     pub(crate) ack_latency: Mutex<Histogram<u64>>,
+    /// From a send to its `message_persisted` at the conversation's observer
+    /// (the message is stored with its seq), which the server may hold to
+    /// share a write (POSTLINE_PERSISTED_HOLD_MS).
+    pub(crate) persisted_latency: Mutex<Histogram<u64>>,
     errors: AtomicU64,
     error_sample: Mutex<Option<String>>,
 }
@@ -91,6 +95,7 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
         persisted: AtomicU64::new(0),
         acks: AtomicU64::new(0),
         ack_latency: Mutex::new(hist()),
+        persisted_latency: Mutex::new(hist()),
         errors: AtomicU64::new(0),
         error_sample: Mutex::new(None),
     });
@@ -182,6 +187,7 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
     same.subtract(&cross).ok();
     let connect = stats.connect.lock().unwrap().clone();
     let acked = stats.ack_latency.lock().unwrap().clone();
+    let stored = stats.persisted_latency.lock().unwrap().clone();
     let secs = args.duration;
     let rss = args.server_pid.and_then(rss_kib);
     let cpu_cores = match cpu {
@@ -204,6 +210,7 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
         "persisted_per_s": stats.persisted.load(Ordering::Relaxed) as f64 / secs,
         "acks": stats.acks.load(Ordering::Relaxed),
         "ack_latency_us": {"p50": acked.value_at_quantile(0.5), "p99": acked.value_at_quantile(0.99), "max": acked.max(), "samples": acked.len()},
+        "persisted_latency_us": {"p50": stored.value_at_quantile(0.5), "p99": stored.value_at_quantile(0.99), "max": stored.max(), "samples": stored.len()},
         "errors": stats.errors.load(Ordering::Relaxed),
         "error_sample": *stats.error_sample.lock().unwrap(),
         "failed_connections": failed,
@@ -245,6 +252,13 @@ pub(crate) async fn latency_benchmark(args: Arc<Args>) -> anyhow::Result<()> {
             acked.value_at_quantile(0.99),
             acked.max(),
             acked.len()
+        );
+        println!(
+            "  persisted (us) p50 {:>8}  p99 {:>8}  max {:>8}  (n={})",
+            stored.value_at_quantile(0.5),
+            stored.value_at_quantile(0.99),
+            stored.max(),
+            stored.len()
         );
         println!("  sends/s {:>10.0}   deliveries/s {:>10.0}   persisted/s {:>10.0}   errors {}   failed connections {}",
             report["sends_per_s"].as_f64().unwrap_or(0.0), report["deliveries_per_s"].as_f64().unwrap_or(0.0), report["persisted_per_s"].as_f64().unwrap_or(0.0),

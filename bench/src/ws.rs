@@ -100,6 +100,23 @@ pub(crate) fn stamp(frame: &[u8]) -> Option<u64> {
     std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
 }
 
+/// The message id a `new_message` carries (`"message":{"id":"..."`) or a
+/// `message_persisted` confirms (`"message_id":"..."`), in either framing.
+pub(crate) fn message_id(frame: &[u8]) -> Option<&[u8]> {
+    // `"id":"` does not match inside `"conversation_id":"` (an underscore
+    // precedes `id` there, not a quote).
+    for key in [&b"\"message_id\":\""[..], &b"\"id\":\""[..]] {
+        if let Some(at) = frame.windows(key.len()).position(|w| w == key) {
+            let value = &frame[at + key.len()..];
+            return value
+                .iter()
+                .position(|b| *b == b'"')
+                .map(|end| &value[..end]);
+        }
+    }
+    None
+}
+
 /// The ref an ack answers: native `{"type":"ack","ref":"N",...}`, or the
 /// Socket.IO acknowledgement id of `43N[...]`.
 pub(crate) fn ack_ref(frame: &[u8], socketio: bool) -> Option<u64> {
@@ -168,5 +185,20 @@ mod tests {
         assert_eq!(ack_ref(br#"{"type":"ack","message_id":"m"}"#, false), None);
         assert_eq!(ack_ref(br#"42["new_message",{}]"#, true), None);
         assert_eq!(ack_ref(br#"{"type":"ack","ref":"x"}"#, false), None);
+    }
+
+    #[test]
+    fn a_message_s_id_is_read_from_new_message_and_message_persisted_alike() {
+        let new = br#"{"type":"new_message","message":{"id":"m1","conversation_id":"c","sender_id":"s","content":"t=5;x"}}"#;
+        assert_eq!(message_id(new), Some(&b"m1"[..]));
+        let sio = br#"42["new_message",{"type":"new_message","message":{"id":"m2","conversation_id":"c"}}]"#;
+        assert_eq!(message_id(sio), Some(&b"m2"[..]));
+        let done =
+            br#"{"type":"message_persisted","conversation_id":"c","message_id":"m3","seq":1}"#;
+        assert_eq!(message_id(done), Some(&b"m3"[..]));
+        assert_eq!(
+            message_id(br#"{"type":"typing","conversation_id":"c"}"#),
+            None
+        );
     }
 }
