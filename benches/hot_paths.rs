@@ -231,7 +231,7 @@ fn mixed_fanout(c: &mut Criterion) {
                 for (rx, socket) in receivers.iter_mut() {
                     if let Some(f) = rx.try_recv() {
                         socket.clear();
-                        socket.extend_from_slice(&f);
+                        socket.extend_from_slice(&f.frame);
                         black_box(&socket);
                     }
                 }

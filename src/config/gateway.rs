@@ -79,6 +79,10 @@ pub struct GatewayArgs {
     /// quarter of a megabyte, not more, pinned by each one that stalled.
     #[arg(long, env = "POSTLINE_OUTBOX_BYTES", default_value_t = 256 * 1024)]
     pub outbox_bytes: usize,
+    /// Milliseconds a `message_persisted` may wait on a connection to share
+    /// a write with its next frame; 0 writes each at once.
+    #[arg(long, env = "POSTLINE_PERSISTED_HOLD_MS", default_value_t = 100)]
+    pub persisted_hold_ms: u64,
 }
 
 impl Default for GatewayArgs {
@@ -122,6 +126,9 @@ pub struct GatewayConfig {
     /// requests have an allowance of the same size, and a sync page is cut
     /// to fit it.
     pub outbox_bytes: usize,
+    /// A `message_persisted` waits at most this long for the connection's
+    /// next write before it is written alone (see `rooms::Urgency`).
+    pub persisted_hold: Duration,
 }
 
 impl Default for GatewayConfig {
@@ -182,6 +189,8 @@ impl TryFrom<&GatewayArgs> for GatewayConfig {
                 a.max_joined_per_connection,
             )?,
             outbox_bytes: positive("POSTLINE_OUTBOX_BYTES", a.outbox_bytes)?,
+            // Zero is meaningful: every confirmation written at once.
+            persisted_hold: millis("POSTLINE_PERSISTED_HOLD_MS", a.persisted_hold_ms)?,
         })
     }
 }

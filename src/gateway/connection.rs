@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::write_buffer::WriteBuffer;
 use crate::protocol::{close, server, socketio, Framing};
-use crate::rooms::{Outbox, OutboxReceiver};
+use crate::rooms::{Outbox, OutboxReceiver, Urgency};
 
 pub(super) type Io = TokioIo<Upgraded>;
 
@@ -73,6 +73,9 @@ pub(super) struct SocketLimits {
     pub ping_interval: Duration,
     /// ...and closes the connection (4000) when nothing was read for this long.
     pub read_timeout: Duration,
+    /// A frame that may wait is written at most this long after it was
+    /// taken, with whatever else is written by then.
+    pub persisted_hold: Duration,
 }
 
 /// When the reader last read a frame, as milliseconds since `start`: one
@@ -177,6 +180,7 @@ impl Connection {
                 shutdown,
                 closed: closed.clone(),
                 reconnect_after: limits.reconnect_after,
+                hold: limits.persisted_hold,
                 liveness: Liveness {
                     last_read,
                     ping_interval: limits.ping_interval,
@@ -408,6 +412,8 @@ struct Writer {
     shutdown: CancellationToken,
     closed: CancellationToken,
     reconnect_after: Duration,
+    /// How long frames that may wait sit in the write buffer unflushed.
+    hold: Duration,
     liveness: Liveness,
 }
 
@@ -459,6 +465,11 @@ impl Writer {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let idle = tokio::time::sleep(self.liveness.read_timeout);
         tokio::pin!(idle);
+        // Armed while the write buffer holds frames that may wait and nothing
+        // urgent has flushed them yet; every flush writes them too, in order.
+        let held = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(held);
+        let mut holding = false;
         loop {
             tokio::select! {
                 biased;
@@ -466,6 +477,7 @@ impl Writer {
                     let Some((opcode, payload)) = c else { return Ok(()) };
                     self.write.write_frame(Frame::new(true, opcode, None, Payload::Owned(payload))).await?;
                     self.write.flush().await?;
+                    holding = false;
                     if opcode == OpCode::Close {
                         return Ok(());
                     }
@@ -483,6 +495,11 @@ impl Writer {
                     let ping = self.ping_frame();
                     self.write.write_frame(ping).await?;
                     self.write.flush().await?;
+                    holding = false;
+                }
+                () = &mut held, if holding => {
+                    self.write.flush().await?;
+                    holding = false;
                 }
                 () = &mut idle => {
                     let timeout = self.liveness.read_timeout;
@@ -499,17 +516,18 @@ impl Writer {
                 }
                 _ = self.shutdown.cancelled() => {
                     // What is already queued (acks of the last sends) goes first.
-                    while let Some(frame) = self.out.try_recv() {
-                        self.text(&frame).await?;
+                    while let Some(o) = self.out.try_recv() {
+                        self.text(&o.frame).await?;
                     }
                     let notice = server::reconnect(self.reconnect_after.as_millis() as u64);
                     self.text(&notice).await?;
                     self.write.write_frame(Frame::close(close::GOING_AWAY, b"server shutting down")).await?;
                     return self.write.flush().await;
                 }
-                f = self.out.recv() => {
-                    let Some(frame) = f else { return Ok(()) };
-                    self.text(&frame).await?;
+                o = self.out.recv() => {
+                    let Some(o) = o else { return Ok(()) };
+                    let mut urgent = o.urgency == Urgency::Now;
+                    self.text(&o.frame).await?;
                     // Whatever else is already queued goes out in the same write.
                     for _ in 1..MAX_FRAMES_PER_FLUSH {
                         // Flagged slow meanwhile: the close goes next (above).
@@ -517,11 +535,20 @@ impl Writer {
                             break;
                         }
                         match self.out.try_recv() {
-                            Some(frame) => self.text(&frame).await?,
+                            Some(o) => {
+                                urgent |= o.urgency == Urgency::Now;
+                                self.text(&o.frame).await?;
+                            }
                             None => break,
                         }
                     }
-                    self.write.flush().await?;
+                    if urgent || self.hold.is_zero() {
+                        self.write.flush().await?;
+                        holding = false;
+                    } else if !holding {
+                        held.as_mut().reset(Instant::now() + self.hold);
+                        holding = true;
+                    }
                 }
                 _ = self.closed.cancelled() => return Ok(()),
             }

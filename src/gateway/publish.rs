@@ -120,9 +120,9 @@ impl Gateway {
     /// the worker's NOTIFY itself, so this is never relayed.
     fn on_persisted(&self, entries: &[Persisted]) {
         for p in entries {
-            self.rooms.persisted(p.conversation_id, p.message_id);
             let frame = server::message_persisted(p.conversation_id, p.message_id, p.seq);
-            self.rooms.broadcast(p.conversation_id, &frame, None);
+            self.rooms
+                .confirm_persisted(p.conversation_id, p.message_id, &frame);
         }
         self.metrics.add_persisted_notified(entries.len() as u64);
     }

@@ -97,6 +97,7 @@ pub(super) async fn run(
         reconnect_after: gw.cfg.drain_window.mul_f64(crate::domain::random_unit()),
         ping_interval: gw.cfg.ping_interval,
         read_timeout: gw.cfg.ws_read_timeout,
+        persisted_hold: gw.cfg.persisted_hold,
     };
     let mut conn = Connection::start(ws, framing, limits, out_rx, &outbox, gw.shutdown.clone());
     gw.metrics.connection_opened();

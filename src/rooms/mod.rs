@@ -13,7 +13,7 @@ mod users;
 
 use ledger::Ledger;
 
-pub use outbox::{Outbox, OutboxReceiver, Push, FRAME_OVERHEAD};
+pub use outbox::{Outbox, OutboxReceiver, Outgoing, Push, Urgency, FRAME_OVERHEAD};
 pub use users::{Transition, Users};
 
 use std::collections::{HashMap, HashSet};
@@ -162,7 +162,7 @@ impl Rooms {
         let Some(room) = shard.get(&conv) else {
             return 0;
         };
-        fan_out(&room.members, frame, except)
+        fan_out(&room.members, frame, except, Urgency::Now)
     }
 
     /// Broadcast a new message and remember it as pending until
@@ -171,18 +171,23 @@ impl Rooms {
         let mut shard = self.shard(conv);
         let room = shard.entry(conv).or_default();
         room.ledger.broadcast(id);
-        fan_out(&room.members, frame, None)
+        fan_out(&room.members, frame, None, Urgency::Now)
     }
 
-    /// A message is durable: it no longer counts as pending.
-    pub fn persisted(&self, conv: ConversationId, id: MessageId) {
+    /// A message is durable: it no longer counts as pending here, and
+    /// `frame` (its `message_persisted`) goes to the room, free to wait for
+    /// each connection's next write. Returns the connections it was queued on.
+    pub fn confirm_persisted(&self, conv: ConversationId, id: MessageId, frame: &Bytes) -> usize {
         let mut shard = self.shard(conv);
-        if let Some(room) = shard.get_mut(&conv) {
-            room.ledger.persisted(id);
-            if room.idle() {
-                shard.remove(&conv);
-            }
+        let Some(room) = shard.get_mut(&conv) else {
+            return 0;
+        };
+        room.ledger.persisted(id);
+        let queued = fan_out(&room.members, frame, None, Urgency::MayWait);
+        if room.idle() {
+            shard.remove(&conv);
         }
+        queued
     }
 
     /// Messages broadcast here up to `mark` and not yet persisted.
@@ -239,7 +244,12 @@ impl Rooms {
 /// One frame to every member but `except`: the same bytes for all native
 /// connections, and for all Socket.IO ones the same wrapped bytes, wrapped
 /// at most once per broadcast.
-fn fan_out(members: &[Member], frame: &Bytes, except: Option<ConnectionId>) -> usize {
+fn fan_out(
+    members: &[Member],
+    frame: &Bytes,
+    except: Option<ConnectionId>,
+    urgency: Urgency,
+) -> usize {
     let mut wrapped: Option<Bytes> = None;
     let mut queued = 0;
     for m in members.iter().filter(|m| Some(m.conn) != except) {
@@ -249,7 +259,7 @@ fn fan_out(members: &[Member], frame: &Bytes, except: Option<ConnectionId>) -> u
                 .get_or_insert_with(|| socketio::wrapped(frame))
                 .clone(),
         };
-        if m.outbox.push(f) == Push::Queued {
+        if m.outbox.push_with(f, urgency) == Push::Queued {
             queued += 1;
         }
     }
@@ -289,15 +299,15 @@ mod tests {
         let frame = Bytes::from_static(b"{}");
         assert_eq!(rooms.broadcast(conv, &frame, None), 2);
         assert_eq!(rooms.broadcast(conv, &frame, Some(a_conn)), 1);
-        let got = ra.try_recv().unwrap();
+        let got = ra.try_recv().unwrap().frame;
         assert_eq!(
             got.as_ptr(),
             frame.as_ptr(),
             "the frame is shared, not copied"
         );
         assert!(ra.try_recv().is_none());
-        assert_eq!(rb.try_recv().unwrap(), frame);
-        assert_eq!(rb.try_recv().unwrap(), frame);
+        assert_eq!(rb.try_recv().unwrap().frame, frame);
+        assert_eq!(rb.try_recv().unwrap().frame, frame);
     }
 
     #[test]
@@ -313,7 +323,7 @@ mod tests {
         }
         let frame = Bytes::from_static(br#"{"type":"typing","is_typing":true}"#);
         assert_eq!(rooms.broadcast(conv, &frame, None), 3);
-        let got: Vec<Bytes> = rx.iter_mut().map(|r| r.try_recv().unwrap()).collect();
+        let got: Vec<Bytes> = rx.iter_mut().map(|r| r.try_recv().unwrap().frame).collect();
         assert_eq!(got[0].as_ptr(), frame.as_ptr(), "native: the frame itself");
         assert_eq!(
             &got[1][..],
@@ -355,15 +365,15 @@ mod tests {
         assert!(!signal.is_cancelled());
         assert_eq!(rooms.broadcast(conv, &f, None), 1);
         assert!(signal.is_cancelled());
-        assert_eq!(rf.try_recv().unwrap(), f);
-        assert_eq!(rf.try_recv().unwrap(), f);
+        assert_eq!(rf.try_recv().unwrap().frame, f);
+        assert_eq!(rf.try_recv().unwrap().frame, f);
     }
 
     #[test]
     fn pending_and_live_marks_tell_sync_what_to_wait_for_and_leave_out() {
         let rooms = Rooms::new(2);
         let conv = ConversationId::new_v7();
-        let (a, _ra) = member(uid(), 4096);
+        let (a, mut ra) = member(uid(), 4096);
         rooms.join(conv, a);
         let (m1, m2) = (MessageId::new_v7(), MessageId::new_v7());
         rooms.broadcast_message(conv, m1, &Bytes::from_static(b"1"));
@@ -376,8 +386,23 @@ mod tests {
             "m1 was sent before b joined"
         );
         assert_eq!(rooms.live_since(conv, mark), HashSet::from([m2]));
-        rooms.persisted(conv, m1);
+        assert_eq!(
+            rooms.confirm_persisted(conv, m1, &Bytes::from_static(b"p1")),
+            2
+        );
         assert_eq!(rooms.pending_up_to(conv, mark), 0);
+        // The confirmation reaches the room after the messages, and may wait.
+        let got: Vec<Outgoing> = std::iter::from_fn(|| ra.try_recv()).collect();
+        assert_eq!(
+            got.last(),
+            Some(&Outgoing {
+                frame: Bytes::from_static(b"p1"),
+                urgency: Urgency::MayWait
+            })
+        );
+        assert!(got[..got.len() - 1]
+            .iter()
+            .all(|o| o.urgency == Urgency::Now));
     }
 
     #[tokio::test]
@@ -393,7 +418,7 @@ mod tests {
         };
         tokio::task::yield_now().await;
         assert!(!waiter.is_finished());
-        rooms.persisted(conv, m);
+        rooms.confirm_persisted(conv, m, &Bytes::new());
         assert!(waiter.await.unwrap());
         // Nothing pending up to the mark: settled at once; a deadline in the
         // past with something pending: not settled.
@@ -413,7 +438,7 @@ mod tests {
         rooms.broadcast_message(conv, m, &Bytes::from_static(b"x"));
         rooms.leave(conv, conn);
         assert_eq!(rooms.pending_up_to(conv, u64::MAX), 1);
-        rooms.persisted(conv, m);
+        assert_eq!(rooms.confirm_persisted(conv, m, &Bytes::new()), 0);
         assert_eq!(rooms.pending_up_to(conv, u64::MAX), 0);
     }
 

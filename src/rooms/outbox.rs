@@ -44,6 +44,26 @@ pub struct Outbox {
 struct Queued {
     frame: Bytes,
     reply: bool,
+    urgency: Urgency,
+}
+
+/// Whether a frame must be written at once or may wait, up to the writer's
+/// hold, to share the connection's next write.
+///
+/// On loopback and on the wire alike each write is a syscall and a packet,
+/// and a confirmation nobody waits on (`message_persisted`) doubled the writes
+/// of every message: in a busy room it rides with the next message instead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Urgency {
+    Now,
+    MayWait,
+}
+
+/// A frame taken from the outbox, and how soon it must go out.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Outgoing {
+    pub frame: Bytes,
+    pub urgency: Urgency,
 }
 
 impl Queued {
@@ -102,6 +122,12 @@ impl Outbox {
     /// Queue an event from elsewhere, never waiting: past the push allowance
     /// the connection is flagged slow instead.
     pub fn push(&self, frame: Bytes) -> Push {
+        self.push_with(frame, Urgency::Now)
+    }
+
+    /// [`Outbox::push`], for a frame that may wait for the connection's next
+    /// write (see [`Urgency`]).
+    pub fn push_with(&self, frame: Bytes, urgency: Urgency) -> Push {
         let b = &self.budget;
         if b.overflowed.load(Ordering::Acquire) {
             // Being closed: what is queued will not be written anyway.
@@ -110,6 +136,7 @@ impl Outbox {
         let q = Queued {
             frame,
             reply: false,
+            urgency,
         };
         let cost = q.cost();
         let admitted = b
@@ -129,7 +156,11 @@ impl Outbox {
     /// room: the session stops taking requests while replies are over the
     /// budget instead (see [`Outbox::reply_room`]).
     pub fn reply(&self, frame: Bytes) -> Push {
-        let q = Queued { frame, reply: true };
+        let q = Queued {
+            frame,
+            reply: true,
+            urgency: Urgency::Now,
+        };
         self.budget.replies.fetch_add(q.cost(), Ordering::AcqRel);
         self.send(q, &self.budget.replies)
     }
@@ -197,7 +228,7 @@ pub struct OutboxReceiver {
 
 impl OutboxReceiver {
     /// The next frame; None once every [`Outbox`] is dropped. Cancel-safe.
-    pub async fn recv(&mut self) -> Option<Bytes> {
+    pub async fn recv(&mut self) -> Option<Outgoing> {
         let q = self.rx.recv().await?;
         Some(self.release(q))
     }
@@ -209,12 +240,12 @@ impl OutboxReceiver {
     }
 
     /// The next frame if one is queued now.
-    pub fn try_recv(&mut self) -> Option<Bytes> {
+    pub fn try_recv(&mut self) -> Option<Outgoing> {
         let q = self.rx.try_recv().ok()?;
         Some(self.release(q))
     }
 
-    fn release(&self, q: Queued) -> Bytes {
+    fn release(&self, q: Queued) -> Outgoing {
         let cost = q.cost();
         let b = &self.budget;
         let (queued, room) = if q.reply {
@@ -227,7 +258,10 @@ impl OutboxReceiver {
         if before > room && before - cost <= room {
             b.drained.notify_waiters();
         }
-        q.frame
+        Outgoing {
+            frame: q.frame,
+            urgency: q.urgency,
+        }
     }
 }
 
@@ -257,7 +291,7 @@ mod tests {
         let big = Bytes::from(vec![b'a'; 1000]);
         assert_eq!(o.push(big.clone()), Push::Queued);
         assert!(!o.slow_signal().is_cancelled());
-        assert_eq!(rx.try_recv(), Some(big));
+        assert_eq!(rx.try_recv().map(|o| o.frame), Some(big));
         assert_eq!(o.push(Bytes::from_static(b"y")), Push::Queued);
     }
 
@@ -270,9 +304,39 @@ mod tests {
         assert!(!o.slow_signal().is_cancelled());
         assert_eq!(o.push(Bytes::from_static(b"event")), Push::Queued);
         // In the order queued, replies and pushes alike.
-        assert_eq!(rx.try_recv(), Some(Bytes::from_static(b"ack")));
+        assert_eq!(
+            rx.try_recv().map(|o| o.frame),
+            Some(Bytes::from_static(b"ack"))
+        );
         drop(rx);
         assert_eq!(o.reply(Bytes::from_static(b"late")), Push::Closed);
+    }
+
+    #[test]
+    fn a_frame_that_may_wait_keeps_its_urgency_its_place_and_the_push_allowance() {
+        let (o, mut rx) = Outbox::new(2 * (1 + FRAME_OVERHEAD));
+        assert_eq!(
+            o.push_with(Bytes::from_static(b"p"), Urgency::MayWait),
+            Push::Queued
+        );
+        assert_eq!(o.reply(Bytes::from_static(b"r")), Push::Queued);
+        assert_eq!(o.push(Bytes::from_static(b"n")), Push::Queued);
+        // Charged to the pushes like any other event: the next one overflows.
+        assert_eq!(
+            o.push_with(Bytes::from_static(b"x"), Urgency::MayWait),
+            Push::Overflow
+        );
+        let got: Vec<(Bytes, Urgency)> = std::iter::from_fn(|| rx.try_recv())
+            .map(|o| (o.frame, o.urgency))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Bytes::from_static(b"p"), Urgency::MayWait),
+                (Bytes::from_static(b"r"), Urgency::Now),
+                (Bytes::from_static(b"n"), Urgency::Now),
+            ]
+        );
     }
 
     #[tokio::test]

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use serde_json::json;
 
 use crate::harness::*;
@@ -138,6 +140,48 @@ async fn message_persisted_arrives_with_gap_free_seqs_and_history_returns_them()
     // A later join reports the last persisted seq.
     let mut late = app.ws(b).await;
     assert_eq!(late.join(conv).await["last_seq"], 30);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_persisted_waits_for_the_connection_s_next_write_and_keeps_its_place() {
+    // A hold no test outlasts: the confirmation can only leave with the
+    // connection's next write.
+    let mut opts = Options::default();
+    opts.config.gateway.persisted_hold = Duration::from_secs(3600);
+    let app = TestApp::spawn_with(opts).await;
+    let Pair {
+        conv,
+        mut alice,
+        mut bob,
+        ..
+    } = app.pair().await;
+    let m1 = alice.send_text(conv, "m1", "one").await["message_id"].clone();
+    assert_eq!(bob.recv_type("new_message").await["message"]["id"], m1);
+    // The gateway has heard that m1 is stored and queued its confirmation.
+    eventually(
+        "the worker's confirmation of m1 to reach the gateway",
+        || async {
+            let (_, _, text) = crate::ops::get_text(app.addr, "/metrics", "").await;
+            text.contains("postline_messages_persisted_notified_total 1\n")
+                .then_some(())
+        },
+    )
+    .await;
+    let quiet = bob.frames_for(Duration::from_millis(300)).await;
+    assert!(
+        !quiet.iter().any(|f| f["type"] == "message_persisted"),
+        "held, not written alone: {quiet:?}"
+    );
+
+    // The next write carries it, ahead of what was queued after it.
+    let m2 = alice.send_text(conv, "m2", "two").await["message_id"].clone();
+    let chat =
+        |f: &serde_json::Value| f["type"] == "message_persisted" || f["type"] == "new_message";
+    let p = bob.recv_where(chat).await;
+    assert_eq!(p["type"], "message_persisted", "{p}");
+    assert_eq!((p["message_id"].clone(), p["seq"].as_i64()), (m1, Some(1)));
+    assert_eq!(bob.recv_where(chat).await["message"]["id"], m2);
     app.stop().await;
 }
 
