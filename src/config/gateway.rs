@@ -80,7 +80,8 @@ pub struct GatewayArgs {
     #[arg(long, env = "POSTLINE_OUTBOX_BYTES", default_value_t = 256 * 1024)]
     pub outbox_bytes: usize,
     /// Milliseconds a `message_persisted` may wait on a connection to share
-    /// a write with its next frame; 0 writes each at once.
+    /// a write with its next frame, when that frame is expected by then (a
+    /// busy room); 0 writes each at once.
     #[arg(long, env = "POSTLINE_PERSISTED_HOLD_MS", default_value_t = 100)]
     pub persisted_hold_ms: u64,
 }
@@ -127,7 +128,8 @@ pub struct GatewayConfig {
     /// to fit it.
     pub outbox_bytes: usize,
     /// A `message_persisted` waits at most this long for the connection's
-    /// next write before it is written alone (see `rooms::Urgency`).
+    /// next write, and only when that is expected by then (see
+    /// `gateway::cadence`).
     pub persisted_hold: Duration,
 }
 

@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::cadence::Cadence;
 use super::write_buffer::WriteBuffer;
 use crate::protocol::{close, server, socketio, Framing};
 use crate::rooms::{Outbox, OutboxReceiver, Urgency};
@@ -73,8 +74,8 @@ pub(super) struct SocketLimits {
     pub ping_interval: Duration,
     /// ...and closes the connection (4000) when nothing was read for this long.
     pub read_timeout: Duration,
-    /// A frame that may wait is written at most this long after it was
-    /// taken, with whatever else is written by then.
+    /// A frame that may wait is held at most this long, and only when the
+    /// connection's next urgent frame is expected by then (see [`Cadence`]).
     pub persisted_hold: Duration,
 }
 
@@ -470,6 +471,7 @@ impl Writer {
         let held = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(held);
         let mut holding = false;
+        let mut cadence = Cadence::default();
         loop {
             tokio::select! {
                 biased;
@@ -542,12 +544,21 @@ impl Writer {
                             None => break,
                         }
                     }
-                    if urgent || self.hold.is_zero() {
-                        self.write.flush().await?;
-                        holding = false;
-                    } else if !holding {
-                        held.as_mut().reset(Instant::now() + self.hold);
+                    let now = Instant::now();
+                    if urgent {
+                        cadence.urgent(now);
+                    }
+                    if holding {
+                        // Armed already: the first held frame's hold stands.
+                        if urgent {
+                            self.write.flush().await?;
+                            holding = false;
+                        }
+                    } else if !urgent && !self.hold.is_zero() && cadence.due_within(now, self.hold) {
+                        held.as_mut().reset(now + self.hold);
                         holding = true;
+                    } else {
+                        self.write.flush().await?;
                     }
                 }
                 _ = self.closed.cancelled() => return Ok(()),

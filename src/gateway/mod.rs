@@ -2,7 +2,8 @@
 //! concern, presence, and the one place frames are published.
 //!
 //! - [`connection`]: the socket; a reader task and a writer task. Nothing
-//!   else touches it.
+//!   else touches it. [`cadence`]: when the writer holds a frame that may
+//!   wait for the next write.
 //! - [`session`]: a connection's state and `dispatch`, the one place a
 //!   client event enters. Handlers by concern: [`messages`] (send and
 //!   dedup, and the moderation check sends and edits share), [`typing`],
@@ -22,6 +23,7 @@
 //! storage in one place, the [`Enqueuer`]s.
 
 mod cache;
+mod cadence;
 mod connection;
 mod edits;
 mod error;
