@@ -10,6 +10,7 @@
 //! [`LastRead`] on every frame (pongs included), and the writer closes a
 //! connection silent for `read_timeout` with 4000, which also ends `next`.
 
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 
 use super::cadence::Cadence;
@@ -425,6 +426,30 @@ struct Liveness {
     read_timeout: Duration,
 }
 
+/// The writer's two deadlines, served by one timer (a `Sleep` is ~0.15 KiB
+/// of every idle connection's task), armed for the nearer.
+struct Deadlines {
+    /// When to look again at how long the client has been silent.
+    idle: Instant,
+    /// When frames that may wait, written to the buffer but not flushed,
+    /// must be flushed; None when none are held. Every flush writes them.
+    hold: Option<Instant>,
+}
+
+impl Deadlines {
+    fn next(&self) -> Instant {
+        self.hold.map_or(self.idle, |at| at.min(self.idle))
+    }
+
+    /// A flush wrote what was held: the timer goes back to the read
+    /// deadline, so the end of the hold does not wake the writer for nothing.
+    fn unhold(&mut self, timer: Pin<&mut Sleep>) {
+        if self.hold.take().is_some() {
+            timer.reset(self.next());
+        }
+    }
+}
+
 impl Writer {
     async fn run(mut self, done: CancellationToken) {
         let _done = done.drop_guard();
@@ -464,13 +489,12 @@ impl Writer {
         let every = self.liveness.ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + every, every);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let idle = tokio::time::sleep(self.liveness.read_timeout);
-        tokio::pin!(idle);
-        // Armed while the write buffer holds frames that may wait and nothing
-        // urgent has flushed them yet; every flush writes them too, in order.
-        let held = tokio::time::sleep(Duration::ZERO);
-        tokio::pin!(held);
-        let mut holding = false;
+        let mut due = Deadlines {
+            idle: Instant::now() + self.liveness.read_timeout,
+            hold: None,
+        };
+        let timer = tokio::time::sleep_until(due.next());
+        tokio::pin!(timer);
         let mut cadence = Cadence::default();
         loop {
             tokio::select! {
@@ -479,7 +503,7 @@ impl Writer {
                     let Some((opcode, payload)) = c else { return Ok(()) };
                     self.write.write_frame(Frame::new(true, opcode, None, Payload::Owned(payload))).await?;
                     self.write.flush().await?;
-                    holding = false;
+                    due.unhold(timer.as_mut());
                     if opcode == OpCode::Close {
                         return Ok(());
                     }
@@ -497,24 +521,28 @@ impl Writer {
                     let ping = self.ping_frame();
                     self.write.write_frame(ping).await?;
                     self.write.flush().await?;
-                    holding = false;
+                    due.unhold(timer.as_mut());
                 }
-                () = &mut held, if holding => {
-                    self.write.flush().await?;
-                    holding = false;
-                }
-                () = &mut idle => {
-                    let timeout = self.liveness.read_timeout;
-                    match self.liveness.last_read.silent_for() {
-                        Some(silent) if silent >= timeout => {
-                            self.write.write_frame(Frame::close(close::IDLE_TIMEOUT, b"idle timeout: reconnect")).await?;
-                            return self.write.flush().await;
-                        }
-                        // Heard from within the timeout: look again when it
-                        // would run out.
-                        Some(silent) => idle.as_mut().reset(Instant::now() + (timeout - silent)),
-                        None => idle.as_mut().reset(Instant::now() + timeout),
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if due.hold.is_some_and(|at| at <= now) {
+                        self.write.flush().await?;
+                        due.hold = None;
                     }
+                    if due.idle <= now {
+                        let timeout = self.liveness.read_timeout;
+                        match self.liveness.last_read.silent_for() {
+                            Some(silent) if silent >= timeout => {
+                                self.write.write_frame(Frame::close(close::IDLE_TIMEOUT, b"idle timeout: reconnect")).await?;
+                                return self.write.flush().await;
+                            }
+                            // Heard from within the timeout: look again when
+                            // it would run out.
+                            Some(silent) => due.idle = now + (timeout - silent),
+                            None => due.idle = now + timeout,
+                        }
+                    }
+                    timer.as_mut().reset(due.next());
                 }
                 _ = self.shutdown.cancelled() => {
                     // What is already queued (acks of the last sends) goes first.
@@ -547,16 +575,13 @@ impl Writer {
                     let now = Instant::now();
                     if urgent {
                         cadence.urgent(now);
-                    }
-                    if holding {
-                        // Armed already: the first held frame's hold stands.
-                        if urgent {
-                            self.write.flush().await?;
-                            holding = false;
-                        }
-                    } else if !urgent && !self.hold.is_zero() && cadence.due_within(now, self.hold) {
-                        held.as_mut().reset(now + self.hold);
-                        holding = true;
+                        self.write.flush().await?;
+                        due.unhold(timer.as_mut());
+                    } else if due.hold.is_some() {
+                        // Held already: the first held frame's deadline stands.
+                    } else if !self.hold.is_zero() && cadence.due_within(now, self.hold) {
+                        due.hold = Some(now + self.hold);
+                        timer.as_mut().reset(due.next());
                     } else {
                         self.write.flush().await?;
                     }
