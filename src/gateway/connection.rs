@@ -443,10 +443,13 @@ impl Deadlines {
 
     /// A flush wrote what was held: the timer goes back to the read
     /// deadline, so the end of the hold does not wake the writer for nothing.
-    fn unhold(&mut self, timer: Pin<&mut Sleep>) {
-        if self.hold.take().is_some() {
+    /// True if something was held.
+    fn unhold(&mut self, timer: Pin<&mut Sleep>) -> bool {
+        let held = self.hold.take().is_some();
+        if held {
             timer.reset(self.next());
         }
+        held
     }
 }
 
@@ -528,6 +531,7 @@ impl Writer {
                     if due.hold.is_some_and(|at| at <= now) {
                         self.write.flush().await?;
                         due.hold = None;
+                        cadence.missed();
                     }
                     if due.idle <= now {
                         let timeout = self.liveness.read_timeout;
@@ -576,10 +580,12 @@ impl Writer {
                     if urgent {
                         cadence.urgent(now);
                         self.write.flush().await?;
-                        due.unhold(timer.as_mut());
+                        if due.unhold(timer.as_mut()) {
+                            cadence.paid();
+                        }
                     } else if due.hold.is_some() {
                         // Held already: the first held frame's deadline stands.
-                    } else if !self.hold.is_zero() && cadence.due_within(now, self.hold) {
+                    } else if !self.hold.is_zero() && cadence.hold(now, self.hold) {
                         due.hold = Some(now + self.hold);
                         timer.as_mut().reset(due.next());
                     } else {
