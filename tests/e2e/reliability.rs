@@ -454,8 +454,9 @@ async fn a_claimed_batch_that_fails_leaves_no_trace_and_its_jobs_are_read_again_
     queue::send_batch(&app.pool, PERSIST_QUEUE, &jobs)
         .await
         .unwrap();
-    let Outcome::Processed(Queue::Persist, report) = next_chat_batch(&w).await else {
-        panic!("expected a persist batch")
+    let outcome = next_chat_batch(&w).await;
+    let Outcome::Processed(Queue::Persist, report) = &outcome else {
+        panic!("expected a persist batch, got {outcome:?}")
     };
     assert_eq!(
         (report.jobs, report.persisted, report.retried, report.dead),
