@@ -559,7 +559,7 @@ impl Writer {
                     return self.write.flush().await;
                 }
                 o = self.out.recv() => {
-                    let Some(o) = o else { return Ok(()) };
+                    let Some(o) = o else { return self.write.flush().await };
                     let mut urgent = o.urgency == Urgency::Now;
                     self.text(&o.frame).await?;
                     // Whatever else is already queued goes out in the same write.
@@ -592,7 +592,9 @@ impl Writer {
                         self.write.flush().await?;
                     }
                 }
-                _ = self.closed.cancelled() => return Ok(()),
+                // What was held goes out too: the session is done, the
+                // socket is not.
+                _ = self.closed.cancelled() => return self.write.flush().await,
             }
         }
     }

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::harness::*;
 
@@ -194,6 +195,22 @@ async fn a_message_persisted_waits_for_the_connection_s_next_write_and_keeps_its
     assert_eq!(p["type"], "message_persisted", "{p}");
     assert_eq!(p["seq"], 3);
     assert_eq!(bob.recv_where(chat).await["message"]["id"], next);
+
+    // A confirmation held when the client closes is written before the
+    // close, not dropped with the connection.
+    eventually("the confirmation of the fourth message", || async {
+        let (_, _, text) = crate::ops::get_text(app.addr, "/metrics", "").await;
+        text.contains("postline_messages_persisted_notified_total 4\n")
+            .then_some(())
+    })
+    .await;
+    bob.send_raw(WsMessage::Close(None)).await;
+    let rest = bob.frames_for(Duration::from_secs(5)).await;
+    assert!(
+        rest.iter()
+            .any(|f| f["type"] == "message_persisted" && f["message_id"] == next),
+        "{rest:?}"
+    );
     app.stop().await;
 }
 
