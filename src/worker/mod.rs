@@ -353,7 +353,14 @@ impl Worker {
         if !self.low_turn() || !self.claiming() {
             return Ok(None);
         }
-        let q = Queue::Background;
+        let jobs = self.read(Queue::Background).await?;
+        self.high_streak.store(0, Ordering::Relaxed);
+        Ok((!jobs.is_empty()).then_some(jobs))
+    }
+
+    /// A batch of `q` read the pgmq way: each job's attempt is written
+    /// (read_ct) and it stays invisible for the visibility timeout.
+    async fn read(&self, q: Queue) -> Result<Vec<RawJob>, WorkerError> {
         let jobs = queue::read(
             &self.pool,
             q.name(),
@@ -361,8 +368,7 @@ impl Worker {
             self.cfg.batch_size,
         )
         .await?;
-        self.high_streak.store(0, Ordering::Relaxed);
-        Ok((!jobs.is_empty()).then_some(jobs))
+        Ok(jobs)
     }
 
     /// Whether the background queue goes first now: persist batches have
@@ -429,13 +435,7 @@ impl Worker {
             if q == Queue::Persist && persist_empty {
                 continue;
             }
-            let jobs = queue::read(
-                &self.pool,
-                q.name(),
-                self.cfg.vt_secs(),
-                self.cfg.batch_size,
-            )
-            .await?;
+            let jobs = self.read(q).await?;
             if q == Queue::Background && jobs.is_empty() {
                 // Nothing waiting below: no turn is owed.
                 self.high_streak.store(0, Ordering::Relaxed);
