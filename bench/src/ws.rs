@@ -93,11 +93,7 @@ pub(crate) fn is_ping(frame: &[u8]) -> bool {
 
 /// Read the sender's timestamp from `..."content":"t=<ns>;...`.
 pub(crate) fn stamp(frame: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"content\":\"t=";
-    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-    let digits = &frame[at..];
-    let end = digits.iter().position(|b| !b.is_ascii_digit())?;
-    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+    leading_number(after(frame, b"\"content\":\"t=")?)
 }
 
 /// The message id a `new_message` carries (`"message":{"id":"..."`) or a
@@ -105,30 +101,33 @@ pub(crate) fn stamp(frame: &[u8]) -> Option<u64> {
 pub(crate) fn message_id(frame: &[u8]) -> Option<&[u8]> {
     // `"id":"` does not match inside `"conversation_id":"` (an underscore
     // precedes `id` there, not a quote).
-    for key in [&b"\"message_id\":\""[..], &b"\"id\":\""[..]] {
-        if let Some(at) = frame.windows(key.len()).position(|w| w == key) {
-            let value = &frame[at + key.len()..];
-            return value
-                .iter()
-                .position(|b| *b == b'"')
-                .map(|end| &value[..end]);
-        }
-    }
-    None
+    let value = after(frame, b"\"message_id\":\"").or_else(|| after(frame, b"\"id\":\""))?;
+    value
+        .iter()
+        .position(|b| *b == b'"')
+        .map(|end| &value[..end])
 }
 
 /// The ref an ack answers: native `{"type":"ack","ref":"N",...}`, or the
 /// Socket.IO acknowledgement id of `43N[...]`.
 pub(crate) fn ack_ref(frame: &[u8], socketio: bool) -> Option<u64> {
-    let digits = if socketio {
+    leading_number(if socketio {
         frame.strip_prefix(b"43")?
     } else {
-        const KEY: &[u8] = b"\"ref\":\"";
-        let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-        &frame[at..]
-    };
-    let end = digits.iter().position(|b| !b.is_ascii_digit())?;
-    std::str::from_utf8(&digits[..end]).ok()?.parse().ok()
+        after(frame, b"\"ref\":\"")?
+    })
+}
+
+/// What follows the first `key` in `frame`.
+fn after<'f>(frame: &'f [u8], key: &[u8]) -> Option<&'f [u8]> {
+    let at = frame.windows(key.len()).position(|w| w == key)?;
+    Some(&frame[at + key.len()..])
+}
+
+/// The number `bytes` start with, ended by anything not a digit.
+fn leading_number(bytes: &[u8]) -> Option<u64> {
+    let end = bytes.iter().position(|b| !b.is_ascii_digit())?;
+    std::str::from_utf8(&bytes[..end]).ok()?.parse().ok()
 }
 
 /// [`frame_type`] of a native frame, or of one in Socket.IO framing: an
@@ -185,6 +184,14 @@ mod tests {
         assert_eq!(ack_ref(br#"{"type":"ack","message_id":"m"}"#, false), None);
         assert_eq!(ack_ref(br#"42["new_message",{}]"#, true), None);
         assert_eq!(ack_ref(br#"{"type":"ack","ref":"x"}"#, false), None);
+    }
+
+    #[test]
+    fn a_send_s_stamp_is_read_from_the_head_of_its_content() {
+        let f = br#"{"type":"new_message","message":{"id":"m","content":"t=12345;xxx"}}"#;
+        assert_eq!(stamp(f), Some(12345));
+        assert_eq!(stamp(br#"{"content":"hello"}"#), None);
+        assert_eq!(stamp(br#"{"content":"t=12"#), None, "no end to the number");
     }
 
     #[test]
