@@ -426,7 +426,7 @@ struct Liveness {
     read_timeout: Duration,
 }
 
-/// The writer's two deadlines, served by one timer (a `Sleep` is ~0.15 KiB
+/// The writer's two deadlines, served by one timer (a `Sleep` is 112 bytes
 /// of every idle connection's task), armed for the nearer.
 struct Deadlines {
     /// When to look again at how long the client has been silent.
