@@ -535,12 +535,40 @@ impl Worker {
     }
 
     /// [`Self::apply`] in `tx`, which may already hold the jobs (claimed).
+    /// A batch that fails is rolled back before the error is returned: a
+    /// dropped transaction's rollback is only queued by sqlx, and until it
+    /// runs the jobs it locked (claimed `for update`) are skipped by the very
+    /// read that is to retry them, which then finds nothing.
     async fn apply_in(
         &self,
         mut tx: Transaction<'static, Postgres>,
         q: Queue,
         jobs: &[RawJob],
     ) -> Result<BatchReport, WorkerError> {
+        let (report, handed) = match self.stage(&mut tx, q, jobs).await {
+            Ok(staged) => staged,
+            Err(e) => {
+                if let Err(rollback) = tx.rollback().await {
+                    tracing::debug!(error = %rollback, "rolling back a failed batch");
+                }
+                return Err(e);
+            }
+        };
+        commit(tx).await?;
+        for (permit, job) in handed {
+            permit.send(job.clone());
+        }
+        Ok(report)
+    }
+
+    /// A batch's work in `tx`, short of the commit: its report, and the
+    /// jobs to hand to their pools once it is committed.
+    async fn stage<'s, 'j>(
+        &'s self,
+        tx: &mut Transaction<'static, Postgres>,
+        q: Queue,
+        jobs: &'j [RawJob],
+    ) -> Result<(BatchReport, Vec<(mpsc::Permit<'s, RawJob>, &'j RawJob)>), WorkerError> {
         let mut report = BatchReport {
             jobs: jobs.len(),
             ..BatchReport::default()
@@ -552,7 +580,7 @@ impl Worker {
         match q {
             Queue::Persist => {
                 let batch = Decoded::new(jobs, &mut doomed);
-                let outcome = store::persist_batch(&mut tx, &batch.messages, &self.keyring).await?;
+                let outcome = store::persist_batch(tx, &batch.messages, &self.keyring).await?;
                 for orphan in &outcome.orphans {
                     if let Some((m, job)) = batch.get(*orphan) {
                         doomed.push((
@@ -561,11 +589,11 @@ impl Worker {
                         ));
                     }
                 }
-                crate::notify::publish_persisted(&mut tx, &outcome.persisted).await?;
+                crate::notify::publish_persisted(tx, &outcome.persisted).await?;
                 if let Some(hooks) = &self.webhooks {
                     // In this transaction: an event exists exactly when its message does.
                     let events = created_events(&batch, &outcome.persisted)?;
-                    queue::webhooks::enqueue(&mut tx, hooks.endpoints(), &events).await?;
+                    queue::webhooks::enqueue(tx, hooks.endpoints(), &events).await?;
                 }
                 if self.reviews.is_some() {
                     // In this transaction too: a review exists exactly when
@@ -582,7 +610,7 @@ impl Worker {
                         .map(|p| BackgroundJob::review(p.message_id, 1))
                         .collect();
                     if !reviews.is_empty() {
-                        queue::send_batch(&mut *tx, queue::BACKGROUND_QUEUE, &reviews).await?;
+                        queue::send_batch(&mut **tx, queue::BACKGROUND_QUEUE, &reviews).await?;
                     }
                 }
                 report.persisted = outcome.persisted.len();
@@ -637,9 +665,9 @@ impl Worker {
                     }
                 }
                 report.applied = receipts.len() + pooled.len() + audits.len();
-                store::advance_receipts(&mut tx, &receipts).await?;
+                store::advance_receipts(tx, &receipts).await?;
                 // A job applied before (a crash after commit, a replay) adds nothing.
-                store::append_audit(&mut tx, &audits).await?;
+                store::append_audit(tx, &audits).await?;
             }
         }
         // Webhook and review jobs are not finished here: they go to their
@@ -648,7 +676,7 @@ impl Worker {
         let mut handed: Vec<(mpsc::Permit<'_, RawJob>, &RawJob)> = Vec::new();
         let mut busy: Vec<i64> = Vec::new();
         // Parked jobs stay in the queue, hidden until woken (see `crate::webhooks`).
-        let parked = self.park_blocked_webhooks(&mut tx, &webhook_jobs).await?;
+        let parked = self.park_blocked_webhooks(tx, &webhook_jobs).await?;
         for (kind, setting) in [
             (Pooled::Webhook, "webhooks are not configured in this process (POSTLINE_WEBHOOK_URLS)"),
             (
@@ -672,18 +700,18 @@ impl Worker {
                 }
             }
             if !ids.is_empty() {
-                queue::set_vt(&mut *tx, q.name(), &ids, pool.hold()).await?;
+                queue::set_vt(&mut **tx, q.name(), &ids, pool.hold()).await?;
             }
         }
         if !busy.is_empty() {
-            queue::set_vt(&mut *tx, q.name(), &busy, POOL_FULL_RETRY).await?;
+            queue::set_vt(&mut **tx, q.name(), &busy, POOL_FULL_RETRY).await?;
         }
         if !parked.is_empty() {
-            queue::set_vt(&mut *tx, q.name(), &parked, queue::webhooks::PARK_MAX).await?;
+            queue::set_vt(&mut **tx, q.name(), &parked, queue::webhooks::PARK_MAX).await?;
         }
         for (job, reason) in &doomed {
             tracing::error!(queue = q.name(), msg_id = job.msg_id, %reason, "dead-lettering a job that can never succeed");
-            dead_letters::bury(&mut tx, q.name(), job, reason).await?;
+            dead_letters::bury(tx, q.name(), job, reason).await?;
         }
         report.dead = doomed.len();
         let done: Vec<i64> = jobs
@@ -692,15 +720,11 @@ impl Worker {
             .filter(|id| !doomed.iter().any(|(d, _)| d.msg_id == *id))
             .filter(|id| !pooled.iter().any(|(w, _)| w.msg_id == *id))
             .collect();
-        queue::delete(&mut *tx, q.name(), &done).await?;
+        queue::delete(&mut **tx, q.name(), &done).await?;
         if jobs.iter().any(|j| j.read_ct > 1) {
-            dead_letters::forget_failures(&mut *tx, q.name(), &done).await?;
+            dead_letters::forget_failures(&mut **tx, q.name(), &done).await?;
         }
-        commit(tx).await?;
-        for (permit, job) in handed {
-            permit.send(job.clone());
-        }
-        Ok(report)
+        Ok((report, handed))
     }
 
     /// The webhook jobs of a batch whose deliveries must wait for an earlier
